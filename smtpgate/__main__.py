@@ -1,0 +1,3 @@
+from smtpgate.cli import main
+
+main()

@@ -1,0 +1,168 @@
+"""The ``smtpgate`` command: check, query, explain.
+
+This is the only module that prints or exits.  Exit codes: 0 success, 1 a lookup found
+nothing (``query``, as ``postmap -q``), 2 a configuration error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+import click
+
+from smtpgate import __version__
+from smtpgate.config import Diagnostic, Settings, load_settings
+from smtpgate.errors import ConfigError, SmtpgateError, TableLookupError
+from smtpgate.policy.model import ClientInfo
+from smtpgate.policy.plan import Plan, build_plan
+
+EXIT_OK = 0
+EXIT_NOT_FOUND = 1
+EXIT_CONFIG = 2
+
+
+def _fail(message: str, code: int = EXIT_CONFIG) -> NoReturn:
+    click.echo(f"smtpgate: fatal: {message}", err=True)
+    sys.exit(code)
+
+
+def _print_diagnostics(diagnostics: Sequence[Diagnostic]) -> None:
+    for diagnostic in diagnostics:
+        click.echo(f"smtpgate: {diagnostic}", err=True)
+
+
+def load_plan(config: str, overrides: Sequence[str]) -> tuple[Plan | None, list[Diagnostic]]:
+    """Read the config and compile it: the load step serve, check and explain share."""
+    settings: Settings
+    settings, diagnostics = load_settings(config, overrides)
+    plan, more = build_plan(settings)
+    return plan, [*diagnostics, *more]
+
+
+config_option = click.option(
+    "-c",
+    "--config",
+    "config",
+    default="/etc/smtpgate/main.cf",
+    show_default=True,
+    help="main.cf-style configuration file.",
+)
+override_option = click.option(
+    "-o",
+    "overrides",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Override a parameter, as in master.cf (repeatable).",
+)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="smtpgate")
+def main() -> None:
+    """smtpgate: a filtering SMTP front end that speaks Postfix's restriction model."""
+
+
+@main.command()
+@config_option
+@override_option
+def check(config: str, overrides: tuple[str, ...]) -> None:
+    """Validate everything serve would load; print warnings and errors with file and line."""
+    try:
+        plan, diagnostics = load_plan(config, overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+    _print_diagnostics(diagnostics)
+    warnings = sum(1 for d in diagnostics if d.severity == "warning")
+    errors = sum(1 for d in diagnostics if d.severity == "error")
+    if plan is None:
+        _fail(f"{config}: {errors} error(s), {warnings} warning(s): smtpgate would not start")
+    click.echo(f"smtpgate: {config}: ok, {warnings} warning(s)")
+
+
+@main.command()
+@click.argument("table")
+@click.argument("key")
+@click.option("-c", "--config", "config", default=None, help="Resolve relative paths from here.")
+def query(table: str, key: str, config: str | None) -> None:
+    """Look KEY up in TYPE:NAME and print the value, as postmap -q does."""
+    from pathlib import Path
+
+    from smtpgate.tables import open_table
+
+    base = str(Path(config).parent) if config else None
+    try:
+        opened = open_table(table, base_dir=base)
+        value = opened.lookup(key)
+    except TableLookupError as exc:
+        _fail(f"{table}: lookup error: {exc}")
+    except SmtpgateError as exc:
+        _fail(str(exc))
+    if value is None:
+        sys.exit(EXIT_NOT_FOUND)
+    click.echo(value)
+
+
+@main.command()
+@config_option
+@override_option
+@click.option("--client", "client", required=True, help="Client IP address.")
+@click.option("--client-name", default="unknown", show_default=True, help="Verified client name.")
+@click.option("--helo", default=None, help="HELO name (omit to skip HELO).")
+@click.option("--ehlo", is_flag=True, help="Say EHLO instead of HELO (protocol ESMTP).")
+@click.option("--from", "sender", required=True, help="Envelope sender; '' or <> for null.")
+@click.option("--to", "recipients", multiple=True, required=True, help="Recipient (repeatable).")
+@click.option("--data", is_flag=True, help="Also send DATA (smtpd_data_restrictions).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def explain(
+    config: str,
+    overrides: tuple[str, ...],
+    client: str,
+    client_name: str,
+    helo: str | None,
+    ehlo: bool,
+    sender: str,
+    recipients: tuple[str, ...],
+    data: bool,
+    as_json: bool,
+) -> None:
+    """Run the restrictions on one envelope without a socket and show every step."""
+    from smtpgate.policy.address import valid_hostaddr
+    from smtpgate.policy.explain import render_json, render_text, run_dialogue
+
+    if not valid_hostaddr(client):
+        _fail(f"--client {client!r} is not an IPv4 or IPv6 address")
+    try:
+        plan, diagnostics = load_plan(config, overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+    _print_diagnostics([d for d in diagnostics if d.severity == "error"])
+    if plan is None:
+        _fail(f"{config}: configuration errors: smtpgate would not start")
+    if sender == "<>":
+        sender = ""
+    info = ClientInfo(
+        address=client,
+        name=client_name,
+        reverse_name=client_name,
+        name_status="ok" if client_name != "unknown" else "perm",
+        reverse_name_status="ok" if client_name != "unknown" else "perm",
+    )
+    exchanges = asyncio.run(
+        run_dialogue(
+            plan,
+            info,
+            helo=helo,
+            sender=sender.strip("<>") if sender.startswith("<") else sender,
+            recipients=[r[1:-1] if r.startswith("<") and r.endswith(">") else r for r in recipients],
+            esmtp=ehlo,
+            data=data,
+        )
+    )
+    click.echo(render_json(exchanges) if as_json else render_text(exchanges))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,36 @@
+"""Configuration in Postfix main.cf syntax: lexer, ``$name`` expansion, defaults, diagnostics.
+
+The config layer owns turning one main.cf-syntax file plus ``-o name=value`` overrides
+into an immutable :class:`Settings`, and saying where every problem is. It imports only
+the standard library and :mod:`smtpgate.errors`; table specifications stay strings here
+(the policy layer opens them), and the only file it reads is the one given to
+:func:`load_settings`.
+
+- :mod:`.maincf` -- logical lines, ``name = value``, :func:`split_list` (Postfix
+  ``readlline.c``, ``split_nameval.c``, ``mystrtok.c``).
+- :mod:`.expand` -- ``$name``, ``${name?x}``, ``${name:x}``, ``${{a} <level {b} ? {x} : {y}}``
+  (``mac_parse.c``, ``mac_expand.c``, ``compat_level.c``).
+- :mod:`.params` -- :data:`PARAMETERS` (what smtpgate supports, with Postfix's defaults)
+  and the Postfix 3.7 parameter list.
+- :mod:`.settings` -- :class:`Settings`, :func:`parse_settings`, :func:`load_settings`.
+"""
+
+from smtpgate.config.diagnostics import Diagnostic, Location
+from smtpgate.config.expand import ExpansionError
+from smtpgate.config.maincf import split_list, strip_braces
+from smtpgate.config.params import PARAMETERS, POSTFIX_DEFAULTS, ParamSpec
+from smtpgate.config.settings import Settings, load_settings, parse_settings
+
+__all__ = [
+    "PARAMETERS",
+    "POSTFIX_DEFAULTS",
+    "Diagnostic",
+    "ExpansionError",
+    "Location",
+    "ParamSpec",
+    "Settings",
+    "load_settings",
+    "parse_settings",
+    "split_list",
+    "strip_braces",
+]

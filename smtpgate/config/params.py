@@ -1,0 +1,523 @@
+"""The parameters smtpgate supports, with Postfix's defaults, and the names Postfix knows.
+
+:data:`PARAMETERS` is the single table of supported parameters: name, default text (taken
+verbatim from Postfix 3.7 ``postconf -d`` unless ``postfix_difference`` says otherwise),
+kind (how callers convert it), a one-sentence doc, and any difference from Postfix. The
+parameter reference in the docs is generated from it.
+
+:data:`POSTFIX_DEFAULTS` holds every Postfix 3.7 parameter name with its built-in default
+(``postfix_parameters.txt``, generated from ``postconf -d``). A name set in main.cf that is
+in neither table is an "unknown parameter"; one that is only in the second is "known to
+Postfix but not supported by smtpgate".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from types import MappingProxyType
+from typing import Literal
+
+from smtpgate.config.maincf import split_nameval
+
+Kind = Literal["str", "bool", "int", "time", "list", "restrictions", "code", "size"]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One supported parameter: its default text, kind, doc and difference from Postfix."""
+
+    name: str
+    default: str
+    kind: Kind
+    doc: str
+    postfix_difference: str = ""
+    expand: bool = True
+    """False for the few values Postfix never ``$name``-expands at load (reply templates)."""
+
+
+_DIFFERENCES = {
+    "myhostname": (
+        "Postfix asks the system for the host's fully qualified name; smtpgate's config layer "
+        "does no network I/O and uses platform.node(), appending .localdomain when that name "
+        "has no dot, as Postfix does. Set it explicitly on a real MX."
+    ),
+    "mydomain": (
+        "Computed the Postfix way from myhostname: the part after the first dot, or localdomain."
+    ),
+    "mynetworks": (
+        "Postfix computes the default from the host's interfaces according to "
+        "mynetworks_style; smtpgate uses the loopback networks only."
+    ),
+    "config_directory": (
+        "The folder of the configuration file (Postfix: the -c directory or /etc/postfix)."
+    ),
+    "compatibility_level": (
+        "Postfix's built-in default is 0; smtpgate defaults to 3.6, the level Debian's "
+        "shipped main.cf sets, so the relay restrictions default to permit_mynetworks, "
+        "permit_sasl_authenticated, defer_unauth_destination."
+    ),
+    "smtpd_sasl_auth_enable": "smtpgate has no SMTP AUTH: yes is reported and ignored.",
+    "relayhost": (
+        "Postfix uses it for outbound mail; smtpgate relays every accepted message to it "
+        "(the backend MTA)."
+    ),
+    "smtpd_proxy_timeout": "In smtpgate it bounds every exchange with the backend MTA.",
+}
+
+_RAW = frozenset({"smtpd_reject_footer", "smtpd_expansion_filter"})
+
+
+def _p(name: str, default: str, kind: Kind, doc: str) -> ParamSpec:
+    return ParamSpec(name, default, kind, doc, _DIFFERENCES.get(name, ""), name not in _RAW)
+
+
+_SPECS = [
+    _p(
+        "myhostname",
+        "",
+        "str",
+        "The fully qualified name of this host, used in the banner, HELO and Received: headers.",
+    ),
+    _p(
+        "mydomain",
+        "",
+        "str",
+        "The internet domain of this host; the default for several other parameters.",
+    ),
+    _p(
+        "myorigin",
+        "$myhostname",
+        "str",
+        "The domain that locally posted mail appears to come from.",
+    ),
+    _p(
+        "mydestination",
+        "$myhostname, localhost.$mydomain, localhost",
+        "list",
+        "Domains this mail system delivers locally; mail for them passes the relay check.",
+    ),
+    _p(
+        "mynetworks",
+        "127.0.0.0/8 [::ffff:127.0.0.0]/104 [::1]/128",
+        "list",
+        "Trusted client networks for permit_mynetworks (net/prefix, [ipv6]/prefix or type:table).",
+    ),
+    _p(
+        "mynetworks_style",
+        "${{$compatibility_level} <level {2} ? {subnet} : {host}}",
+        "str",
+        "How Postfix builds a default mynetworks (host, subnet, class); smtpgate only records it.",
+    ),
+    _p(
+        "relay_domains",
+        "${{$compatibility_level} <level {2} ? {$mydestination} : {}}",
+        "list",
+        "Domains (or type:table) this gateway relays mail to; the relay check permits them.",
+    ),
+    _p(
+        "relay_recipient_maps",
+        "",
+        "list",
+        "Tables of the valid recipients in relay_domains; other recipients there are rejected.",
+    ),
+    _p(
+        "smtpd_client_restrictions",
+        "",
+        "restrictions",
+        "Restrictions applied to the client IP address and name.",
+    ),
+    _p(
+        "smtpd_helo_restrictions",
+        "",
+        "restrictions",
+        "Restrictions applied to the HELO/EHLO argument.",
+    ),
+    _p(
+        "smtpd_sender_restrictions",
+        "",
+        "restrictions",
+        "Restrictions applied to the MAIL FROM address.",
+    ),
+    _p(
+        "smtpd_relay_restrictions",
+        "${{$compatibility_level} <level {1} ? {} : {permit_mynetworks, permit_sasl_authenticated, defer_unauth_destination}}",  # noqa: E501
+        "restrictions",
+        "Relay-control restrictions applied at RCPT TO, before smtpd_recipient_restrictions.",
+    ),
+    _p(
+        "smtpd_recipient_restrictions",
+        "",
+        "restrictions",
+        "Spam-blocking restrictions applied at RCPT TO.",
+    ),
+    _p("smtpd_data_restrictions", "", "restrictions", "Restrictions applied to the DATA command."),
+    _p(
+        "smtpd_end_of_data_restrictions",
+        "",
+        "restrictions",
+        "Restrictions applied after the end of the message content.",
+    ),
+    _p(
+        "smtpd_relay_before_recipient_restrictions",
+        "${{$compatibility_level} <level {3.6} ? {no} : {yes}}",
+        "bool",
+        "Check smtpd_relay_restrictions before (yes) or after (no) smtpd_recipient_restrictions.",
+    ),
+    _p(
+        "smtpd_restriction_classes",
+        "",
+        "list",
+        "User-defined restriction classes; each name becomes a parameter holding restrictions.",
+    ),
+    _p(
+        "smtpd_delay_reject",
+        "yes",
+        "bool",
+        "Wait until RCPT TO before answering client, HELO and sender rejections.",
+    ),
+    _p("smtpd_helo_required", "no", "bool", "Require HELO or EHLO before MAIL FROM."),
+    _p(
+        "smtpd_null_access_lookup_key",
+        "<>",
+        "str",
+        "The access-table lookup key used for the null sender address <>.",
+    ),
+    _p(
+        "parent_domain_matches_subdomains",
+        "debug_peer_list,fast_flush_domains,mynetworks,permit_mx_backup_networks,qmqpd_authorized_clients,relay_domains,smtpd_access_maps",
+        "list",
+        'Features for which a table entry "domain.tld" also matches subdomains.',
+    ),
+    _p(
+        "recipient_delimiter",
+        "",
+        "str",
+        "Characters that separate a local part from an address extension (user+ext).",
+    ),
+    _p("access_map_reject_code", "554", "code", "Reply code for REJECT from an access table."),
+    _p("access_map_defer_code", "450", "code", "Reply code for DEFER from an access table."),
+    _p(
+        "relay_domains_reject_code",
+        "554",
+        "code",
+        "Reply code when a client is not allowed to relay.",
+    ),
+    _p(
+        "unknown_relay_recipient_reject_code",
+        "550",
+        "code",
+        "Reply code for a relay_domains recipient that relay_recipient_maps does not list.",
+    ),
+    _p("reject_code", "554", "code", "Reply code for the reject restriction."),
+    _p("defer_code", "450", "code", "Reply code for the defer restriction."),
+    _p(
+        "smtpd_reject_unlisted_sender",
+        "no",
+        "bool",
+        "Reject a sender address in a domain we handle that no table lists.",
+    ),
+    _p(
+        "smtpd_reject_unlisted_recipient",
+        "yes",
+        "bool",
+        "Reject a recipient address in a domain we handle that no table lists.",
+    ),
+    _p(
+        "unknown_address_reject_code",
+        "450",
+        "code",
+        "Reply code for reject_unknown_sender_domain and reject_unknown_recipient_domain.",
+    ),
+    _p(
+        "unknown_client_reject_code",
+        "450",
+        "code",
+        "Reply code for reject_unknown_client_hostname.",
+    ),
+    _p(
+        "unknown_hostname_reject_code",
+        "450",
+        "code",
+        "Reply code for reject_unknown_helo_hostname.",
+    ),
+    _p("non_fqdn_reject_code", "504", "code", "Reply code for the reject_non_fqdn_* restrictions."),
+    _p(
+        "invalid_hostname_reject_code",
+        "501",
+        "code",
+        "Reply code for reject_invalid_helo_hostname.",
+    ),
+    _p(
+        "unknown_local_recipient_reject_code",
+        "550",
+        "code",
+        "Reply code for a local recipient that no table lists.",
+    ),
+    _p("plaintext_reject_code", "450", "code", "Reply code for restrictions that require TLS."),
+    _p(
+        "smtpd_peername_lookup",
+        "yes",
+        "bool",
+        'Look up the client\'s host name in DNS (no: every client is "unknown").',
+    ),
+    _p(
+        "message_size_limit",
+        "10240000",
+        "size",
+        "Largest message in bytes that the gateway accepts (0 = no limit).",
+    ),
+    _p("smtpd_banner", "$myhostname ESMTP $mail_name", "str", "Text after 220 in the greeting."),
+    _p("mail_name", "Postfix", "str", "The mail system name shown in the banner and replies."),
+    _p(
+        "soft_bounce",
+        "no",
+        "bool",
+        "Turn every 5xx reject into a 4xx defer, for testing a new policy safely.",
+    ),
+    _p(
+        "smtpd_reject_footer",
+        "",
+        "str",
+        "Text appended to every 4xx/5xx reply (not $name-expanded at load; expanded per reply).",
+    ),
+    _p(
+        "smtpd_expansion_filter",
+        "\\t\\40!\"#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\\\\]^_`abcdefghijklmnopqrstuvwxyz{|}~",
+        "str",
+        "Characters allowed in $name expansions of reply templates (not $name-expanded).",
+    ),
+    _p(
+        "smtpd_log_access_permit_actions",
+        "",
+        "list",
+        "Access-table actions (such as static:all) for which a permit is logged.",
+    ),
+    _p(
+        "allow_untrusted_routing",
+        "no",
+        "bool",
+        "Let untrusted clients use sender-specified routing (user%domain@ourdomain, !, @...:).",
+    ),
+    _p("swap_bangpath", "yes", "bool", "Rewrite site!user to user@site."),
+    _p("allow_percent_hack", "yes", "bool", "Rewrite user%domain to user@domain."),
+    _p(
+        "resolve_dequoted_address",
+        "yes",
+        "bool",
+        "Resolve the address after removing quotes from the local part.",
+    ),
+    _p("resolve_null_domain", "no", "bool", "Resolve an address ending in @ to the null domain."),
+    _p("smtpd_sasl_auth_enable", "no", "bool", 'SMTP AUTH; smtpgate supports only "no".'),
+    _p("disable_vrfy_command", "no", "bool", "Answer VRFY with 502."),
+    _p(
+        "smtpd_timeout",
+        "${stress?{10}:{300}}s",
+        "time",
+        "How long to wait for a client command or reply write before giving up.",
+    ),
+    _p(
+        "smtpd_error_sleep_time",
+        "1s",
+        "time",
+        "Delay before answering a client that has made errors.",
+    ),
+    _p("smtpd_soft_error_limit", "10", "int", "Errors after which replies are delayed."),
+    _p(
+        "smtpd_hard_error_limit",
+        "${stress?{1}:{20}}",
+        "int",
+        "Errors after which the client is disconnected.",
+    ),
+    _p(
+        "smtpd_junk_command_limit",
+        "${stress?{1}:{100}}",
+        "int",
+        "NOOP/VRFY/ETRN/RSET commands allowed before they count as errors.",
+    ),
+    _p("smtpd_recipient_limit", "1000", "int", "Maximum RCPT TO commands per message."),
+    _p(
+        "smtpd_client_connection_count_limit",
+        "50",
+        "int",
+        "Simultaneous connections allowed per client IP address (0 = no limit).",
+    ),
+    _p(
+        "smtpd_forbid_bare_newline",
+        "no",
+        "str",
+        "Reject bare LF line endings in commands and DATA (SMTP smuggling defence).",
+    ),
+    _p(
+        "smtpd_proxy_timeout",
+        "100s",
+        "time",
+        "How long to wait for the backend MTA (smtpgate's relay timeout).",
+    ),
+    _p(
+        "smtpd_proxy_ehlo",
+        "$myhostname",
+        "str",
+        "The name smtpgate sends in EHLO to the backend MTA.",
+    ),
+    _p(
+        "strict_rfc821_envelopes",
+        "no",
+        "bool",
+        "Require <> around MAIL FROM and RCPT TO addresses.",
+    ),
+    _p(
+        "smtputf8_enable",
+        "${{$compatibility_level} <level {1} ? {no} : {yes}}",
+        "bool",
+        "Offer SMTPUTF8.",
+    ),
+    _p(
+        "relayhost",
+        "",
+        "str",
+        "The backend MTA for accepted mail: [host]:port (no MX lookup) or host (MX lookup).",
+    ),
+    _p(
+        "maillog_file", "", "str", "Write log lines to this file instead of syslog (empty: syslog)."
+    ),
+    _p(
+        "syslog_name",
+        "${multi_instance_name?{$multi_instance_name}:{postfix}}",
+        "str",
+        "The name that log lines are tagged with.",
+    ),
+    _p(
+        "config_directory",
+        "",
+        "str",
+        "The folder of the configuration file; relative table names are relative to it.",
+    ),
+    _p(
+        "compatibility_level",
+        "3.6",
+        "str",
+        "Which Postfix defaults apply (0, 1, 2, 3.6, ...), e.g. for smtpd_relay_restrictions.",
+    ),
+    _p(
+        "smtpd_tls_security_level",
+        "",
+        "str",
+        "Offer STARTTLS to clients: empty or none (no), may (offer), encrypt (require).",
+    ),
+    _p("smtpd_tls_cert_file", "", "str", "PEM certificate file for STARTTLS."),
+    _p(
+        "smtpd_tls_key_file",
+        "$smtpd_tls_cert_file",
+        "str",
+        "PEM private key file for smtpd_tls_cert_file.",
+    ),
+    _p(
+        "smtpd_tls_chain_files",
+        "",
+        "list",
+        "PEM files holding key and certificate chain(s), in Postfix 3.4 order.",
+    ),
+    _p("smtpd_tls_CAfile", "", "str", "CA certificates for verifying client certificates."),
+    _p(
+        "smtpd_tls_CApath",
+        "",
+        "str",
+        "Directory of CA certificates for verifying client certificates.",
+    ),
+    _p(
+        "smtpd_tls_protocols",
+        ">=TLSv1",
+        "str",
+        "TLS protocol versions offered to clients with opportunistic TLS.",
+    ),
+    _p(
+        "smtpd_tls_mandatory_protocols",
+        ">=TLSv1",
+        "str",
+        "TLS protocol versions required with mandatory TLS.",
+    ),
+    _p("smtpd_tls_ciphers", "medium", "str", "Cipher grade for opportunistic TLS."),
+    _p("smtpd_tls_mandatory_ciphers", "medium", "str", "Cipher grade for mandatory TLS."),
+    _p("smtpd_tls_exclude_ciphers", "", "list", "Ciphers never used with clients."),
+    _p("smtpd_tls_loglevel", "0", "int", "How much TLS activity to log (0-4)."),
+    _p(
+        "smtpd_tls_received_header",
+        "no",
+        "bool",
+        "Add TLS protocol and cipher to the Received: header.",
+    ),
+    _p("smtpd_tls_auth_only", "no", "bool", "Offer AUTH only after STARTTLS."),
+    _p("smtpd_tls_ask_ccert", "no", "bool", "Ask clients for a certificate."),
+    _p(
+        "smtpd_tls_req_ccert",
+        "no",
+        "bool",
+        "Require a verified client certificate (with smtpd_tls_security_level = encrypt).",
+    ),
+    _p(
+        "smtpd_tls_wrappermode",
+        "no",
+        "bool",
+        "Speak TLS from the first byte (port 465 style) instead of STARTTLS.",
+    ),
+    _p(
+        "smtpd_tls_fingerprint_digest",
+        "${{$compatibility_level} <level {3.6} ? {md5} : {sha256}}",
+        "str",
+        "Digest for client certificate fingerprints (check_ccert_access).",
+    ),
+    _p(
+        "smtp_tls_security_level",
+        "",
+        "str",
+        "TLS towards the backend MTA: empty or none, may, encrypt, verify, secure.",
+    ),
+    _p("smtp_tls_cert_file", "", "str", "PEM client certificate presented to the backend MTA."),
+    _p(
+        "smtp_tls_key_file", "$smtp_tls_cert_file", "str", "PEM private key for smtp_tls_cert_file."
+    ),
+    _p(
+        "smtp_tls_chain_files",
+        "",
+        "list",
+        "PEM files holding the client key and certificate chain for the backend.",
+    ),
+    _p("smtp_tls_CAfile", "", "str", "CA certificates for verifying the backend MTA."),
+    _p("smtp_tls_CApath", "", "str", "Directory of CA certificates for verifying the backend MTA."),
+    _p("smtp_tls_protocols", ">=TLSv1", "str", "TLS protocol versions used with the backend MTA."),
+    _p(
+        "smtp_tls_mandatory_protocols",
+        ">=TLSv1",
+        "str",
+        "TLS protocol versions required with mandatory TLS to the backend.",
+    ),
+    _p("smtp_tls_ciphers", "medium", "str", "Cipher grade for TLS to the backend MTA."),
+    _p("smtp_tls_loglevel", "0", "int", "How much backend TLS activity to log (0-4)."),
+    _p("smtp_tls_servername", "", "str", "SNI name sent to the backend MTA (empty: none)."),
+    _p("smtp_tls_wrappermode", "no", "bool", "Speak TLS from the first byte to the backend MTA."),
+    ParamSpec(
+        "listen",
+        "0.0.0.0:25",
+        "list",
+        "Addresses smtpgate listens on: host:port or [ipv6]:port, e.g. 0.0.0.0:25, [::]:25.",
+        "smtpgate only; Postfix takes listen addresses from master.cf.",
+    ),
+]
+
+PARAMETERS: Mapping[str, ParamSpec] = MappingProxyType({spec.name: spec for spec in _SPECS})
+
+
+def _load_postfix_defaults() -> dict[str, str]:
+    text = resources.files("smtpgate.config").joinpath("postfix_parameters.txt").read_text()
+    defaults: dict[str, str] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            result = split_nameval(line)
+            if not isinstance(result, str):
+                defaults[result[0]] = result[1]
+    return defaults
+
+
+POSTFIX_DEFAULTS: Mapping[str, str] = MappingProxyType(_load_postfix_defaults())

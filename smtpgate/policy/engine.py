@@ -1,0 +1,458 @@
+"""The restriction engine: Postfix's ``smtpd_check.c`` semantics, without its I/O.
+
+A :class:`PolicySession` lives as long as one SMTP connection.  Each command method
+(``connect``, ``helo``, ``mail``, ``rcpt``, ``data``, ``end_of_data``) runs the stage's
+restriction lists and returns a :class:`~smtpgate.policy.model.Decision`.
+
+Rules kept from Postfix, in the order a reader meets them:
+
+1. ``generic_checks`` walks a list and stops at the first result that is not DUNNO.
+   A restriction class is a list run in place; OK inside it ends the whole stage.
+2. A reject passes through :meth:`Checker.reject`, which formats the reply, turns it
+   into a warning under ``warn_if_reject``, into the saved deferral under
+   ``defer_if_reject``, applies ``soft_bounce`` and makes the enhanced code agree with
+   the reply code.  421 and 521 replies disconnect.
+3. ``defer_if_permit`` is remembered per stage and wins over a later permit.
+4. With ``smtpd_delay_reject = yes`` the client, HELO and sender lists run again at
+   every RCPT, in that order, before the relay and recipient lists.
+5. A configuration error (unknown restriction, table in a table value, recursion)
+   answers ``451 4.3.5 Server configuration error``; a lookup error answers
+   ``451 4.3.0 <name>: Temporary lookup failure``.  Both end the stage at once.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+from smtpgate.policy import model, restrictions  # noqa: F401  (registers restrictions)
+from smtpgate.policy.actions import dsn_split, dsn_valid, parse_action
+from smtpgate.policy.dsn import smtpd_dsn_fix
+from smtpgate.policy.model import (
+    ClientInfo,
+    Decision,
+    ErrorClass,
+    LogRecord,
+    Stage,
+    Status,
+    Step,
+)
+from smtpgate.policy.plan import Compiled, Plan, compile_runtime_list
+from smtpgate.policy.registry import call
+from smtpgate.reply import Reply
+from smtpgate.tables import Table
+
+MAX_RECURSION = 100
+CONFIG_ERROR_TEXT = "Server configuration error"
+
+
+class _Abort(Exception):
+    """Postfix's longjmp out of a stage: the reply is already made."""
+
+
+@dataclass(slots=True)
+class Deferral:
+    """A saved defer_if_permit / defer_if_reject reply."""
+
+    active: bool = False
+    error_class: ErrorClass = ErrorClass.POLICY
+    code: int = 450
+    dsn: str = "4.7.1"
+    text: str = ""
+
+    def arm(self, error_class: ErrorClass, code: int, dsn: str, text: str) -> None:
+        if not self.active:
+            self.active = True
+            self.error_class, self.code, self.dsn, self.text = error_class, code, dsn, text
+
+
+@dataclass(slots=True)
+class SessionState:
+    """Everything the checks read or remember during one connection."""
+
+    client: ClientInfo
+    helo_name: str | None = None
+    sender: str | None = None
+    recipient: str | None = None
+    protocol: str = "SMTP"
+    where: str = "CONNECT"
+    rcpt_count: int = 0
+    first_recipient: str | None = None
+    input_pending: bool = False
+    discard: bool = False
+    access_denied: Reply | None = None
+    recursion: int = 0
+    warn_if_reject: int = 0
+    defer_if_permit: Deferral = field(default_factory=Deferral)
+    defer_if_reject: Deferral = field(default_factory=Deferral)
+    defer_if_permit_client: bool = False
+    defer_if_permit_helo: bool = False
+    defer_if_permit_sender: bool = False
+    recipient_rcptmap_checked: bool = False
+    sender_rcptmap_checked: bool = False
+    prepend: list[str] = field(default_factory=list)
+    queue_actions: list[tuple[str, str]] = field(default_factory=list)
+    error: Reply | None = None
+
+
+class Checker:
+    """Runs restriction lists against a session; implements the registry's ``Ctx``."""
+
+    def __init__(self, plan: Plan, state: SessionState) -> None:
+        self.plan = plan
+        self.state = state
+        self.stage = Stage.CONNECT
+        self.steps: list[Step] = []
+        self.logs: list[LogRecord] = []
+
+    # -- trail and logs ------------------------------------------------------------
+
+    def note(self, what: str, detail: str, result: str) -> None:
+        self.steps.append(Step(self.stage.value, self.state.recursion, what, detail, result))
+
+    def warn(self, text: str) -> None:
+        self.logs.append(LogRecord("warning", text))
+
+    def log_whatsup(self, whatsup: str, text: str) -> None:
+        st = self.state
+        line = f"NOQUEUE: {whatsup}: {st.where} from {st.client.namaddr}: {text};"
+        if st.sender is not None:
+            line += f" from=<{st.sender}>"
+        if st.recipient is not None:
+            line += f" to=<{st.recipient}>"
+        if st.protocol:
+            line += f" proto={st.protocol}"
+        if st.helo_name is not None:
+            line += f" helo=<{st.helo_name}>"
+        self.logs.append(LogRecord("info", line))
+
+    # -- the reject path (smtpd_check_reject) --------------------------------------
+
+    def reject(self, error_class: ErrorClass, code: int, dsn: str, text: str) -> Status:
+        st = self.state
+        warn_only = bool(st.warn_if_reject) and error_class is not ErrorClass.SOFTWARE
+        full = f"{code} {dsn} {text}"
+        if code < 400 or code > 599:
+            self.warn(f"SMTP reply code configuration error: {full}")
+            code, dsn, text = 450, "4.7.1", "Service unavailable"
+        elif not dsn_valid(dsn):
+            self.warn(f"DSN detail code configuration error: {full}")
+            code, dsn, text = 450, "4.7.1", "Service unavailable"
+        text = _printable(f"{code} {dsn} {text}"[:510])[len(f"{code} {dsn} ") :]
+        if not warn_only and st.defer_if_reject.active and str(code)[0] == "5":
+            saved = st.defer_if_reject
+            st.warn_if_reject = 0
+            saved.active = False
+            return self.reject(saved.error_class, saved.code, saved.dsn, saved.text)
+        if self.plan.soft_bounce and code >= 500:
+            code -= 100
+        dsn = str(code)[0] + dsn[1:]
+        reply = Reply(code, dsn, text, disconnect=code in (421, 521))
+        self.log_whatsup("reject_warning" if warn_only else "reject", " ".join(reply.lines()))
+        self.note("reply", str(reply), "warning only" if warn_only else "reject")
+        if warn_only:
+            return Status.DUNNO
+        st.error = reply
+        return Status.REJECT
+
+    def defer_if_permit(self, error_class: ErrorClass, code: int, dsn: str, text: str) -> None:
+        if self.state.warn_if_reject == 0:
+            self.state.defer_if_permit.arm(error_class, code, dsn, text)
+            self.note("defer_if_permit", f"{code} {dsn} {text}", "armed")
+        else:
+            self.reject(error_class, code, dsn, text)
+
+    def defer_if_reject(self, error_class: ErrorClass, code: int, dsn: str, text: str) -> None:
+        self.state.defer_if_reject.arm(error_class, code, dsn, text)
+        self.note("defer_if_reject", f"{code} {dsn} {text}", "armed")
+
+    def config_error(self, why: str) -> Status:
+        self.warn(why)
+        self.reject(ErrorClass.SOFTWARE, 451, "4.3.5", CONFIG_ERROR_TEXT)
+        raise _Abort
+
+    def lookup_failed(self, reply_name: str) -> Status:
+        self.reject(ErrorClass.RESOURCE, 451, "4.3.0", f"<{reply_name}>: Temporary lookup failure")
+        raise _Abort
+
+    # -- tables (check_access and friends) -----------------------------------------
+
+    def check_access(
+        self,
+        table: Table,
+        keys: list[tuple[str, bool]],
+        datum: str,
+        reply_name: str,
+        reply_class: str,
+        suspicious: bool = False,
+    ) -> Status:
+        """Try ``keys`` in order; the first hit decides (Postfix check_*_access)."""
+        from smtpgate.errors import TableLookupError
+
+        label = f"{table.type}:{table.name}"
+        for key, partial in keys:
+            if partial and table.is_pattern:
+                continue
+            try:
+                value = table.lookup(key)
+            except TableLookupError as exc:
+                self.note(label, key, f"lookup error: {exc}")
+                self.warn(f"{label}: table lookup problem")
+                return self.lookup_failed(reply_name)
+            if value is None:
+                self.note(label, key, "not found")
+                continue
+            self.note(label, key, f"found: {value}")
+            try:
+                status = self.check_table_result(label, value, datum, reply_name, reply_class)
+            except _Nested as nested:
+                nested.suspicious = suspicious
+                raise
+            if status is Status.OK and suspicious:
+                self.note(label, key, "OK ignored: source-routed recipient")
+                return Status.DUNNO
+            return status
+        return Status.DUNNO
+
+    def check_table_result(
+        self, table: str, value: str, datum: str, reply_name: str, reply_class: str
+    ) -> Status:
+        """Perform an access(5) action (Postfix check_table_result)."""
+        action = parse_action(value)
+        verb, text = action.verb, action.text
+        handler = _TABLE_ACTIONS.get(verb)
+        if handler is not None:
+            return handler(self, action, table, datum, reply_name, reply_class)
+        if verb == "TABLE":
+            self.warn(f"access table {table} has entry with lookup table: {value}")
+            self.warn("do not specify lookup tables inside SMTPD access maps")
+            self.warn("define a restriction class and specify its name instead.")
+            return self.config_error(f"access table {table}: lookup table in value")
+        if self.state.recursion > MAX_RECURSION:
+            return self.config_error(
+                f"access table {table} entry {value} causes unreasonable recursion"
+            )
+        items = compile_runtime_list(self.plan, text)
+        if not items:
+            self.warn(f"access table {table} entry {value} has empty value")
+            return Status.OK
+        raise _Nested(items)
+
+    # -- generic_checks ------------------------------------------------------------
+
+    async def generic_checks(
+        self, items: tuple[Compiled, ...], reply_name: str, reply_class: str
+    ) -> Status:
+        st = self.state
+        saved = st.recursion
+        st.recursion += 1
+        status = Status.DUNNO
+        try:
+            if st.recursion > MAX_RECURSION:
+                return self.config_error("restriction class recursion is too deep")
+            for item in items:
+                if item.name.lower() == "warn_if_reject":
+                    if st.warn_if_reject == 0:
+                        st.warn_if_reject = st.recursion
+                    self.note(item.label, "", "next reject becomes a warning")
+                    continue
+                status = await self._run_item(item, reply_name, reply_class)
+                if st.warn_if_reject >= st.recursion:
+                    st.warn_if_reject = 0
+                if status is not Status.DUNNO:
+                    break
+                if st.defer_if_permit.active and st.defer_if_reject.active:
+                    break
+        finally:
+            st.recursion = saved
+        return status
+
+    async def _run_item(self, item: Compiled, reply_name: str, reply_class: str) -> Status:
+        if item.class_name is not None:
+            slot = len(self.steps)
+            self.note(item.label, "restriction class", "...")
+            class_items = self.plan.classes[item.class_name]
+            status = await self.generic_checks(class_items, reply_name, reply_class)
+            self.steps[slot] = Step(
+                self.stage.value, self.state.recursion, item.label, "restriction class", status.name
+            )
+            return status
+        if item.error:
+            return self.config_error(item.error)
+        assert item.spec is not None
+        slot = len(self.steps)
+        self.note(item.label, "", "...")
+        try:
+            result = call(item.spec, self, item.arg, reply_name, reply_class)
+            if inspect.isawaitable(result):
+                result = await result
+        except _Nested as nested:
+            result = await self.generic_checks(nested.items, reply_name, reply_class)
+            if result == Status.OK and nested.suspicious:
+                self.note(item.label, "", "OK ignored: source-routed recipient")
+                result = Status.DUNNO
+        status = Status(result)
+        self.steps[slot] = Step(self.stage.value, self.state.recursion, item.label, "", status.name)
+        return status
+
+    async def run_list(
+        self, items: tuple[Compiled, ...], reply_name: str, reply_class: str
+    ) -> Status:
+        """One stage list with Postfix's SMTPD_CHECK_RESET and longjmp catch."""
+        st = self.state
+        st.recursion = 0
+        st.warn_if_reject = 0
+        st.defer_if_reject.active = False
+        if not items:
+            return Status.DUNNO
+        try:
+            return await self.generic_checks(items, reply_name, reply_class)
+        except _Abort:
+            return Status.REJECT
+
+
+class _Nested(Exception):
+    """A table value that names restrictions: run them in place of the value."""
+
+    def __init__(self, items: tuple[Compiled, ...]) -> None:
+        super().__init__()
+        self.items = items
+        self.suspicious = False
+
+
+def _printable(text: str) -> str:
+    return "".join(ch if ch.isprintable() and ch.isascii() else " " for ch in text)
+
+
+# -- access(5) actions --------------------------------------------------------------
+
+
+def _act_dunno(c: Checker, a: object, table: str, datum: str, name: str, klass: str) -> Status:
+    return Status.DUNNO
+
+
+def _act_ok(c: Checker, a: object, table: str, datum: str, name: str, klass: str) -> Status:
+    return Status.OK
+
+
+def _act_reject(c: Checker, a: object, table: str, datum: str, name: str, klass: str) -> Status:
+    assert hasattr(a, "text") and hasattr(a, "verb")
+    is_reject = a.verb == "REJECT"
+    dsn, text = dsn_split("5.7.1" if is_reject else "4.7.1", a.text)
+    code = c.plan.codes["access_map_reject_code" if is_reject else "access_map_defer_code"]
+    return c.reject(
+        ErrorClass.POLICY,
+        code,
+        smtpd_dsn_fix(dsn, klass),
+        f"<{name}>: {klass} rejected: {text or 'Access denied'}",
+    )
+
+
+def _act_code(c: Checker, a: object, table: str, datum: str, name: str, klass: str) -> Status:
+    assert hasattr(a, "text") and hasattr(a, "code")
+    code: int = a.code
+    dsn, text = dsn_split(f"{str(code)[0]}.7.1", a.text)
+    return c.reject(
+        ErrorClass.POLICY,
+        code,
+        smtpd_dsn_fix(dsn, klass),
+        f"<{name}>: {klass} rejected: {text or 'Access denied'}",
+    )
+
+
+def _act_log(c: Checker, a: object, table: str, datum: str, name: str, klass: str) -> Status:
+    assert hasattr(a, "text") and hasattr(a, "verb")
+    c.log_whatsup(a.verb.lower(), a.text)
+    return Status.DUNNO
+
+
+def _act_defer_if(c: Checker, a: object, table: str, datum: str, name: str, klass: str) -> Status:
+    assert hasattr(a, "text") and hasattr(a, "verb")
+    dsn, text = dsn_split("4.7.1", a.text)
+    args = (
+        ErrorClass.POLICY,
+        c.plan.codes["access_map_defer_code"],
+        smtpd_dsn_fix(dsn, klass),
+        f"<{name}>: {klass} rejected: {text or 'Service unavailable'}",
+    )
+    if a.verb == "DEFER_IF_PERMIT":
+        c.defer_if_permit(*args)
+    else:
+        c.defer_if_reject(*args)
+    return Status.DUNNO
+
+
+def _queue_action_allowed(c: Checker, table: str, verb: str) -> bool:
+    """Postfix's not_in_client_helo: with delay_reject=no, no actions before MAIL."""
+    if c.state.sender is None:
+        c.warn(
+            f"access table {table}: with smtpd_delay_reject=no, action {verb} is always "
+            "skipped in Client host or Helo command restrictions"
+        )
+        return False
+    return True
+
+
+def _act_queue(c: Checker, a: object, table: str, datum: str, name: str, klass: str) -> Status:
+    """HOLD, FILTER, REDIRECT, BCC: logged as Postfix does, recorded for the relay."""
+    assert hasattr(a, "text") and hasattr(a, "verb")
+    verb: str = a.verb
+    text: str = a.text
+    if not _queue_action_allowed(c, table, verb):
+        return Status.DUNNO
+    if verb == "FILTER" and ":" not in text:
+        what = "has FILTER entry without value" if not text else "requires transport:destination"
+        c.warn(f'access table {table} entry "{datum}" {what}')
+        return Status.DUNNO
+    if verb in ("REDIRECT", "BCC") and "@" not in text:
+        c.warn(f'access table {table} entry "{datum}" requires user@domain target')
+        return Status.DUNNO
+    if verb == "HOLD":
+        c.log_whatsup("hold", f"<{name}>: {klass} {text or 'triggers HOLD action'}")
+    else:
+        c.log_whatsup(verb.lower(), f"<{name}>: {klass} triggers {verb} {text}")
+    c.state.queue_actions.append((verb, text))
+    return Status.DUNNO
+
+
+def _act_discard(c: Checker, a: object, table: str, datum: str, name: str, klass: str) -> Status:
+    assert hasattr(a, "text")
+    if not _queue_action_allowed(c, table, "DISCARD"):
+        return Status.DUNNO
+    c.log_whatsup("discard", f"<{name}>: {klass} {a.text or 'triggers DISCARD action'}")
+    c.state.discard = True
+    return Status.OK
+
+
+def _act_prepend(c: Checker, a: object, table: str, datum: str, name: str, klass: str) -> Status:
+    assert hasattr(a, "text")
+    text: str = a.text
+    if not _queue_action_allowed(c, table, "PREPEND"):
+        return Status.DUNNO
+    head, colon, _ = text.partition(":")
+    if not text or not colon or not head or any(ch in head for ch in " \t"):
+        c.warn(f'access table {table} entry "{datum}" requires header: text')
+        return Status.DUNNO
+    c.state.prepend.append(text)
+    return Status.DUNNO
+
+
+_TABLE_ACTIONS = {
+    "DUNNO": _act_dunno,
+    "OK": _act_ok,
+    "RELAY": _act_ok,
+    "NUMERIC": _act_ok,
+    "REJECT": _act_reject,
+    "DEFER": _act_reject,
+    "CODE": _act_code,
+    "WARN": _act_log,
+    "INFO": _act_log,
+    "DEFER_IF_PERMIT": _act_defer_if,
+    "DEFER_IF_REJECT": _act_defer_if,
+    "HOLD": _act_queue,
+    "FILTER": _act_queue,
+    "REDIRECT": _act_queue,
+    "BCC": _act_queue,
+    "DISCARD": _act_discard,
+    "PREPEND": _act_prepend,
+}

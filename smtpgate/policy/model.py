@@ -1,0 +1,117 @@
+"""Values the policy engine takes and returns.
+
+The engine is Postfix's ``smtpd_check.c`` without its I/O: a session feeds it what the
+client said (:class:`ClientInfo`, HELO name, sender, recipients) and gets back a
+:class:`Decision` per command.  A decision carries the reply to send (``None`` when the
+command passed every restriction), the Postfix-style log lines the check produced and the
+:class:`Step` trail that ``explain`` prints.  Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum, IntEnum
+
+from smtpgate.reply import Reply
+
+
+class Stage(str, Enum):
+    """An SMTP stage with restrictions; the value is Postfix's ``state->where``."""
+
+    CONNECT = "CONNECT"
+    HELO = "HELO"
+    MAIL = "MAIL"
+    RCPT = "RCPT"
+    DATA = "DATA"
+    END_OF_DATA = "END-OF-MESSAGE"
+
+
+class Status(IntEnum):
+    """Result of one restriction (Postfix SMTPD_CHECK_*)."""
+
+    DUNNO = 0
+    OK = 1
+    REJECT = 2
+
+
+class ErrorClass(str, Enum):
+    """Postfix MAIL_ERROR_* classes: software errors cannot be turned into warnings."""
+
+    POLICY = "policy"
+    PROTOCOL = "protocol"
+    SOFTWARE = "software"
+    RESOURCE = "resource"
+    BOUNCE = "bounce"
+
+
+# Postfix SMTPD_NAME_*: what a reply says was rejected.
+CLIENT = "Client host"
+REV_CLIENT = "Unverified Client host"
+HELO = "Helo command"
+SENDER = "Sender address"
+RECIPIENT = "Recipient address"
+DATA = "Data command"
+EOD = "End-of-data"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    """What is known of the client before it says anything."""
+
+    address: str
+    name: str = "unknown"
+    reverse_name: str = "unknown"
+    port: int = 0
+    # Postfix peer-name status: "ok", "temp" (temporary failure) or "perm".
+    name_status: str = "perm"
+    reverse_name_status: str = "perm"
+
+    @property
+    def namaddr(self) -> str:
+        return f"{self.name}[{self.address}]"
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One line of the trail: a restriction evaluated, or a table key tried."""
+
+    stage: str
+    depth: int
+    what: str
+    detail: str
+    result: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "stage": self.stage,
+            "depth": self.depth,
+            "what": self.what,
+            "detail": self.detail,
+            "result": self.result,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class LogRecord:
+    """A log line in Postfix's words; ``level`` is "info" or "warning"."""
+
+    level: str
+    text: str
+
+
+@dataclass(slots=True)
+class Decision:
+    """The outcome of one command's restrictions."""
+
+    stage: Stage
+    reply: Reply | None
+    steps: list[Step] = field(default_factory=list)
+    logs: list[LogRecord] = field(default_factory=list)
+
+    @property
+    def accepted(self) -> bool:
+        return self.reply is None
+
+    @property
+    def disconnect(self) -> bool:
+        return self.reply is not None and self.reply.disconnect

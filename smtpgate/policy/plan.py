@@ -1,0 +1,488 @@
+"""Compile settings into a Plan: every name resolved and every table opened, once.
+
+``build_plan`` is the single load step that ``check``, ``explain``, ``serve`` and the
+reload share.  It returns the plan and all diagnostics at once (errors and warnings,
+each naming file and line); :func:`compile_plan` raises when there is an error.  A plan
+is immutable: a reload builds a new one and swaps it in.
+
+Restriction lists compile to :class:`Compiled` items.  A table argument is opened
+here, so a missing file stops startup instead of failing at the first RCPT.  Restriction
+classes are compiled the same way; cycles between classes are errors.  Table *values*
+that name restrictions are compiled when first met (Postfix does the same), through
+:func:`compile_runtime_list`, and cached.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from smtpgate.config import Diagnostic, Location, Settings
+from smtpgate.errors import ConfigError, SmtpgateError
+from smtpgate.policy.actions import lint_action
+from smtpgate.policy.address import Resolver
+from smtpgate.policy import restrictions as _restrictions  # noqa: F401  (fills the registry)
+from smtpgate.policy.registry import RestrictionSpec, lookup
+from smtpgate.tables import AddressList, DomainList, Maps, Table, open_table
+
+STAGE_PARAMETERS = (
+    "smtpd_client_restrictions",
+    "smtpd_helo_restrictions",
+    "smtpd_sender_restrictions",
+    "smtpd_relay_restrictions",
+    "smtpd_recipient_restrictions",
+    "smtpd_data_restrictions",
+    "smtpd_end_of_data_restrictions",
+)
+
+# The access restriction a bare "type:table" stands for in each list (Postfix def_acl).
+DEFAULT_ACL = {
+    "smtpd_client_restrictions": "check_client_access",
+    "smtpd_helo_restrictions": "check_helo_access",
+    "smtpd_sender_restrictions": "check_sender_access",
+    "smtpd_relay_restrictions": "check_recipient_access",
+    "smtpd_recipient_restrictions": "check_recipient_access",
+}
+
+REQUIRED_FOR_RELAY = (
+    "reject_unauth_destination",
+    "defer_unauth_destination",
+    "reject",
+    "defer",
+    "defer_if_permit",
+)
+
+CODE_PARAMETERS = {
+    "access_map_reject_code": 554,
+    "access_map_defer_code": 450,
+    "reject_code": 554,
+    "defer_code": 450,
+    "relay_domains_reject_code": 554,
+    "unknown_relay_recipient_reject_code": 550,
+    "non_fqdn_reject_code": 504,
+    "invalid_hostname_reject_code": 501,
+    "unknown_address_reject_code": 450,
+    "unknown_client_reject_code": 450,
+    "unknown_hostname_reject_code": 450,
+    "multi_recipient_bounce_reject_code": 550,
+}
+
+RESTRICTION_SEPARATORS = re.compile(r"[,\s]+")
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    """One restriction list item, ready to run."""
+
+    name: str
+    label: str
+    spec: RestrictionSpec | None = None
+    arg: Any = None
+    class_name: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the engine needs, validated; shared by every session."""
+
+    settings: Settings
+    myhostname: str
+    lists: dict[str, tuple[Compiled, ...]]
+    classes: dict[str, tuple[Compiled, ...]]
+    mynetworks: AddressList
+    relay_domains: DomainList
+    mydestination: DomainList
+    relay_recipient_maps: Maps | None
+    resolver: Resolver
+    codes: dict[str, int]
+    parent_style: bool
+    recipient_delimiter: str
+    null_access_lookup_key: str
+    delay_reject: bool
+    helo_required: bool
+    soft_bounce: bool
+    relay_before_recipient: bool
+    reject_unlisted_sender: bool
+    reject_unlisted_recipient: bool
+    allow_untrusted_routing: bool
+    runtime_cache: dict[str, tuple[Compiled, ...]] = field(default_factory=dict, compare=False)
+
+    def stage_list(self, parameter: str) -> tuple[Compiled, ...]:
+        return self.lists.get(parameter, ())
+
+
+class _Builder:
+    """Collects diagnostics while compiling; one per build."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.diagnostics: list[Diagnostic] = []
+        self.tables: dict[str, Table] = {}
+        self.class_names: list[str] = []
+
+    def error(self, message: str, location: Location | None) -> None:
+        self.diagnostics.append(Diagnostic("error", message, location))
+
+    def warning(self, message: str, location: Location | None) -> None:
+        self.diagnostics.append(Diagnostic("warning", message, location))
+
+    def where(self, parameter: str) -> Location | None:
+        return self.settings.location(parameter)
+
+    def loc_tuple(self, parameter: str) -> tuple[str, int] | None:
+        loc = self.where(parameter)
+        return (loc.path, loc.line) if loc is not None else None
+
+    def open(self, spec: str, parameter: str) -> Table | None:
+        if spec in self.tables:
+            return self.tables[spec]
+        try:
+            table = open_table(
+                spec,
+                base_dir=self.settings.config_directory,
+                location=self.loc_tuple(parameter),
+            )
+        except ConfigError as exc:
+            loc = self.where(parameter) if not exc.path else None
+            self.error(f"{parameter}: {exc}", loc)
+            return None
+        self.tables[spec] = table
+        for warning in getattr(table, "warnings", ()):
+            self.warning(f"{spec}: {warning}", None)
+        return table
+
+    def compile_list(self, parameter: str, text_tokens: Sequence[str]) -> tuple[Compiled, ...]:
+        items: list[Compiled] = []
+        loc = self.where(parameter)
+        tokens = list(text_tokens)
+        i = 0
+        while i < len(tokens):
+            token = tokens[i]
+            i += 1
+            bare_table: str | None = None
+            if ":" in token and lookup(token) is None:
+                acl = DEFAULT_ACL.get(parameter)
+                if acl is None:
+                    self.error(
+                        f'{parameter}: a lookup table "{token}" must follow a '
+                        "check_*_access restriction here",
+                        loc,
+                    )
+                    continue
+                bare_table, token = token, acl
+            if token.lower() == "warn_if_reject":
+                items.append(Compiled("warn_if_reject", "warn_if_reject"))
+                continue
+            spec = lookup(token)
+            if spec is None:
+                items.append(self._class_or_unknown(parameter, token, loc))
+                continue
+            if not spec.implemented:
+                self.error(
+                    f'{parameter}: restriction "{token}" is not supported yet '
+                    f"(it comes with {spec.since})",
+                    loc,
+                )
+            arg: Any = None
+            label = spec.name
+            if spec.arg != "none":
+                if bare_table is None:
+                    if i >= len(tokens) or (spec.arg == "table" and ":" not in tokens[i]):
+                        what = "a type:table" if spec.arg == "table" else "a domain name"
+                        self.error(
+                            f'{parameter}: restriction "{token}" requires {what} argument', loc
+                        )
+                        continue
+                    bare_table = tokens[i]
+                    i += 1
+                arg = self.open(bare_table, parameter) if spec.arg == "table" else bare_table
+                if arg is None:
+                    continue
+                label = f"{spec.name} {bare_table}"
+            items.append(Compiled(spec.name, label, spec, arg))
+        return tuple(items)
+
+    def _class_or_unknown(self, parameter: str, token: str, loc: Location | None) -> Compiled:
+        if token in self.class_names:
+            return Compiled(token, token, class_name=token)
+        hint = ""
+        if self.settings.is_explicit(token):
+            hint = f"; {token} is defined but not listed in smtpd_restriction_classes"
+        self.error(f'{parameter}: unknown restriction "{token}"{hint}', loc)
+        return Compiled(token, token, error=f'unknown smtpd restriction: "{token}"')
+
+
+def _tokens(value: str) -> list[str]:
+    from smtpgate.config import split_list
+
+    return split_list(value)
+
+
+def _bool(settings: Settings, name: str, default: bool) -> bool:
+    try:
+        return settings.as_bool(name)
+    except KeyError:
+        return default
+
+
+def _codes(settings: Settings, b: _Builder) -> dict[str, int]:
+    codes: dict[str, int] = {}
+    for name, default in CODE_PARAMETERS.items():
+        raw = settings.get(name)
+        if raw is None:
+            codes[name] = default
+            continue
+        if not raw.strip().isdigit() or not 400 <= int(raw) <= 599:
+            b.error(f"{name}: bad reply code: {raw!r} (expected 4xx or 5xx)", b.where(name))
+            codes[name] = default
+        else:
+            codes[name] = int(raw)
+    return codes
+
+
+def build_plan(settings: Settings) -> tuple[Plan | None, list[Diagnostic]]:
+    """Compile ``settings``; the plan is None when any diagnostic is an error."""
+    b = _Builder(settings)
+    b.class_names = settings.as_list("smtpd_restriction_classes")
+    for name in b.class_names:
+        if not settings.get(name, ""):
+            b.error(
+                f"restriction class `{name}' needs a definition",
+                b.where("smtpd_restriction_classes"),
+            )
+    lists = {p: b.compile_list(p, settings.as_list(p)) for p in STAGE_PARAMETERS}
+    classes = {
+        name: b.compile_list(name, _tokens(settings.get(name, "") or ""))
+        for name in b.class_names
+    }
+    _check_cycles(b, classes)
+    _check_required(b, lists, classes)
+    _lint_relay_order(b, lists)
+    parent = "smtpd_access_maps" in settings.as_list("parent_domain_matches_subdomains")
+    pdms = settings.as_list("parent_domain_matches_subdomains")
+    try:
+        mynetworks = AddressList.parse(
+            settings.as_list("mynetworks"),
+            base_dir=settings.config_directory,
+            title="mynetworks",
+            location=b.loc_tuple("mynetworks"),
+        )
+        relay_domains = DomainList.parse(
+            settings.as_list("relay_domains"),
+            base_dir=settings.config_directory,
+            parent_matches_subdomains="relay_domains" in pdms,
+            title="relay_domains",
+            location=b.loc_tuple("relay_domains"),
+        )
+        mydestination = DomainList.parse(
+            settings.as_list("mydestination"),
+            base_dir=settings.config_directory,
+            parent_matches_subdomains="mydestination" in pdms,
+            title="mydestination",
+            location=b.loc_tuple("mydestination"),
+        )
+    except SmtpgateError as exc:
+        b.error(str(exc), None)
+        return None, b.diagnostics
+    rrm_specs = settings.as_list("relay_recipient_maps")
+    rrm_tables = [t for t in (b.open(s, "relay_recipient_maps") for s in rrm_specs) if t]
+    relay_recipient_maps = Maps("relay_recipient_maps", rrm_tables) if rrm_specs else None
+    codes = _codes(settings, b)
+    _lint_tables(b, classes)
+    if any(d.severity == "error" for d in b.diagnostics):
+        return None, b.diagnostics
+    resolver = Resolver(
+        myorigin=settings["myorigin"],
+        is_local_domain=mydestination.match,
+        is_relay_domain=relay_domains.match,
+        allow_percent_hack=_bool(settings, "allow_percent_hack", True),
+        swap_bangpath=_bool(settings, "swap_bangpath", True),
+    )
+    plan = Plan(
+        settings=settings,
+        myhostname=settings["myhostname"],
+        lists=lists,
+        classes=classes,
+        mynetworks=mynetworks,
+        relay_domains=relay_domains,
+        mydestination=mydestination,
+        relay_recipient_maps=relay_recipient_maps,
+        resolver=resolver,
+        codes=codes,
+        parent_style=parent,
+        recipient_delimiter=settings.get("recipient_delimiter", "") or "",
+        null_access_lookup_key=settings.get("smtpd_null_access_lookup_key", "<>") or "<>",
+        delay_reject=_bool(settings, "smtpd_delay_reject", True),
+        helo_required=_bool(settings, "smtpd_helo_required", False),
+        soft_bounce=_bool(settings, "soft_bounce", False),
+        relay_before_recipient=_bool(settings, "smtpd_relay_before_recipient_restrictions", True),
+        reject_unlisted_sender=_bool(settings, "smtpd_reject_unlisted_sender", False),
+        reject_unlisted_recipient=_bool(settings, "smtpd_reject_unlisted_recipient", True),
+        allow_untrusted_routing=_bool(settings, "allow_untrusted_routing", False),
+    )
+    return plan, b.diagnostics
+
+
+def compile_plan(settings: Settings) -> tuple[Plan, list[Diagnostic]]:
+    """Like :func:`build_plan`, but raise ConfigError listing every error."""
+    plan, diagnostics = build_plan(settings)
+    if plan is None:
+        errors = [str(d) for d in diagnostics if d.severity == "error"]
+        raise ConfigError("\n".join(errors))
+    return plan, diagnostics
+
+
+def compile_runtime_list(plan: Plan, text: str) -> tuple[Compiled, ...]:
+    """Compile restriction names found in a table value (no table arguments)."""
+    cached = plan.runtime_cache.get(text)
+    if cached is not None:
+        return cached
+    items: list[Compiled] = []
+    tokens = [t for t in RESTRICTION_SEPARATORS.split(text) if t]
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        i += 1
+        if token.lower() == "warn_if_reject":
+            items.append(Compiled("warn_if_reject", "warn_if_reject"))
+            continue
+        spec = lookup(token)
+        if spec is None:
+            if token in plan.classes:
+                items.append(Compiled(token, token, class_name=token))
+            else:
+                items.append(Compiled(token, token, error=f'unknown smtpd restriction: "{token}"'))
+            continue
+        if not spec.implemented:
+            items.append(Compiled(token, token, error=f'restriction "{token}" is not supported'))
+            continue
+        if spec.arg != "none":
+            if i >= len(tokens) or spec.arg == "table":
+                items.append(
+                    Compiled(token, token, error=f"restriction {token} needs an argument here")
+                )
+                i += 1
+                continue
+            items.append(Compiled(spec.name, f"{spec.name} {tokens[i]}", spec, tokens[i]))
+            i += 1
+            continue
+        items.append(Compiled(spec.name, spec.name, spec))
+    result = tuple(items)
+    if len(plan.runtime_cache) < 10_000:
+        plan.runtime_cache[text] = result
+    return result
+
+
+def _class_refs(items: Iterable[Compiled]) -> list[str]:
+    return [item.class_name for item in items if item.class_name]
+
+
+def _check_cycles(b: _Builder, classes: dict[str, tuple[Compiled, ...]]) -> None:
+    state: dict[str, int] = {}
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            cycle = " -> ".join([*path[path.index(name) :], name])
+            b.error(f"restriction classes refer to each other in a loop: {cycle}", b.where(name))
+            return
+        state[name] = 1
+        for ref in _class_refs(classes.get(name, ())):
+            visit(ref, [*path, name])
+        state[name] = 2
+
+    for name in classes:
+        visit(name, [])
+
+
+def _contains_required(
+    items: tuple[Compiled, ...], classes: dict[str, tuple[Compiled, ...]], seen: set[str]
+) -> bool:
+    skip = False
+    for item in items:
+        if skip:
+            skip = False
+            continue
+        if item.name == "warn_if_reject":
+            skip = True
+            continue
+        if item.name in REQUIRED_FOR_RELAY:
+            return True
+        if item.class_name and item.class_name not in seen:
+            seen.add(item.class_name)
+            if _contains_required(classes.get(item.class_name, ()), classes, seen):
+                return True
+    return False
+
+
+def _check_required(
+    b: _Builder, lists: dict[str, tuple[Compiled, ...]], classes: dict[str, tuple[Compiled, ...]]
+) -> None:
+    relay = lists["smtpd_relay_restrictions"]
+    rcpt = lists["smtpd_recipient_restrictions"]
+    if _contains_required(relay, classes, set()) or _contains_required(rcpt, classes, set()):
+        return
+    b.error(
+        "in parameter smtpd_relay_restrictions or smtpd_recipient_restrictions, specify at "
+        "least one working instance of: " + ", ".join(REQUIRED_FOR_RELAY[:-1])
+        + f" or {REQUIRED_FOR_RELAY[-1]} (Postfix refuses to start without one: "
+        "it would be an open relay)",
+        b.where("smtpd_recipient_restrictions") or b.where("smtpd_relay_restrictions"),
+    )
+
+
+def _lint_relay_order(b: _Builder, lists: dict[str, tuple[Compiled, ...]]) -> None:
+    """Warn about ``permit`` before the relay check: everything after it is skipped."""
+    for parameter in ("smtpd_relay_restrictions", "smtpd_recipient_restrictions"):
+        names = [item.name for item in lists[parameter]]
+        guard = next((n for n in names if n in REQUIRED_FOR_RELAY[:2]), None)
+        if guard is None:
+            continue
+        before = names[: names.index(guard)]
+        if "permit" in before:
+            b.warning(
+                f"{parameter}: permit before {guard} accepts every recipient: "
+                "this is an open relay; put permit after it",
+                b.where(parameter),
+            )
+
+
+def _lint_tables(b: _Builder, classes: dict[str, tuple[Compiled, ...]]) -> None:
+    """Check every value of every enumerable table: traps and unknown names."""
+    for spec, table in b.tables.items():
+        items = getattr(table, "items", None)
+        if items is None:
+            continue
+        for key, value, line in items():
+            where = Location(_table_path(table), line) if line else None
+            hint = lint_action(value)
+            if hint:
+                b.warning(f"{spec}: {key}: {hint}", where)
+            for token in _value_names(value):
+                if token in classes or lookup(token) is not None:
+                    continue
+                extra = ""
+                if b.settings.is_explicit(token):
+                    extra = f"; {token} is defined but not listed in smtpd_restriction_classes"
+                b.warning(
+                    f'{spec}: {key}: "{token}" is neither an action nor a restriction or '
+                    f"class; a lookup answers 451 4.3.5 Server configuration error{extra}",
+                    where,
+                )
+
+
+def _value_names(value: str) -> list[str]:
+    from smtpgate.policy.actions import parse_action
+
+    action = parse_action(value)
+    if action.verb != "RESTRICTIONS":
+        return []
+    return [t for t in RESTRICTION_SEPARATORS.split(value) if t and not t.isdigit()]
+
+
+def _table_path(table: Table) -> str:
+    return str(getattr(table, "path", None) or table.name)

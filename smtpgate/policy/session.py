@@ -1,0 +1,253 @@
+"""One SMTP connection's policy: the stage drivers of Postfix's ``smtpd_check.c``.
+
+:class:`PolicySession` is what ``serve`` and ``explain`` both drive.  It keeps the
+per-connection facts (HELO name, sender, recipient count, deferrals) and answers each
+command with a :class:`~smtpgate.policy.model.Decision`.  ``decision.reply is None``
+means the command passed every restriction; the caller then sends its own success
+reply (``explain`` uses :data:`ACCEPT_REPLIES`, ``serve`` the backend's).
+"""
+
+from __future__ import annotations
+
+from smtpgate.policy.engine import Checker, SessionState
+from smtpgate.policy.model import (
+    CLIENT,
+    DATA,
+    EOD,
+    HELO,
+    RECIPIENT,
+    SENDER,
+    ClientInfo,
+    Decision,
+    Stage,
+    Status,
+)
+from smtpgate.policy.plan import Plan
+from smtpgate.reply import Reply
+
+ACCEPT_REPLIES = {
+    Stage.MAIL: Reply(250, "2.1.0", "Ok"),
+    Stage.RCPT: Reply(250, "2.1.5", "Ok"),
+    Stage.DATA: Reply(354, "", "End data with <CR><LF>.<CR><LF>"),
+}
+
+
+class PolicySession:
+    """The restriction state of one client connection."""
+
+    def __init__(self, plan: Plan, client: ClientInfo) -> None:
+        self.plan = plan
+        self.state = SessionState(client=client)
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _checker(self, stage: Stage) -> Checker:
+        checker = Checker(self.plan, self.state)
+        checker.stage = stage
+        self.state.where = stage.value
+        self.state.error = None
+        return checker
+
+    def _decision(self, checker: Checker, stage: Stage, status: Status) -> Decision:
+        reply = self.state.error if status is Status.REJECT else None
+        return Decision(stage, reply, checker.steps, checker.logs)
+
+    def _denied(self, stage: Stage) -> Decision | None:
+        denied = self.state.access_denied
+        if denied is None:
+            return None
+        text = f"Error: access denied for {self.state.client.namaddr}"
+        return Decision(stage, Reply(503, "5.7.0", text))
+
+    async def _check_client(self, c: Checker) -> Status:
+        st = self.state
+        st.defer_if_permit.active = False
+        c.note("smtpd_client_restrictions", st.client.namaddr, "evaluate")
+        items = self.plan.stage_list("smtpd_client_restrictions")
+        status = await c.run_list(items, st.client.namaddr, CLIENT)
+        st.defer_if_permit_client = st.defer_if_permit.active
+        return status
+
+    async def _check_helo(self, c: Checker, helo: str | None) -> Status:
+        st = self.state
+        if helo is None:
+            return Status.DUNNO
+        saved, st.helo_name = st.helo_name, helo
+        try:
+            st.defer_if_permit.active = st.defer_if_permit_client
+            c.note("smtpd_helo_restrictions", helo, "evaluate")
+            items = self.plan.stage_list("smtpd_helo_restrictions")
+            status = await c.run_list(items, helo, HELO)
+            st.defer_if_permit_helo = st.defer_if_permit.active
+            return status
+        finally:
+            st.helo_name = saved
+
+    async def _check_mail(self, c: Checker, sender: str | None) -> Status:
+        st = self.state
+        if sender is None:
+            return Status.DUNNO
+        saved, st.sender = st.sender, sender
+        try:
+            st.defer_if_permit.active = st.defer_if_permit_client or st.defer_if_permit_helo
+            st.sender_rcptmap_checked = False
+            c.note("smtpd_sender_restrictions", sender or "<>", "evaluate")
+            items = self.plan.stage_list("smtpd_sender_restrictions")
+            status = await c.run_list(items, sender, SENDER)
+            st.defer_if_permit_sender = st.defer_if_permit.active
+            if (
+                self.plan.reject_unlisted_sender
+                and status is not Status.REJECT
+                and not st.sender_rcptmap_checked
+                and not st.discard
+                and sender
+            ):
+                from smtpgate.policy.restrictions import check_rcpt_maps
+
+                st.sender_rcptmap_checked = True
+                status = check_rcpt_maps(c, sender, SENDER)
+            return status
+        finally:
+            st.sender = saved
+
+    # -- commands --------------------------------------------------------------------
+
+    async def connect(self) -> Decision:
+        """Client restrictions at connect time (only with smtpd_delay_reject = no)."""
+        c = self._checker(Stage.CONNECT)
+        if self.plan.delay_reject:
+            return Decision(Stage.CONNECT, None, c.steps, c.logs)
+        status = await self._check_client(c)
+        decision = self._decision(c, Stage.CONNECT, status)
+        if decision.reply is not None:
+            self.state.access_denied = decision.reply
+        return decision
+
+    async def helo(self, name: str, esmtp: bool = False) -> Decision:
+        denied = self._denied(Stage.HELO)
+        if denied:
+            return denied
+        c = self._checker(Stage.HELO)
+        self.state.where = "EHLO" if esmtp else "HELO"
+        self.state.protocol = "ESMTP" if esmtp else "SMTP"
+        self.reset()
+        if not self.plan.delay_reject:
+            status = await self._check_helo(c, name)
+            if status is Status.REJECT:
+                return self._decision(c, Stage.HELO, status)
+        self.state.helo_name = name
+        return Decision(Stage.HELO, None, c.steps, c.logs)
+
+    async def mail(self, sender: str) -> Decision:
+        denied = self._denied(Stage.MAIL)
+        if denied:
+            return denied
+        if self.plan.helo_required and self.state.helo_name is None:
+            return Decision(Stage.MAIL, Reply(503, "5.5.1", "Error: send HELO/EHLO first"))
+        c = self._checker(Stage.MAIL)
+        if not self.plan.delay_reject:
+            status = await self._check_mail(c, sender)
+            if status is Status.REJECT:
+                return self._decision(c, Stage.MAIL, status)
+        self.state.sender = sender
+        return Decision(Stage.MAIL, None, c.steps, c.logs)
+
+    async def rcpt(self, recipient: str) -> Decision:
+        denied = self._denied(Stage.RCPT)
+        if denied:
+            return denied
+        c = self._checker(Stage.RCPT)
+        st = self.state
+        if recipient.lower() == "postmaster":
+            c.note("postmaster", recipient, "always accepted (RFC 5321 4.5.1)")
+            return self._accept_rcpt(c, recipient)
+        st.recipient = recipient
+        st.recipient_rcptmap_checked = False
+        try:
+            status = await self._rcpt_checks(c, recipient)
+        finally:
+            st.recipient = None
+        if status is Status.REJECT:
+            return self._decision(c, Stage.RCPT, status)
+        return self._accept_rcpt(c, recipient)
+
+    def _accept_rcpt(self, c: Checker, recipient: str) -> Decision:
+        st = self.state
+        st.rcpt_count += 1
+        if st.first_recipient is None:
+            st.first_recipient = recipient
+        return Decision(Stage.RCPT, None, c.steps, c.logs)
+
+    async def _rcpt_checks(self, c: Checker, recipient: str) -> Status:
+        st = self.state
+        plan = self.plan
+        if plan.delay_reject:
+            for status in (
+                await self._check_client(c),
+                await self._check_helo(c, st.helo_name),
+                await self._check_mail(c, st.sender),
+            ):
+                if status is Status.REJECT:
+                    return status
+        st.defer_if_permit.active = st.defer_if_permit_sender
+        order = ["smtpd_relay_restrictions", "smtpd_recipient_restrictions"]
+        if not plan.relay_before_recipient:
+            order.reverse()
+        status = Status.DUNNO
+        for parameter in order:
+            c.note(parameter, recipient, "evaluate")
+            status = await c.run_list(plan.stage_list(parameter), recipient, RECIPIENT)
+            if status is Status.REJECT:
+                break
+        if status is not Status.REJECT and st.defer_if_permit.active:
+            saved = st.defer_if_permit
+            status = c.reject(saved.error_class, saved.code, saved.dsn, saved.text)
+        if (
+            plan.reject_unlisted_recipient
+            and status is not Status.REJECT
+            and not st.recipient_rcptmap_checked
+            and not st.discard
+        ):
+            from smtpgate.policy.restrictions import check_rcpt_maps
+
+            st.recipient_rcptmap_checked = True
+            status = check_rcpt_maps(c, recipient, RECIPIENT)
+        return status
+
+    async def _generic_stage(self, stage: Stage, parameter: str, name: str, klass: str) -> Decision:
+        c = self._checker(stage)
+        st = self.state
+        if st.rcpt_count == 1 and st.recipient is None:
+            st.recipient = st.first_recipient
+        try:
+            st.defer_if_permit.active = False
+            c.note(parameter, name, "evaluate")
+            status = await c.run_list(self.plan.stage_list(parameter), name, klass)
+            if status is not Status.REJECT and st.defer_if_permit.active:
+                saved = st.defer_if_permit
+                status = c.reject(saved.error_class, saved.code, saved.dsn, saved.text)
+        finally:
+            st.recipient = None
+        return self._decision(c, stage, status)
+
+    async def data(self) -> Decision:
+        """smtpd_data_restrictions, after the client said DATA."""
+        return await self._generic_stage(Stage.DATA, "smtpd_data_restrictions", "DATA", DATA)
+
+    async def end_of_data(self) -> Decision:
+        """smtpd_end_of_data_restrictions, after the final dot."""
+        return await self._generic_stage(
+            Stage.END_OF_DATA, "smtpd_end_of_data_restrictions", "END-OF-MESSAGE", EOD
+        )
+
+    def reset(self) -> None:
+        """End the mail transaction (RSET, HELO, or after the final dot)."""
+        st = self.state
+        st.sender = None
+        st.recipient = None
+        st.rcpt_count = 0
+        st.first_recipient = None
+        st.discard = False
+        st.prepend.clear()
+        st.queue_actions.clear()
+        st.defer_if_permit_sender = False

@@ -1,0 +1,81 @@
+"""``inline:`` and ``static:`` tables: the table is in the spec itself.
+
+* ``inline:{ key=value, { key = value with spaces } }`` (Postfix 3.0, ``util/dict_inline.c``):
+  elements are separated by commas or whitespace; an element in braces may contain blanks and
+  has blanks trimmed around ``=``. A bare ``a = b`` is three elements and an error, as in
+  Postfix. Keys are case folded; a repeated key keeps the *last* value (checked with ``postmap``).
+* ``static:value`` and ``static:{ value with spaces }`` (``util/dict_static.c``): every lookup
+  finds ``value``.
+
+Errors are Postfix's words, reported at the place where the spec was written. Postfix accepts
+an empty value and then warns at every lookup that the empty result "is not allowed"; smtpgate
+refuses it at load.
+"""
+
+from __future__ import annotations
+
+from .base import SPACE, TableSource
+from .lines import split_braced, unbrace
+from .text import TextHashTable
+
+
+def parse_inline(name: str, source: TableSource) -> dict[str, str]:
+    """Parse the ``{...}`` of an inline: spec into its entries; raise TableOpenError."""
+    need = f'"inline:{name}"; need "inline:{{name=value...}}"'
+    body = name.strip(SPACE)
+    if not (body.startswith("{") and body.endswith("}")):
+        raise source.error(f"bad syntax: {need}")
+    try:
+        inner = unbrace(body)
+    except ValueError:
+        raise source.error(f"bad syntax: {need}") from None
+    entries: dict[str, str] = {}
+    for token in split_braced(inner):
+        try:
+            element = unbrace(token)
+        except ValueError as exc:
+            raise source.error(f'{exc}; need "inline:{{name=value...}}"') from None
+        key, sep, value = element.partition("=")
+        if not sep:
+            raise source.error(f"missing '=' after attribute name: {need}")
+        key, value = key.strip(SPACE), value.strip(SPACE)
+        if not value:
+            raise source.error(f'key "{key}": empty string result is not allowed in {need}')
+        entries[key.casefold()] = value
+    if not entries:
+        raise source.error(f"bad syntax: {need}")
+    return entries
+
+
+def open_inline(name: str, source: TableSource) -> TextHashTable:
+    return TextHashTable("inline", name, parse_inline(name, source), [])
+
+
+class StaticTable:
+    """``static:value``: every key finds the same value."""
+
+    type = "static"
+    is_pattern = False
+
+    def __init__(self, name: str, value: str) -> None:
+        self.name = name
+        self.value = value
+        self.warnings: tuple[str, ...] = ()
+
+    def lookup(self, key: str) -> str | None:
+        return self.value
+
+    def __repr__(self) -> str:
+        return f"StaticTable({self.name!r})"
+
+
+def open_static(name: str, source: TableSource) -> StaticTable:
+    value = name
+    if name.startswith("{"):
+        try:
+            value = unbrace(name)
+        except ValueError as exc:
+            raise source.error(f"bad static:name syntax: {exc}") from None
+    if not value:
+        raise source.error(f'"static:{name}": empty string result is not allowed')
+    return StaticTable(name, value)

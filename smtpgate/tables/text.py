@@ -1,0 +1,98 @@
+"""``hash:`` and ``texthash:`` tables, read from the postmap source file (never a ``.db``).
+
+Format (postmap(1), ``util/dict_thash.c``): logical lines as :func:`~.lines.logical_lines`;
+each is split at its first whitespace into ``key`` and ``value``, both trimmed. Keys are case
+folded (Postfix with SMTPUTF8 folds UTF-8 fully, so ``STRASSE`` finds ``straße``); values are
+kept as written. Behaviour checked against ``postmap -q`` on Postfix 3.7:
+
+* a duplicate key keeps the *first* value and warns ``duplicate entry: "key"``;
+* a ``key:`` ending in a colon is kept and warns that the file may be an alias file;
+* a line with a key and no value is ``expected format: key whitespace value``. Postfix logs and
+  ignores it; smtpgate refuses to load the table (validate once, at load).
+
+``hash:`` and ``texthash:`` differ in Postfix only in storage, so they share one parser.
+"""
+
+from __future__ import annotations
+
+from .base import SPACE, TableSource
+from .lines import Rules
+
+
+class TextHashTable:
+    """An in-memory ``key -> value`` table with case-folded keys."""
+
+    is_pattern = False
+
+    def __init__(
+        self,
+        type: str,
+        name: str,
+        entries: dict[str, str],
+        warnings: list[str],
+        lines: dict[str, int] | None = None,
+        path: str | None = None,
+    ) -> None:
+        self.type = type
+        self.name = name
+        self.entries = entries
+        self.warnings = tuple(warnings)
+        self.lines = lines or {}
+        self.path = path
+
+    def items(self) -> list[tuple[str, str, int]]:
+        """Every ``(key, value, line)``, for ``check``'s lint of table values."""
+        return [(k, v, self.lines.get(k, 0)) for k, v in self.entries.items()]
+
+    def lookup(self, key: str) -> str | None:
+        return self.entries.get(key.casefold())
+
+    def __repr__(self) -> str:
+        return f"<{self.type}:{self.name} ({len(self.entries)} entries)>"
+
+
+def split_key_value(text: str) -> tuple[str, str]:
+    """Split at the first whitespace; trim both halves (postmap's ``key whitespace value``)."""
+    for i, ch in enumerate(text):
+        if ch in SPACE:
+            return text[:i], text[i + 1 :].strip(SPACE)
+    return text, ""
+
+
+def parse_text_table(rules: Rules, lines: dict[str, int] | None = None) -> dict[str, str]:
+    """Parse postmap source lines into a dict; warnings are appended to ``rules.warnings``.
+
+    ``lines``, when given, receives the line number of each key.
+    """
+    entries: dict[str, str] = {}
+    for number, line in rules.lines:
+        key, value = split_key_value(line)
+        if not key or not value:
+            raise rules.error(number, "expected format: key whitespace value")
+        if key.endswith(":"):
+            rules.warn(number, 'record is in "key: value" format; is this an alias file?')
+        folded = key.casefold()
+        if folded in entries:
+            rules.warn(number, f'duplicate entry: "{folded}"')
+            continue
+        entries[folded] = value
+        if lines is not None:
+            lines[folded] = number
+    return entries
+
+
+def parse_texthash(text: str, path: str, *, type: str = "texthash") -> TextHashTable:
+    """Parse the text of a hash/texthash source file named ``path``."""
+    rules = Rules.from_text(text, path)
+    lines: dict[str, int] = {}
+    entries = parse_text_table(rules, lines)
+    return TextHashTable(type, path, entries, rules.warnings, lines, path)
+
+
+def open_hash(name: str, source: TableSource) -> TextHashTable:
+    table = parse_texthash(source.read(), source.path, type=source.type)
+    table.name = name
+    return table
+
+
+open_texthash = open_hash
