@@ -141,8 +141,6 @@ def explain(
     _print_diagnostics([d for d in diagnostics if d.severity == "error"])
     if plan is None:
         _fail(f"{config}: configuration errors: smtpgate would not start")
-    if sender == "<>":
-        sender = ""
     info = ClientInfo(
         address=client,
         name=client_name,
@@ -155,13 +153,22 @@ def explain(
             plan,
             info,
             helo=helo,
-            sender=sender.strip("<>") if sender.startswith("<") else sender,
-            recipients=[r[1:-1] if r.startswith("<") and r.endswith(">") else r for r in recipients],
+            sender=_unbracket(sender),
+            recipients=[
+                r[1:-1] if r.startswith("<") and r.endswith(">") else r for r in recipients
+            ],
             esmtp=ehlo,
             data=data,
         )
     )
     click.echo(render_json(exchanges) if as_json else render_text(exchanges))
+
+
+def _unbracket(address: str) -> str:
+    """Accept ``<a@b>`` as well as ``a@b`` (and ``<>`` for the null sender)."""
+    if address.startswith("<") and address.endswith(">"):
+        return address[1:-1]
+    return address
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,6 +6,7 @@
      +-- ConfigError              bad configuration; names file and line when known
      |    +-- TableOpenError      a table cannot be opened or parsed
      +-- TableLookupError         a lookup failed for now (a temporary error, never a miss)
+     |    +-- TableUnavailableError   the table could not be opened: every lookup fails
      +-- RelayError               the backend MTA failed (refused, timeout, garbled)
 
 Library code raises these; only ``cli.py`` turns them into messages and exit codes.
@@ -41,6 +42,10 @@ class TableOpenError(ConfigError):
 
 class TableLookupError(SmtpgateError):
     """A table lookup failed temporarily; callers must not treat it as "not found"."""
+
+
+class TableUnavailableError(TableLookupError):
+    """A lookup in a table that could not be opened (Postfix's surrogate table)."""
 
 
 class RelayError(SmtpgateError):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 VALID_LABEL_LEN = 63
 VALID_HOSTNAME_LEN = 255
@@ -105,7 +105,9 @@ def strip_extension(local: str, delimiters: str) -> str | None:
         return None
     for i, ch in enumerate(local):
         if ch in delimiters and i > 0:
-            if ch == "-" and (local.lower().startswith("owner-") or local.lower().endswith("-request")):
+            if ch == "-" and (
+                local.lower().startswith("owner-") or local.lower().endswith("-request")
+            ):
                 return None
             return local[:i]
     return None
@@ -177,7 +179,7 @@ def address_keys(address: str, delimiters: str, parent_style: bool) -> list[Key]
     return keys
 
 
-class AddressClass(str, Enum):
+class AddressClass(StrEnum):
     """Postfix RESOLVE_CLASS_*: where an address is delivered."""
 
     LOCAL = "local"

@@ -23,16 +23,14 @@ Rules kept from Postfix, in the order a reader meets them:
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
 
 from smtpgate.policy import model, restrictions  # noqa: F401  (registers restrictions)
 from smtpgate.policy.actions import dsn_split, dsn_valid, parse_action
 from smtpgate.policy.dsn import smtpd_dsn_fix
 from smtpgate.policy.model import (
-    ClientInfo,
-    Decision,
     ErrorClass,
     LogRecord,
+    SessionState,
     Stage,
     Status,
     Step,
@@ -48,51 +46,6 @@ CONFIG_ERROR_TEXT = "Server configuration error"
 
 class _Abort(Exception):
     """Postfix's longjmp out of a stage: the reply is already made."""
-
-
-@dataclass(slots=True)
-class Deferral:
-    """A saved defer_if_permit / defer_if_reject reply."""
-
-    active: bool = False
-    error_class: ErrorClass = ErrorClass.POLICY
-    code: int = 450
-    dsn: str = "4.7.1"
-    text: str = ""
-
-    def arm(self, error_class: ErrorClass, code: int, dsn: str, text: str) -> None:
-        if not self.active:
-            self.active = True
-            self.error_class, self.code, self.dsn, self.text = error_class, code, dsn, text
-
-
-@dataclass(slots=True)
-class SessionState:
-    """Everything the checks read or remember during one connection."""
-
-    client: ClientInfo
-    helo_name: str | None = None
-    sender: str | None = None
-    recipient: str | None = None
-    protocol: str = "SMTP"
-    where: str = "CONNECT"
-    rcpt_count: int = 0
-    first_recipient: str | None = None
-    input_pending: bool = False
-    discard: bool = False
-    access_denied: Reply | None = None
-    recursion: int = 0
-    warn_if_reject: int = 0
-    defer_if_permit: Deferral = field(default_factory=Deferral)
-    defer_if_reject: Deferral = field(default_factory=Deferral)
-    defer_if_permit_client: bool = False
-    defer_if_permit_helo: bool = False
-    defer_if_permit_sender: bool = False
-    recipient_rcptmap_checked: bool = False
-    sender_rcptmap_checked: bool = False
-    prepend: list[str] = field(default_factory=list)
-    queue_actions: list[tuple[str, str]] = field(default_factory=list)
-    error: Reply | None = None
 
 
 class Checker:

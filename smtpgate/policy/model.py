@@ -10,12 +10,12 @@ command passed every restriction), the Postfix-style log lines the check produce
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum, IntEnum
+from enum import IntEnum, StrEnum
 
 from smtpgate.reply import Reply
 
 
-class Stage(str, Enum):
+class Stage(StrEnum):
     """An SMTP stage with restrictions; the value is Postfix's ``state->where``."""
 
     CONNECT = "CONNECT"
@@ -34,7 +34,7 @@ class Status(IntEnum):
     REJECT = 2
 
 
-class ErrorClass(str, Enum):
+class ErrorClass(StrEnum):
     """Postfix MAIL_ERROR_* classes: software errors cannot be turned into warnings."""
 
     POLICY = "policy"
@@ -115,3 +115,48 @@ class Decision:
     @property
     def disconnect(self) -> bool:
         return self.reply is not None and self.reply.disconnect
+
+
+@dataclass(slots=True)
+class Deferral:
+    """A saved defer_if_permit / defer_if_reject reply."""
+
+    active: bool = False
+    error_class: ErrorClass = ErrorClass.POLICY
+    code: int = 450
+    dsn: str = "4.7.1"
+    text: str = ""
+
+    def arm(self, error_class: ErrorClass, code: int, dsn: str, text: str) -> None:
+        if not self.active:
+            self.active = True
+            self.error_class, self.code, self.dsn, self.text = error_class, code, dsn, text
+
+
+@dataclass(slots=True)
+class SessionState:
+    """Everything the checks read or remember during one connection."""
+
+    client: ClientInfo
+    helo_name: str | None = None
+    sender: str | None = None
+    recipient: str | None = None
+    protocol: str = "SMTP"
+    where: str = "CONNECT"
+    rcpt_count: int = 0
+    first_recipient: str | None = None
+    input_pending: bool = False
+    discard: bool = False
+    access_denied: Reply | None = None
+    recursion: int = 0
+    warn_if_reject: int = 0
+    defer_if_permit: Deferral = field(default_factory=Deferral)
+    defer_if_reject: Deferral = field(default_factory=Deferral)
+    defer_if_permit_client: bool = False
+    defer_if_permit_helo: bool = False
+    defer_if_permit_sender: bool = False
+    recipient_rcptmap_checked: bool = False
+    sender_rcptmap_checked: bool = False
+    prepend: list[str] = field(default_factory=list)
+    queue_actions: list[tuple[str, str]] = field(default_factory=list)
+    error: Reply | None = None

@@ -21,9 +21,9 @@ from typing import Any
 
 from smtpgate.config import Diagnostic, Location, Settings
 from smtpgate.errors import ConfigError, SmtpgateError
+from smtpgate.policy import restrictions as _restrictions  # noqa: F401  (fills the registry)
 from smtpgate.policy.actions import lint_action
 from smtpgate.policy.address import Resolver
-from smtpgate.policy import restrictions as _restrictions  # noqa: F401  (fills the registry)
 from smtpgate.policy.registry import RestrictionSpec, lookup
 from smtpgate.tables import AddressList, DomainList, Maps, Table, open_table
 
@@ -255,8 +255,7 @@ def build_plan(settings: Settings) -> tuple[Plan | None, list[Diagnostic]]:
             )
     lists = {p: b.compile_list(p, settings.as_list(p)) for p in STAGE_PARAMETERS}
     classes = {
-        name: b.compile_list(name, _tokens(settings.get(name, "") or ""))
-        for name in b.class_names
+        name: b.compile_list(name, _tokens(settings.get(name, "") or "")) for name in b.class_names
     }
     _check_cycles(b, classes)
     _check_required(b, lists, classes)
@@ -428,7 +427,8 @@ def _check_required(
         return
     b.error(
         "in parameter smtpd_relay_restrictions or smtpd_recipient_restrictions, specify at "
-        "least one working instance of: " + ", ".join(REQUIRED_FOR_RELAY[:-1])
+        "least one working instance of: "
+        + ", ".join(REQUIRED_FOR_RELAY[:-1])
         + f" or {REQUIRED_FOR_RELAY[-1]} (Postfix refuses to start without one: "
         "it would be an open relay)",
         b.where("smtpd_recipient_restrictions") or b.where("smtpd_relay_restrictions"),

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from smtpgate.policy.model import ClientInfo, ErrorClass, Status
+from smtpgate.policy.model import ErrorClass, SessionState, Status
 
 if TYPE_CHECKING:
     from smtpgate.policy.plan import Plan
@@ -22,27 +22,11 @@ if TYPE_CHECKING:
 ArgKind = Literal["none", "table", "zone"]
 
 
-class SessionView(Protocol):
-    """The session facts a restriction may read."""
-
-    client: ClientInfo
-    helo_name: str | None
-    sender: str | None
-    recipient: str | None
-    protocol: str
-    where: str
-    rcpt_count: int
-    input_pending: bool
-    discard: bool
-    recipient_rcptmap_checked: bool
-    sender_rcptmap_checked: bool
-
-
 class Ctx(Protocol):
     """What the engine offers a restriction while it runs."""
 
     plan: Plan
-    state: SessionView
+    state: SessionState
 
     def reject(self, error_class: ErrorClass, code: int, dsn: str, text: str) -> Status: ...
 
@@ -89,9 +73,7 @@ class RestrictionSpec:
 RESTRICTIONS: dict[str, RestrictionSpec] = {}
 
 
-def restriction(
-    *names: str, arg: ArgKind = "none"
-) -> Callable[[RestrictionFn], RestrictionFn]:
+def restriction(*names: str, arg: ArgKind = "none") -> Callable[[RestrictionFn], RestrictionFn]:
     """Register ``fn`` under each Postfix name in ``names``."""
 
     def register(fn: RestrictionFn) -> RestrictionFn:

@@ -178,9 +178,7 @@ def reject_invalid_helo_hostname(ctx: Ctx, arg: None, reply_name: str, reply_cla
 
 
 @restriction("reject_non_fqdn_helo_hostname", "reject_non_fqdn_hostname")
-def reject_non_fqdn_helo_hostname(
-    ctx: Ctx, arg: None, reply_name: str, reply_class: str
-) -> Status:
+def reject_non_fqdn_helo_hostname(ctx: Ctx, arg: None, reply_name: str, reply_class: str) -> Status:
     helo = ctx.state.helo_name
     if helo is None:
         return Status.DUNNO
@@ -359,9 +357,7 @@ def defer_unauth_destination(ctx: Ctx, arg: None, reply_name: str, reply_class: 
 
 
 @restriction("reject_multi_recipient_bounce")
-def reject_multi_recipient_bounce(
-    ctx: Ctx, arg: None, reply_name: str, reply_class: str
-) -> Status:
+def reject_multi_recipient_bounce(ctx: Ctx, arg: None, reply_name: str, reply_class: str) -> Status:
     st = ctx.state
     limit = 1 if st.where == "DATA" else 0
     if st.sender == "" and st.rcpt_count > limit:

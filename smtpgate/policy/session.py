@@ -9,7 +9,7 @@ reply (``explain`` uses :data:`ACCEPT_REPLIES`, ``serve`` the backend's).
 
 from __future__ import annotations
 
-from smtpgate.policy.engine import Checker, SessionState
+from smtpgate.policy.engine import Checker
 from smtpgate.policy.model import (
     CLIENT,
     DATA,
@@ -19,6 +19,7 @@ from smtpgate.policy.model import (
     SENDER,
     ClientInfo,
     Decision,
+    SessionState,
     Stage,
     Status,
 )
