@@ -34,11 +34,13 @@ def _print_diagnostics(diagnostics: Sequence[Diagnostic]) -> None:
         click.echo(f"smtpgate: {diagnostic}", err=True)
 
 
-def load_plan(config: str, overrides: Sequence[str]) -> tuple[Plan | None, list[Diagnostic]]:
+def load_plan(
+    config: str, overrides: Sequence[str], *, strict_tables: bool = True
+) -> tuple[Plan | None, list[Diagnostic]]:
     """Read the config and compile it: the load step serve, check and explain share."""
     settings: Settings
     settings, diagnostics = load_settings(config, overrides)
-    plan, more = build_plan(settings)
+    plan, more = build_plan(settings, strict_tables=strict_tables)
     return plan, [*diagnostics, *more]
 
 
@@ -135,10 +137,10 @@ def explain(
     if not valid_hostaddr(client):
         _fail(f"--client {client!r} is not an IPv4 or IPv6 address")
     try:
-        plan, diagnostics = load_plan(config, overrides)
+        plan, diagnostics = load_plan(config, overrides, strict_tables=False)
     except ConfigError as exc:
         _fail(str(exc))
-    _print_diagnostics([d for d in diagnostics if d.severity == "error"])
+    _print_diagnostics(diagnostics)
     if plan is None:
         _fail(f"{config}: configuration errors: smtpgate would not start")
     info = ClientInfo(

@@ -38,6 +38,10 @@ class ParamSpec:
 
 
 _DIFFERENCES = {
+    "local_recipient_maps": (
+        "Postfix's default (proxy:unix:passwd.byname $alias_maps) reads the host's users; "
+        "a front end has none, so the default is empty: no check."
+    ),
     "myhostname": (
         "Postfix asks the system for the host's fully qualified name; smtpgate's config layer "
         "does no network I/O and uses platform.node(), appending .localdomain when that name "
@@ -115,6 +119,18 @@ _SPECS = [
         "${{$compatibility_level} <level {2} ? {$mydestination} : {}}",
         "list",
         "Domains (or type:table) this gateway relays mail to; the relay check permits them.",
+    ),
+    _p(
+        "local_recipient_maps",
+        "",
+        "list",
+        "Tables of the valid recipients in mydestination (keys user@domain or user).",
+    ),
+    _p(
+        "show_user_unknown_table_name",
+        "yes",
+        "bool",
+        "Name the recipient table in 'User unknown in ... table' replies.",
     ),
     _p(
         "relay_recipient_maps",

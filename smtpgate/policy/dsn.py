@@ -11,14 +11,16 @@ from __future__ import annotations
 
 from smtpgate.policy.model import RECIPIENT, SENDER
 
-# micro code -> (sender replacement, recipient replacement)
+# micro code -> (sender replacement, recipient replacement), as Postfix 3.7 answers
+# (measured: 5.1.1, 5.1.4 and 5.1.6 become 5.1.7 for a sender; later Postfix releases
+# map them to 5.1.0).
 _DSN_MAP = {
-    "1": ("4.1.0", "4.1.1"),
+    "1": ("4.1.7", "4.1.1"),
     "2": ("4.1.8", "4.1.2"),
     "3": ("4.1.7", "4.1.3"),
-    "4": ("4.1.0", "4.1.4"),
+    "4": ("4.1.7", "4.1.4"),
     "5": ("4.1.0", "4.1.5"),
-    "6": ("4.1.0", "4.1.6"),
+    "6": ("4.1.7", "4.1.6"),
     "7": ("4.1.7", "4.1.3"),
     "8": ("4.1.8", "4.1.2"),
 }

@@ -37,6 +37,7 @@ from smtpgate.policy.model import (
 )
 from smtpgate.policy.plan import Compiled, Plan, compile_runtime_list
 from smtpgate.policy.registry import call
+from smtpgate.errors import TableLookupError, TableUnavailableError
 from smtpgate.reply import Reply
 from smtpgate.tables import Table
 
@@ -140,14 +141,23 @@ class Checker:
         suspicious: bool = False,
     ) -> Status:
         """Try ``keys`` in order; the first hit decides (Postfix check_*_access)."""
-        from smtpgate.errors import TableLookupError
-
         label = f"{table.type}:{table.name}"
         for key, partial in keys:
             if partial and table.is_pattern:
                 continue
             try:
                 value = table.lookup(key)
+            except TableUnavailableError as exc:
+                self.note(label, key, f"table unavailable: {exc}")
+                self.warn(f"{label} is unavailable. {exc}")
+                self.warn(f'{label} lookup error for "{key}"')
+                self.reject(
+                    ErrorClass.SOFTWARE,
+                    451,
+                    "4.3.5",
+                    f"<{reply_name}>: {reply_class} rejected: {CONFIG_ERROR_TEXT}",
+                )
+                raise _Abort from None
             except TableLookupError as exc:
                 self.note(label, key, f"lookup error: {exc}")
                 self.warn(f"{label}: table lookup problem")
@@ -274,7 +284,7 @@ class _Nested(Exception):
 
 
 def _printable(text: str) -> str:
-    return "".join(ch if ch.isprintable() and ch.isascii() else " " for ch in text)
+    return "".join(ch if ch.isprintable() else " " for ch in text)
 
 
 # -- access(5) actions --------------------------------------------------------------
@@ -361,6 +371,8 @@ def _act_queue(c: Checker, a: object, table: str, datum: str, name: str, klass: 
         c.warn(f'access table {table} entry "{datum}" requires user@domain target')
         return Status.DUNNO
     if verb == "HOLD":
+        if any(done == "HOLD" for done, _ in c.state.queue_actions):
+            return Status.DUNNO  # Postfix logs a HOLD once per transaction
         c.log_whatsup("hold", f"<{name}>: {klass} {text or 'triggers HOLD action'}")
     else:
         c.log_whatsup(verb.lower(), f"<{name}>: {klass} triggers {verb} {text}")

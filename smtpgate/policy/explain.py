@@ -18,6 +18,9 @@ from smtpgate.policy.session import ACCEPT_REPLIES, PolicySession
 from smtpgate.reply import Reply
 
 
+GREETING = "(connect)"
+
+
 @dataclass(slots=True)
 class Exchange:
     """One command, the reply it gets, and how the engine got there."""
@@ -62,10 +65,10 @@ async def run_dialogue(
     session = PolicySession(plan, client)
     exchanges: list[Exchange] = []
     greeting = await session.connect()
-    if greeting.reply is not None:
-        exchanges.append(Exchange("(connect)", greeting.reply, greeting))
-        if greeting.reply.disconnect:
-            return exchanges
+    banner = Reply(220, "", plan.settings.get("smtpd_banner") or plan.myhostname)
+    exchanges.append(Exchange(GREETING, greeting.reply or banner, greeting))
+    if exchanges[0].reply.disconnect:
+        return exchanges
     steps: list[tuple[str, Stage, object]] = []
     if helo is not None:
         steps.append((f"{'EHLO' if esmtp else 'HELO'} {helo}", Stage.HELO, helo))
@@ -102,7 +105,8 @@ def render_text(exchanges: Sequence[Exchange]) -> str:
     """The human trail: every step, every log line, every reply; the last reply last."""
     out: list[str] = []
     for ex in exchanges:
-        out.append(f">>> {ex.command}")
+        if ex.command != GREETING:
+            out.append(f">>> {ex.command}")
         if ex.decision is not None:
             for step in ex.decision.steps:
                 indent = "    " + "  " * step.depth
@@ -123,19 +127,22 @@ def render_text(exchanges: Sequence[Exchange]) -> str:
 
 def render_json(exchanges: Sequence[Exchange]) -> str:
     """The trail for scripts (and the differential tests against Postfix)."""
+
+    def one(ex: Exchange) -> dict[str, object]:
+        return {
+            "command": ex.command,
+            "reply": ex.reply.lines(),
+            "disconnect": ex.reply.disconnect,
+            "log": ex.log_lines[0] if ex.log_lines else None,
+            "logs": ex.log_lines,
+            "warnings": ex.warnings,
+            "steps": [s.as_dict() for s in ex.decision.steps] if ex.decision else [],
+        }
+
+    greeting = [one(ex) for ex in exchanges if ex.command == GREETING]
     doc = {
-        "exchanges": [
-            {
-                "command": ex.command,
-                "reply": ex.reply.lines(),
-                "disconnect": ex.reply.disconnect,
-                "log": ex.log_lines[0] if ex.log_lines else None,
-                "logs": ex.log_lines,
-                "warnings": ex.warnings,
-                "steps": [s.as_dict() for s in ex.decision.steps] if ex.decision else [],
-            }
-            for ex in exchanges
-        ],
+        "greeting": greeting[0] if greeting else None,
+        "exchanges": [one(ex) for ex in exchanges if ex.command != GREETING],
         "reply": exchanges[-1].reply.lines() if exchanges else [],
     }
     return json.dumps(doc, indent=2)

@@ -25,7 +25,7 @@ from smtpgate.policy import restrictions as _restrictions  # noqa: F401  (fills 
 from smtpgate.policy.actions import lint_action
 from smtpgate.policy.address import Resolver
 from smtpgate.policy.registry import RestrictionSpec, lookup
-from smtpgate.tables import AddressList, DomainList, Maps, Table, open_table
+from smtpgate.tables import AddressList, DomainList, Maps, SurrogateTable, Table, open_table
 
 STAGE_PARAMETERS = (
     "smtpd_client_restrictions",
@@ -61,6 +61,7 @@ CODE_PARAMETERS = {
     "defer_code": 450,
     "relay_domains_reject_code": 554,
     "unknown_relay_recipient_reject_code": 550,
+    "unknown_local_recipient_reject_code": 550,
     "non_fqdn_reject_code": 504,
     "invalid_hostname_reject_code": 501,
     "unknown_address_reject_code": 450,
@@ -96,6 +97,8 @@ class Plan:
     relay_domains: DomainList
     mydestination: DomainList
     relay_recipient_maps: Maps | None
+    local_recipient_maps: Maps | None
+    show_unknown_table_name: bool
     resolver: Resolver
     codes: dict[str, int]
     parent_style: bool
@@ -117,8 +120,9 @@ class Plan:
 class _Builder:
     """Collects diagnostics while compiling; one per build."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, strict_tables: bool = True) -> None:
         self.settings = settings
+        self.strict_tables = strict_tables
         self.diagnostics: list[Diagnostic] = []
         self.tables: dict[str, Table] = {}
         self.class_names: list[str] = []
@@ -147,12 +151,26 @@ class _Builder:
             )
         except ConfigError as exc:
             loc = self.where(parameter) if not exc.path else None
-            self.error(f"{parameter}: {exc}", loc)
-            return None
+            if self.strict_tables:
+                self.error(f"{parameter}: {exc}", loc)
+                return None
+            self.warning(f"{parameter}: {exc}; every lookup in {spec} fails (451 4.3.5)", loc)
+            kind, _, name = spec.partition(":")
+            table = SurrogateTable(kind, name, exc.message)
+            self.tables[spec] = table
+            return table
         self.tables[spec] = table
         for warning in getattr(table, "warnings", ()):
             self.warning(f"{spec}: {warning}", None)
         return table
+
+    def maps(self, parameter: str) -> Maps | None:
+        """The tables a parameter lists, as one ordered search; None when it lists none."""
+        specs = self.settings.as_list(parameter)
+        if not specs:
+            return None
+        tables = [t for t in (self.open(spec, parameter) for spec in specs) if t is not None]
+        return Maps(parameter, tables)
 
     def compile_list(self, parameter: str, text_tokens: Sequence[str]) -> tuple[Compiled, ...]:
         items: list[Compiled] = []
@@ -243,9 +261,16 @@ def _codes(settings: Settings, b: _Builder) -> dict[str, int]:
     return codes
 
 
-def build_plan(settings: Settings) -> tuple[Plan | None, list[Diagnostic]]:
-    """Compile ``settings``; the plan is None when any diagnostic is an error."""
-    b = _Builder(settings)
+def build_plan(
+    settings: Settings, *, strict_tables: bool = True
+) -> tuple[Plan | None, list[Diagnostic]]:
+    """Compile ``settings``; the plan is None when any diagnostic is an error.
+
+    With ``strict_tables`` (``check``), a table that cannot be opened is an error.
+    Without (``serve``, ``explain``), it is a warning and the table is replaced by a
+    surrogate whose every lookup answers ``451 4.3.5``, as Postfix's daemons do.
+    """
+    b = _Builder(settings, strict_tables)
     b.class_names = settings.as_list("smtpd_restriction_classes")
     for name in b.class_names:
         if not settings.get(name, ""):
@@ -286,9 +311,8 @@ def build_plan(settings: Settings) -> tuple[Plan | None, list[Diagnostic]]:
     except SmtpgateError as exc:
         b.error(str(exc), None)
         return None, b.diagnostics
-    rrm_specs = settings.as_list("relay_recipient_maps")
-    rrm_tables = [t for t in (b.open(s, "relay_recipient_maps") for s in rrm_specs) if t]
-    relay_recipient_maps = Maps("relay_recipient_maps", rrm_tables) if rrm_specs else None
+    relay_recipient_maps = b.maps("relay_recipient_maps")
+    local_recipient_maps = b.maps("local_recipient_maps")
     codes = _codes(settings, b)
     _lint_tables(b, classes)
     if any(d.severity == "error" for d in b.diagnostics):
@@ -309,6 +333,8 @@ def build_plan(settings: Settings) -> tuple[Plan | None, list[Diagnostic]]:
         relay_domains=relay_domains,
         mydestination=mydestination,
         relay_recipient_maps=relay_recipient_maps,
+        local_recipient_maps=local_recipient_maps,
+        show_unknown_table_name=_bool(settings, "show_user_unknown_table_name", True),
         resolver=resolver,
         codes=codes,
         parent_style=parent,
@@ -325,9 +351,11 @@ def build_plan(settings: Settings) -> tuple[Plan | None, list[Diagnostic]]:
     return plan, b.diagnostics
 
 
-def compile_plan(settings: Settings) -> tuple[Plan, list[Diagnostic]]:
+def compile_plan(
+    settings: Settings, *, strict_tables: bool = True
+) -> tuple[Plan, list[Diagnostic]]:
     """Like :func:`build_plan`, but raise ConfigError listing every error."""
-    plan, diagnostics = build_plan(settings)
+    plan, diagnostics = build_plan(settings, strict_tables=strict_tables)
     if plan is None:
         errors = [str(d) for d in diagnostics if d.severity == "error"]
         raise ConfigError("\n".join(errors))

@@ -20,6 +20,7 @@ from smtpgate.policy.address import (
     dup_if_truncate,
     ip_keys,
     split_address,
+    strip_extension,
     valid_hostaddr,
     valid_hostname,
     valid_mailhost_addr,
@@ -261,35 +262,53 @@ def reject_non_fqdn_recipient(ctx: Ctx, arg: None, reply_name: str, reply_class:
     return _reject_non_fqdn_address(ctx, rcpt, RECIPIENT)
 
 
-def check_rcpt_maps(ctx: Ctx, addr: str, reply_class: str) -> Status:
-    """Reject an address of a relay domain missing from relay_recipient_maps."""
-    plan = ctx.plan
-    resolved = plan.resolver.resolve(addr)
-    if resolved.klass.value != "relay" or plan.relay_recipient_maps is None:
-        return Status.DUNNO
-    local, domain = split_address(resolved.address)
-    keys = [resolved.address]
-    bare = None
-    from smtpgate.policy.address import strip_extension
+_NEVER_UNKNOWN = ("double-bounce", "postmaster", "mailer-daemon")
 
-    bare = strip_extension(local, plan.recipient_delimiter)
+
+def _rcpt_map_keys(address: str, delimiter: str, local: bool) -> list[str]:
+    """mail_addr_find's keys: user+ext@domain, user@domain, [user+ext, user,] @domain."""
+    localpart, domain = split_address(address)
+    bare = strip_extension(localpart, delimiter)
+    keys = [address]
     if bare is not None:
         keys.append(f"{bare}@{domain}")
+    if local:
+        keys.append(localpart)
+        if bare is not None:
+            keys.append(bare)
     keys.append(f"@{domain}")
+    return keys
+
+
+def check_rcpt_maps(ctx: Ctx, addr: str, reply_class: str) -> Status:
+    """Reject an address of a local or relay domain that its recipient tables lack."""
+    plan = ctx.plan
+    resolved = plan.resolver.resolve(addr)
+    local = resolved.klass.value == "local"
+    maps = plan.local_recipient_maps if local else plan.relay_recipient_maps
+    if resolved.klass.value not in ("local", "relay") or maps is None:
+        return Status.DUNNO
+    localpart = split_address(resolved.address)[0]
+    if local and localpart.lower() in _NEVER_UNKNOWN:
+        return Status.DUNNO
+    title = "local recipient table" if local else "relay recipient table"
     try:
-        for i, key in enumerate(keys):
-            value = plan.relay_recipient_maps.find(key, partial=i > 0)
-            ctx.note("relay_recipient_maps", key, "not found" if value is None else "found")
+        for i, key in enumerate(_rcpt_map_keys(resolved.address, plan.recipient_delimiter, local)):
+            value = maps.find(key, partial=i > 0)
+            ctx.note(maps.title, key, "not found" if value is None else "found")
             if value is not None:
                 return Status.DUNNO
     except TableLookupError:
         return ctx.lookup_failed(addr)
-    dsn = "5.1.0" if reply_class == SENDER else "5.1.1"
+    code = plan.codes[
+        "unknown_local_recipient_reject_code" if local else "unknown_relay_recipient_reject_code"
+    ]
+    where = f" in {title}" if plan.show_unknown_table_name else ""
     return ctx.reject(
         ErrorClass.BOUNCE,
-        plan.codes["unknown_relay_recipient_reject_code"],
-        dsn,
-        f"<{addr}>: {reply_class} rejected: User unknown in relay recipient table",
+        code,
+        "5.1.0" if reply_class == SENDER else "5.1.1",
+        f"<{addr}>: {reply_class} rejected: User unknown{where}",
     )
 
 

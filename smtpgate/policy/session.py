@@ -145,6 +145,8 @@ class PolicySession:
             return denied
         if self.plan.helo_required and self.state.helo_name is None:
             return Decision(Stage.MAIL, Reply(503, "5.5.1", "Error: send HELO/EHLO first"))
+        if self.state.sender is not None:
+            return Decision(Stage.MAIL, Reply(503, "5.5.1", "Error: nested MAIL command"))
         c = self._checker(Stage.MAIL)
         if not self.plan.delay_reject:
             status = await self._check_mail(c, sender)
@@ -157,8 +159,13 @@ class PolicySession:
         denied = self._denied(Stage.RCPT)
         if denied:
             return denied
-        c = self._checker(Stage.RCPT)
         st = self.state
+        if st.sender is None:
+            return Decision(Stage.RCPT, Reply(503, "5.5.1", "Error: need MAIL command"))
+        c = self._checker(Stage.RCPT)
+        if st.discard:
+            c.note("DISCARD", recipient, "the transaction is discarded: no checks")
+            return self._accept_rcpt(c, recipient)
         if recipient.lower() == "postmaster":
             c.note("postmaster", recipient, "always accepted (RFC 5321 4.5.1)")
             return self._accept_rcpt(c, recipient)
@@ -183,13 +190,12 @@ class PolicySession:
         st = self.state
         plan = self.plan
         if plan.delay_reject:
-            for status in (
-                await self._check_client(c),
-                await self._check_helo(c, st.helo_name),
-                await self._check_mail(c, st.sender),
+            if (
+                await self._check_client(c) is Status.REJECT
+                or await self._check_helo(c, st.helo_name) is Status.REJECT
+                or await self._check_mail(c, st.sender) is Status.REJECT
             ):
-                if status is Status.REJECT:
-                    return status
+                return Status.REJECT
         st.defer_if_permit.active = st.defer_if_permit_sender
         order = ["smtpd_relay_restrictions", "smtpd_recipient_restrictions"]
         if not plan.relay_before_recipient:

@@ -41,7 +41,10 @@ def test_dsn_split():
 @pytest.mark.parametrize(
     ("status", "klass", "expected"),
     [
-        ("5.1.1", SENDER, "4.1.0"),
+        ("5.1.1", SENDER, "4.1.7"),
+        ("5.1.5", SENDER, "4.1.0"),
+        ("5.1.9", SENDER, "4.1.0"),
+        ("5.1.9", RECIPIENT, "4.1.0"),
         ("5.1.1", RECIPIENT, "4.1.1"),
         ("5.1.7", RECIPIENT, "4.1.3"),
         ("5.1.2", SENDER, "4.1.8"),
