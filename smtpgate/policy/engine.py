@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 
+from smtpgate.errors import TableLookupError, TableUnavailableError
 from smtpgate.policy import model, restrictions  # noqa: F401  (registers restrictions)
 from smtpgate.policy.actions import dsn_split, dsn_valid, parse_action
 from smtpgate.policy.dsn import smtpd_dsn_fix
@@ -37,7 +38,6 @@ from smtpgate.policy.model import (
 )
 from smtpgate.policy.plan import Compiled, Plan, compile_runtime_list
 from smtpgate.policy.registry import call
-from smtpgate.errors import TableLookupError, TableUnavailableError
 from smtpgate.reply import Reply
 from smtpgate.tables import Table
 

@@ -17,7 +17,6 @@ from smtpgate.policy.plan import Plan
 from smtpgate.policy.session import ACCEPT_REPLIES, PolicySession
 from smtpgate.reply import Reply
 
-
 GREETING = "(connect)"
 
 
