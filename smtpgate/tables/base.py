@@ -7,7 +7,13 @@ as ``DICT_ERR_*`` does: a value (``str``), *not found* (``None``), or a temporar
 :class:`TableSource` is the only place in the tables layer that reads a file: an opener calls
 ``source.read()`` (or gets in-line text from the name) and hands plain ``str`` to its parser.
 :class:`SurrogateTable` is ``util/dict_surrogate.c``: a table that could not be opened, kept in
-place so that a daemon runs on with every lookup failing temporarily.
+place so that a daemon runs on with every lookup failing with
+:class:`~smtpgate.errors.TableUnavailableError` (the engine answers ``451 4.3.5``).
+
+A table file is decoded as UTF-8 with ``surrogateescape``: bytes that are not UTF-8 survive
+as lone surrogates, so each parser can do what Postfix (SMTPUTF8 on) does with them, per line
+(hash/texthash warn and ignore the line; regexp/pcre/cidr keep it and fail a lookup whose
+result is not UTF-8, see :func:`check_utf8_result`).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from smtpgate.errors import TableLookupError, TableOpenError
+from smtpgate.errors import TableLookupError, TableOpenError, TableUnavailableError
 
 #: C ``isspace()`` in the C locale; Postfix splits and trims with exactly these.
 SPACE = " \t\n\v\f\r"
@@ -36,7 +42,12 @@ class Table(Protocol):
 
 
 def table_warnings(table: Table) -> tuple[str, ...]:
-    """The load-time warnings of ``table`` (duplicate keys and the like), worded like Postfix."""
+    """The load-time warnings of ``table``, worded like Postfix 3.7 (``postmap``'s stderr).
+
+    Besides notices about lines that are kept (duplicate keys, ``IF`` without ``ENDIF``...),
+    these name every line or rule that Postfix skips and smtpgate skipped too, e.g.
+    ``/etc/x/helos, line 2: out of range replacement index "1": skipping this rule``.
+    """
     warnings: Sequence[str] = getattr(table, "warnings", ())
     return tuple(warnings)
 
@@ -67,7 +78,7 @@ class TableSource:
         return os.path.join(self.base_dir, self.name)
 
     def read(self) -> str:
-        """The file's text, decoded as UTF-8; raise TableOpenError naming what failed."""
+        """The file's text, UTF-8 with ``surrogateescape``; raise TableOpenError when unreadable."""
         if self.text is not None:
             return self.text
         path = self.path
@@ -81,7 +92,7 @@ class TableSource:
             if not os.path.exists(path) and os.path.exists(path + ".db"):
                 hint = f" (smtpgate reads the postmap source file, not {path}.db)"
             raise self.error(f"open {path}: {exc.strerror or exc}{hint}") from exc
-        return decode_table_text(data, path)
+        return data.decode("utf-8", "surrogateescape")
 
     def error(self, message: str) -> TableOpenError:
         """An error about the spec itself, at the place the spec was written."""
@@ -103,8 +114,33 @@ def decode_table_text(data: bytes, path: str) -> str:
         raise TableOpenError(f'non-UTF-8 input "{shown}"', path, line) from exc
 
 
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` holds no undecodable bytes (no ``surrogateescape`` surrogates)."""
+    return not any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def printable(text: str) -> str:
+    """``text`` as Postfix's logging shows it: each undecodable byte becomes ``?``."""
+    return "".join("?" if "\udc80" <= ch <= "\udcff" else ch for ch in text)
+
+
+def check_utf8_result(table: Table, key: str, value: str | None) -> str | None:
+    """Return ``value``; raise TableLookupError as Postfix's ``dict_utf8`` when not UTF-8."""
+    if value is None or is_utf8(value):
+        return value
+    raise TableLookupError(
+        f'{table.type}:{table.name}: key "{key}": non-UTF-8 value "{printable(value)}": '
+        "malformed UTF-8 or invalid codepoint"
+    )
+
+
 class SurrogateTable:
-    """A table that fails every lookup with ``reason`` (Postfix ``dict_surrogate``)."""
+    """A table that fails every lookup with ``reason`` (Postfix ``dict_surrogate``).
+
+    Every lookup raises :class:`~smtpgate.errors.TableUnavailableError`, a TableLookupError
+    that says the table could not be opened: Postfix answers such a lookup with ``451 4.3.5
+    Server configuration error``, not with a temporary lookup failure.
+    """
 
     is_pattern = False
 
@@ -115,7 +151,7 @@ class SurrogateTable:
         self.warnings: tuple[str, ...] = ()
 
     def lookup(self, key: str) -> str | None:
-        raise TableLookupError(self.reason)
+        raise TableUnavailableError(self.reason)
 
     def __repr__(self) -> str:
         return f"SurrogateTable({self.type!r}, {self.name!r}, {self.reason!r})"

@@ -7,9 +7,16 @@
 * ``static:value`` and ``static:{ value with spaces }`` (``util/dict_static.c``): every lookup
   finds ``value``.
 
-Errors are Postfix's words, reported at the place where the spec was written. Postfix accepts
-an empty value and then warns at every lookup that the empty result "is not allowed"; smtpgate
-refuses it at load.
+Errors are Postfix's words (all fatal in Postfix too), reported at the place where the spec
+was written.
+
+An empty value (``inline:{a=}``, ``static:{}``) opens, as in Postfix, and a lookup returns it,
+``""``, as Postfix's ``dict_get`` does; the load warning repeats what ``postmap -q`` says at
+such a lookup (``table inline:{a=}: key a: empty string result is not allowed``). Searched
+through :class:`~.maps.Maps` (Postfix ``maps_find``), an empty result is a lookup error.
+
+The inline table is a :class:`~.text.TextHashTable`: ``items()`` gives ``(key, value, 0)`` (it
+has no file; ``path`` is ``None``).
 """
 
 from __future__ import annotations
@@ -20,7 +27,10 @@ from .text import TextHashTable
 
 
 def parse_inline(name: str, source: TableSource) -> dict[str, str]:
-    """Parse the ``{...}`` of an inline: spec into its entries; raise TableOpenError."""
+    """Parse the ``{...}`` of an inline: spec into its entries; raise TableOpenError.
+
+    Empty values are kept (see the module docstring).
+    """
     need = f'"inline:{name}"; need "inline:{{name=value...}}"'
     body = name.strip(SPACE)
     if not (body.startswith("{") and body.endswith("}")):
@@ -39,16 +49,21 @@ def parse_inline(name: str, source: TableSource) -> dict[str, str]:
         if not sep:
             raise source.error(f"missing '=' after attribute name: {need}")
         key, value = key.strip(SPACE), value.strip(SPACE)
-        if not value:
-            raise source.error(f'key "{key}": empty string result is not allowed in {need}')
         entries[key.casefold()] = value
     if not entries:
         raise source.error(f"bad syntax: {need}")
     return entries
 
 
+def _empty_result(spec: str, key: str | None = None) -> str:
+    where = f"table {spec}: " if key is None else f"table {spec}: key {key}: "
+    return where + "empty string result is not allowed"
+
+
 def open_inline(name: str, source: TableSource) -> TextHashTable:
-    return TextHashTable("inline", name, parse_inline(name, source), [])
+    entries = parse_inline(name, source)
+    warnings = [_empty_result(source.spec, key) for key, value in entries.items() if not value]
+    return TextHashTable("inline", name, entries, warnings, {key: 0 for key in entries}, None)
 
 
 class StaticTable:
@@ -57,10 +72,10 @@ class StaticTable:
     type = "static"
     is_pattern = False
 
-    def __init__(self, name: str, value: str) -> None:
+    def __init__(self, name: str, value: str, warnings: tuple[str, ...] = ()) -> None:
         self.name = name
         self.value = value
-        self.warnings: tuple[str, ...] = ()
+        self.warnings = warnings
 
     def lookup(self, key: str) -> str | None:
         return self.value
@@ -76,6 +91,4 @@ def open_static(name: str, source: TableSource) -> StaticTable:
             value = unbrace(name)
         except ValueError as exc:
             raise source.error(f"bad static:name syntax: {exc}") from None
-    if not value:
-        raise source.error(f'"static:{name}": empty string result is not allowed')
-    return StaticTable(name, value)
+    return StaticTable(name, value, () if value else (_empty_result(source.spec),))

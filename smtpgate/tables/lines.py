@@ -9,8 +9,11 @@
 * :func:`split_braced` is ``mystrtokq(..., ", \\t\\r\\n", "{}")``: split on commas and
   whitespace, keeping ``{...}`` groups whole; :func:`unbrace` is ``extpar()``.
 * :class:`Rules` carries numbered rule text from a file or from an in-line ``type:{ {rule}, ... }``
-  list (Postfix 3.7 accepts in-line cidr, regexp and pcre rules) and words errors and warnings
-  as ``file, line N: message``.
+  list (Postfix 3.7 accepts in-line cidr, regexp and pcre rules) and words warnings as
+  ``file, line N: message`` (Postfix's own words after its ``TYPE map`` prefix), or for an
+  in-line list ``config file, line L: type:{...}, rule N: message``. A bad rule is a warning
+  and is skipped, as in Postfix; only a malformed in-line ``{...}`` list is an error (fatal in
+  Postfix too).
 """
 
 from __future__ import annotations
@@ -131,4 +134,15 @@ class Rules:
         return TableOpenError(message, self.where, line)
 
     def warn(self, line: int, message: str) -> None:
-        self.warnings.append(f"{self.where}, line {line}: {message}")
+        if not self.inline:
+            self.warnings.append(f"{self.where}, line {line}: {message}")
+        elif self.location is None:
+            self.warnings.append(f"{self.where}, rule {line}: {message}")
+        else:
+            file, number = self.location
+            self.warnings.append(f"{file}, line {number}: {self.where}, rule {line}: {message}")
+
+    @property
+    def path(self) -> str | None:
+        """The table file, or ``None`` for an in-line rule list."""
+        return None if self.inline else self.where

@@ -4,7 +4,10 @@ The first table that finds the key wins. ``partial=True`` marks a derived key (a
 ``user@``, a shortened address): pattern tables (``is_pattern``: regexp, pcre, cidr) see only
 whole keys, as Postfix's ``DICT_FLAG_PATTERN`` arranges. A table error ends the search: it is
 raised as :class:`~smtpgate.errors.TableLookupError` naming the table and key, never turned
-into *not found*.
+into *not found*; a :class:`~smtpgate.errors.TableUnavailableError` (a table that did not open)
+stays one. An empty result (``inline:{a=}``, a regexp rule without result text) also ends the
+search with a TableLookupError, as ``maps_find`` does (``DICT_ERR_RETRY``, Postfix's words
+``TITLE lookup of KEY returns an empty string result``).
 """
 
 from __future__ import annotations
@@ -31,9 +34,14 @@ class Maps:
             try:
                 value = table.lookup(key)
             except TableLookupError as exc:
-                raise TableLookupError(
+                raise type(exc)(
                     f'{self.title}: {table.type}:{table.name} lookup error for "{key}": {exc}'
                 ) from exc
+            if value == "":
+                raise TableLookupError(
+                    f"{self.title} lookup of {key} returns an empty string result; "
+                    f"{self.title} should return NO RESULT in case of NOT FOUND"
+                )
             if value is not None:
                 return value
         return None

@@ -3,19 +3,23 @@
 Format (postmap(1), ``util/dict_thash.c``): logical lines as :func:`~.lines.logical_lines`;
 each is split at its first whitespace into ``key`` and ``value``, both trimmed. Keys are case
 folded (Postfix with SMTPUTF8 folds UTF-8 fully, so ``STRASSE`` finds ``straße``); values are
-kept as written. Behaviour checked against ``postmap -q`` on Postfix 3.7:
+kept as written. Behaviour checked against ``postmap`` on Postfix 3.7; no line is ever an
+error, each problem is a warning in ``table.warnings``, worded as Postfix does:
 
 * a duplicate key keeps the *first* value and warns ``duplicate entry: "key"``;
 * a ``key:`` ending in a colon is kept and warns that the file may be an alias file;
-* a line with a key and no value is ``expected format: key whitespace value``. Postfix logs and
-  ignores it; smtpgate refuses to load the table (validate once, at load).
+* a line with a key and no value is skipped: texthash warns ``expected format: key whitespace
+  value -- ignoring this line`` (``dict_thash``), hash warns ``expected format: key whitespace
+  value`` (what ``postmap hash:file`` says when it builds the ``.db``, which then lacks it);
+* a logical line that is not UTF-8 is skipped: ``non-UTF-8 input "..." -- ignoring this line``
+  (both types; undecodable bytes are shown as ``?``).
 
 ``hash:`` and ``texthash:`` differ in Postfix only in storage, so they share one parser.
 """
 
 from __future__ import annotations
 
-from .base import SPACE, TableSource
+from .base import SPACE, TableSource, is_utf8, printable
 from .lines import Rules
 
 
@@ -59,16 +63,24 @@ def split_key_value(text: str) -> tuple[str, str]:
     return text, ""
 
 
-def parse_text_table(rules: Rules, lines: dict[str, int] | None = None) -> dict[str, str]:
+def parse_text_table(
+    rules: Rules, lines: dict[str, int] | None = None, *, type: str = "texthash"
+) -> dict[str, str]:
     """Parse postmap source lines into a dict; warnings are appended to ``rules.warnings``.
 
-    ``lines``, when given, receives the line number of each key.
+    ``lines``, when given, receives the line number of each key. ``type`` picks the wording
+    of the "expected format" warning (``hash`` words it as ``postmap`` does).
     """
     entries: dict[str, str] = {}
+    ignoring = "" if type == "hash" else " -- ignoring this line"
     for number, line in rules.lines:
+        if not is_utf8(line):
+            rules.warn(number, f'non-UTF-8 input "{printable(line)}" -- ignoring this line')
+            continue
         key, value = split_key_value(line)
         if not key or not value:
-            raise rules.error(number, "expected format: key whitespace value")
+            rules.warn(number, f"expected format: key whitespace value{ignoring}")
+            continue
         if key.endswith(":"):
             rules.warn(number, 'record is in "key: value" format; is this an alias file?')
         folded = key.casefold()
@@ -85,7 +97,7 @@ def parse_texthash(text: str, path: str, *, type: str = "texthash") -> TextHashT
     """Parse the text of a hash/texthash source file named ``path``."""
     rules = Rules.from_text(text, path)
     lines: dict[str, int] = {}
-    entries = parse_text_table(rules, lines)
+    entries = parse_text_table(rules, lines, type=type)
     return TextHashTable(type, path, entries, rules.warnings, lines, path)
 
 

@@ -1,0 +1,146 @@
+"""The smtpgate command: check, query and explain, with their exit codes and messages."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from smtpgate.cli import main
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+SEED = EXAMPLES / "seed" / "main.cf"
+GOOD = EXAMPLES / "main.cf"
+ENVELOPE = [
+    "--client",
+    "203.0.113.82",
+    "--helo",
+    "me.testing.example.com",
+    "--from",
+    "318787866@qq.com",
+    "--to",
+    "foo@bar.org",
+]
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_check_seed_explains_reject_521():
+    result = run("check", "-c", str(SEED))
+    assert result.exit_code == 0, result.output
+    assert "restricted_senders, line 3: warning:" in result.stderr
+    assert "restricted_senders, line 4: warning:" in result.stderr
+    assert 'sends $access_map_reject_code with the text "521", not a 521 reply' in result.stderr
+    assert "ok, 2 warning(s)" in result.stdout
+
+
+def test_explain_seed_ends_with_postfix_reply():
+    result = run("explain", "-c", str(SEED), *ENVELOPE)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.rstrip("\n").splitlines()
+    assert lines[-1] == "554 5.7.1 <318787866@qq.com>: Sender address rejected: 521"
+    assert any("restricted_senders qq.com -> found: REJECT  521" in line for line in lines)
+    assert any(
+        line.strip().startswith("log: NOQUEUE: reject: RCPT from unknown[203.0.113.82]: 554")
+        for line in lines
+    )
+
+
+def test_explain_good_example_disconnects_with_521():
+    result = run("explain", "-c", str(GOOD), *ENVELOPE, "--to", "bar@bar.org", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    last = doc["exchanges"][-1]
+    assert last["command"] == "RCPT TO:<foo@bar.org>"
+    assert last["reply"] == ["521 5.7.1 <318787866@qq.com>: Sender address rejected: go away"]
+    assert last["disconnect"] is True
+    # the second recipient is never sent: the server hung up
+    assert [e["command"] for e in doc["exchanges"]][-2:] == [
+        "MAIL FROM:<318787866@qq.com>",
+        "RCPT TO:<foo@bar.org>",
+    ]
+    assert doc["greeting"]["reply"] == ["220 mx.example.org ESMTP Postfix"]
+
+
+def test_explain_good_sender_is_accepted():
+    args = ["--client", "203.0.113.82", "--from", "friend@example.net", "--to", "foo@bar.org"]
+    result = run("explain", "-c", str(GOOD), *args)
+    assert result.exit_code == 0
+    assert result.stdout.rstrip().splitlines()[-1] == "250 2.1.5 Ok"
+
+
+def test_explain_rejects_a_bad_client_address():
+    result = run(
+        "explain", "-c", str(GOOD), "--client", "not-an-ip", "--from", "a@b", "--to", "c@d"
+    )
+    assert result.exit_code == 2
+    assert "--client 'not-an-ip' is not an IPv4 or IPv6 address" in result.stderr
+
+
+def test_check_missing_file_says_so(tmp_path: Path):
+    result = run("check", "-c", str(tmp_path / "nope.cf"))
+    assert result.exit_code == 2
+    assert "nope.cf" in result.stderr
+
+
+def _config(tmp_path: Path, text: str, **tables: str) -> Path:
+    for name, body in tables.items():
+        (tmp_path / name).write_text(body)
+    path = tmp_path / "main.cf"
+    path.write_text(text)
+    return path
+
+
+def test_check_errors_name_file_and_line(tmp_path: Path):
+    cf = _config(
+        tmp_path,
+        "myhostname = mx.example.org\n"
+        "relay_domains = bar.org\n"
+        "smtpd_recipient_restrictions = permit_mynetwork, reject_unauth_destination\n"
+        "smtpd_sender_restrictions = check_sender_access hash:$config_directory/missing\n",
+    )
+    result = run("check", "-c", str(cf))
+    assert result.exit_code == 2
+    assert (
+        f'{cf}, line 3: error: smtpd_recipient_restrictions: unknown restriction "permit_mynetwork"'
+        in result.stderr
+    )
+    assert "missing" in result.stderr and "No such file" in result.stderr
+    assert "smtpgate would not start" in result.stderr
+
+
+def test_check_flags_an_unlisted_class_and_open_relay_order(tmp_path: Path):
+    cf = _config(
+        tmp_path,
+        "relay_domains = bar.org\n"
+        "smtpd_relay_restrictions = permit_mynetworks, permit, reject_unauth_destination\n"
+        "smtpd_recipient_restrictions = check_recipient_access inline:{ foo@bar.org=vip }\n"
+        "vip = permit\n",
+    )
+    result = run("check", "-c", str(cf))
+    assert "permit before reject_unauth_destination" in result.stderr
+    assert "open relay" in result.stderr
+    assert '"vip" is neither an action nor a restriction' in result.stderr
+    assert "vip is defined but not listed in smtpd_restriction_classes" in result.stderr
+
+
+def test_check_refuses_an_open_relay(tmp_path: Path):
+    cf = _config(tmp_path, "smtpd_relay_restrictions = permit_mynetworks\n")
+    result = run("check", "-c", str(cf))
+    assert result.exit_code == 2
+    assert "specify at least one working instance of" in result.stderr
+
+
+def test_query_behaves_as_postmap(tmp_path: Path):
+    shutil.copy(EXAMPLES / "seed" / "restricted_senders", tmp_path / "rs")
+    found = run("query", f"hash:{tmp_path / 'rs'}", "QQ.com")
+    assert (found.exit_code, found.stdout) == (0, "REJECT  521\n")
+    missing = run("query", f"hash:{tmp_path / 'rs'}", "example.com")
+    assert (missing.exit_code, missing.stdout) == (1, "")
+    broken = run("query", "nosuchtype:/x", "k")
+    assert broken.exit_code == 2
+    assert "unsupported dictionary type: nosuchtype" in broken.stderr
