@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 CONFIG ?= examples/main.cf
 
-.PHONY: install run test lint typecheck importcheck unit clean
+.PHONY: install run test lint typecheck importcheck unit docs clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -37,6 +37,10 @@ unit: install
 	$(BIN)/pytest
 
 test: lint typecheck importcheck unit
+
+# Generated documentation (a test fails when it is stale).
+docs: install
+	$(PY) -m smtpgate.config.reference > docs/configuration.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
