@@ -16,8 +16,9 @@ Rules kept from Postfix, in the order a reader meets them:
 4. With ``smtpd_delay_reject = yes`` the client, HELO and sender lists run again at
    every RCPT, in that order, before the relay and recipient lists.
 5. A configuration error (unknown restriction, table in a table value, recursion)
-   answers ``451 4.3.5 Server configuration error``; a lookup error answers
-   ``451 4.3.0 <name>: Temporary lookup failure``.  Both end the stage at once.
+   answers ``451 4.3.5 Server configuration error``; an access-table lookup error
+   answers ``451 4.3.5 <name>: ... rejected: Server configuration error`` and other
+   lookup errors ``451 4.3.0 <name>: Temporary lookup failure``.  All end the stage.
 """
 
 from __future__ import annotations
@@ -147,9 +148,16 @@ class Checker:
                 continue
             try:
                 value = table.lookup(key)
-            except TableUnavailableError as exc:
-                self.note(label, key, f"table unavailable: {exc}")
-                self.warn(f"{label} is unavailable. {exc}")
+                if value == "":
+                    self.warn(f"{label} lookup of {key} returns an empty string result")
+                    self.warn(f"{label} should return NO RESULT in case of NOT FOUND")
+                    raise TableLookupError("empty string result")
+            except TableLookupError as exc:
+                # Postfix 3.7 answers every access-map lookup error (a table that could
+                # not be opened, a failed or empty lookup) the same way.
+                self.note(label, key, f"lookup error: {exc}")
+                if isinstance(exc, TableUnavailableError):
+                    self.warn(f"{label} is unavailable. {exc}")
                 self.warn(f'{label} lookup error for "{key}"')
                 self.reject(
                     ErrorClass.SOFTWARE,
@@ -158,10 +166,6 @@ class Checker:
                     f"<{reply_name}>: {reply_class} rejected: {CONFIG_ERROR_TEXT}",
                 )
                 raise _Abort from None
-            except TableLookupError as exc:
-                self.note(label, key, f"lookup error: {exc}")
-                self.warn(f"{label}: table lookup problem")
-                return self.lookup_failed(reply_name)
             if value is None:
                 self.note(label, key, "not found")
                 continue

@@ -125,6 +125,7 @@ class _Builder:
         self.strict_tables = strict_tables
         self.diagnostics: list[Diagnostic] = []
         self.tables: dict[str, Table] = {}
+        self.access_tables: set[str] = set()
         self.class_names: list[str] = []
 
     def error(self, message: str, location: Location | None) -> None:
@@ -219,6 +220,8 @@ class _Builder:
                 arg = self.open(bare_table, parameter) if spec.arg == "table" else bare_table
                 if arg is None:
                     continue
+                if spec.arg == "table":
+                    self.access_tables.add(bare_table)
                 label = f"{spec.name} {bare_table}"
             items.append(Compiled(spec.name, label, spec, arg))
         return tuple(items)
@@ -481,7 +484,8 @@ def _lint_relay_order(b: _Builder, lists: dict[str, tuple[Compiled, ...]]) -> No
 
 def _lint_tables(b: _Builder, classes: dict[str, tuple[Compiled, ...]]) -> None:
     """Check every value of every enumerable table: traps and unknown names."""
-    for spec, table in b.tables.items():
+    for spec in sorted(b.access_tables):
+        table = b.tables[spec]
         items = getattr(table, "items", None)
         if items is None:
             continue

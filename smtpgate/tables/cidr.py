@@ -12,9 +12,15 @@ first match wins.
 * A key that is not an IP address (``inet_pton`` rules: no leading zeros, no ``%scope``) is
   simply not found.
 
-Errors are Postfix 3.7's messages (``bad mask length in "1.2.3.4/33"``, ``non-null host address
-bits in ...``, ``ENDIF without IF``...). Postfix logs them and skips the rule; smtpgate refuses
-to load the table. An ``if`` without ``endif`` is a warning, as in Postfix.
+A bad rule is skipped with Postfix 3.7's warning, kept in ``table.warnings``: ``FILE, line N:
+REASON: skipping this rule`` (``bad mask length in "1.2.3.4/33"``, ``non-null host address bits
+in ...``, ``no lookup result``, ``ENDIF without IF``...). A skipped ``if`` does not open a block,
+so its ``endif`` is skipped as ``ENDIF without IF``, as in Postfix. An ``if`` without ``endif``
+is a warning and closes at the end of the table. A result that is not UTF-8 fails the lookup
+that finds it, as in Postfix. Only an unreadable file or a malformed in-line ``{...}`` list is
+a TableOpenError.
+
+``table.items()`` lists ``(pattern, result, line)`` of every match rule, for ``check``'s lint.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from .base import SPACE, TableSource
+from .base import SPACE, TableSource, check_utf8_result
 from .lines import Rules
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -114,6 +120,8 @@ class _Rule:
     pattern: CidrPattern | None  # None for ENDIF
     value: str | None  # None for IF and ENDIF
     skip_to: int = -1  # IF: index of its ENDIF (len(rules) when unmatched)
+    text: str = ""  # the pattern as written
+    line: int = 0
 
 
 def _keyword(line: str, word: str) -> str | None:
@@ -129,12 +137,22 @@ class CidrTable:
     type = "cidr"
     is_pattern = True
 
-    def __init__(self, name: str, rules: list[_Rule], warnings: list[str]) -> None:
+    def __init__(
+        self, name: str, rules: list[_Rule], warnings: list[str], path: str | None = None
+    ) -> None:
         self.name = name
         self.rules = rules
         self.warnings = tuple(warnings)
+        self.path = path
+
+    def items(self) -> list[tuple[str, str, int]]:
+        """Every match rule's ``(pattern, result, line)``, for ``check``'s lint of results."""
+        return [(r.text, r.value, r.line) for r in self.rules if r.value is not None]
 
     def lookup(self, key: str) -> str | None:
+        return check_utf8_result(self, key, self._find(key))
+
+    def _find(self, key: str) -> str | None:
         address = parse_address(key)
         if address is None:
             return None
@@ -151,16 +169,19 @@ class CidrTable:
         return None
 
 
-def _parse_rule(line: str) -> tuple[str, CidrPattern | None, str | None]:
-    """Classify one rule as ("if"|"endif"|"match", pattern, value); raise PatternError."""
+def _parse_rule(line: str) -> tuple[str, CidrPattern | None, str | None, str]:
+    """Classify one rule as ("if"|"endif"|"match", pattern, value, pattern text).
+
+    Raise PatternError with Postfix's reason for skipping the rule.
+    """
     condition = _keyword(line, "if")
     if condition is not None:
-        return "if", parse_cidr_pattern(condition), None
+        return "if", parse_cidr_pattern(condition), None, condition
     after_endif = _keyword(line, "endif")
     if after_endif is not None:
         if after_endif:
             raise PatternError("garbage after ENDIF")
-        return "endif", None, None
+        return "endif", None, None, ""
     negations = len(line) - len(line.lstrip("!" + SPACE))
     first_space = next((i for i, ch in enumerate(line[negations:]) if ch in SPACE), None)
     if first_space is None:
@@ -173,33 +194,39 @@ def _parse_rule(line: str) -> tuple[str, CidrPattern | None, str | None]:
     parsed = parse_cidr_pattern(line[:negations] + pattern)
     if not value:
         raise PatternError("no lookup result")
-    return "match", parsed, value
+    return "match", parsed, value, line[: negations + len(pattern)]
 
 
 def parse_cidr(rules: Rules, name: str) -> CidrTable:
-    """Compile cidr rules; raise TableOpenError naming the file (or in-line rule) and line."""
+    """Compile cidr rules; a bad rule is skipped with Postfix's warning."""
     compiled: list[_Rule] = []
-    open_ifs: list[tuple[int, int]] = []  # (index in compiled, line number)
+    open_ifs: list[int] = []  # indexes in compiled
     for number, raw in rules.lines:
         line = raw.rstrip(SPACE)
         try:
-            kind, pattern, value = _parse_rule(line)
+            kind, pattern, value, text = _parse_rule(line)
+            if kind == "endif" and not open_ifs:
+                raise PatternError("ENDIF without IF")
         except PatternError as exc:
-            raise rules.error(number, str(exc)) from None
+            rules.warn(number, f"{exc}: skipping this rule")
+            continue
         if kind == "endif":
-            if not open_ifs:
-                raise rules.error(number, "ENDIF without IF")
-            index, _ = open_ifs.pop()
-            compiled[index] = _Rule(compiled[index].pattern, None, len(compiled))
-            compiled.append(_Rule(None, None))
+            _close_if(compiled, open_ifs.pop())
+            compiled.append(_Rule(None, None, line=number))
             continue
         if kind == "if":
-            open_ifs.append((len(compiled), number))
-        compiled.append(_Rule(pattern, value))
-    for index, number in reversed(open_ifs):
-        rules.warn(number, "IF has no matching ENDIF")
-        compiled[index] = _Rule(compiled[index].pattern, None, len(compiled))
-    return CidrTable(name, compiled, rules.warnings)
+            open_ifs.append(len(compiled))
+        compiled.append(_Rule(pattern, value, text=text, line=number))
+    for index in reversed(open_ifs):
+        rules.warn(compiled[index].line, "IF has no matching ENDIF")
+        _close_if(compiled, index)
+    return CidrTable(name, compiled, rules.warnings, rules.path)
+
+
+def _close_if(compiled: list[_Rule], index: int) -> None:
+    """Point the IF at ``compiled[index]`` past the rules compiled so far."""
+    rule = compiled[index]
+    compiled[index] = _Rule(rule.pattern, None, len(compiled), rule.text, rule.line)
 
 
 def parse_cidr_text(text: str, path: str) -> CidrTable:

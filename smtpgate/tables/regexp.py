@@ -18,9 +18,31 @@ per logical line, tried in order, first match wins.
   folded before matching.
 
 How the POSIX and PCRE dialects are translated to Python, and what still differs, is in
-:mod:`smtpgate.tables._regex`. Every rule Postfix would log and skip is an error naming the file
-and line here; Postfix's warnings that keep the rule (text after ``if``/``endif``, ``if``
-without ``endif``, option ``X``) are kept in ``table.warnings``.
+:mod:`smtpgate.tables._regex`.
+
+Every rule that Postfix 3.7 logs and skips is skipped here too, with Postfix's words kept in
+``table.warnings`` (checked against ``postmap``):
+
+* ``FILE, line N: REASON: skipping this rule`` (unknown option, ``no regexp``, ``$number found
+  in negative match replacement text``, ``out of range replacement index "N"``...); pcre words a
+  missing delimiter ``no closing regexp delimiter "/": ignoring this rule``;
+* a bad ``$`` reference logs its reason, then ``FILE, line N: bad replacement syntax: skipping
+  this rule``; ``mac_parse``'s own reasons (``empty macro name: "..."``, ``truncated macro
+  reference: "..."``) carry no file and line, as in Postfix;
+* a pattern that does not compile logs only the compiler's message: for regexp the glibc
+  ``regerror()`` text where smtpgate knows it (``Invalid range end``), for pcre ``error in
+  regex at offset N: ...`` with Python's message and offset, which differ from PCRE2's;
+* ``ignoring ENDIF without matching IF``, ``ignoring unrecognized request``. A skipped ``if``
+  opens no block, so its ``endif`` is skipped as well.
+
+Warnings for rules that are kept: text after ``if`` (plus ``do not prepend whitespace to
+statements between IF and ENDIF``) or ``endif``, ``if`` without ``endif``, pcre option ``X``,
+and ``no replacement text: using empty string``: such a rule's result is ``""``, which Postfix's
+``dict_get`` returns as found (``postmap -q`` prints an empty line) and ``maps_find`` turns into
+a lookup error, as :class:`~.maps.Maps` does. A result that is not UTF-8 fails the lookup that
+produces it (Postfix's ``dict_utf8``).
+
+``table.items()`` lists ``(pattern, result, line)`` of every match rule, for ``check``'s lint.
 """
 
 from __future__ import annotations
@@ -33,12 +55,42 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._regex import RegexSyntaxError, translate_pcre, translate_posix
-from .base import SPACE, TableSource
+from .base import SPACE, TableSource, check_utf8_result
 from .lines import Rules
 
 
 class RuleError(ValueError):
-    """A rule that Postfix would skip; ``str()`` is Postfix's reason."""
+    """A rule that Postfix skips; ``str()`` is Postfix's whole warning after ``line N: ``."""
+
+
+class MacroSyntaxError(RuleError):
+    """A ``mac_parse`` error: Postfix logs it without file and line."""
+
+
+#: glibc ``regerror()`` texts for what Python (or the POSIX translation) reports.
+_GLIBC_MESSAGES = (
+    ("missing ), unterminated subpattern", "Unmatched ( or \\("),
+    ("unbalanced parenthesis", "Unmatched ( or \\("),  # glibc's words for a stray \\)
+    ("unterminated character set", "Unmatched [, [^, [:, [., or [="),
+    ("unmatched [", "Unmatched [, [^, [:, [., or [="),
+    ("unterminated [", "Unmatched [, [^, [:, [., or [="),
+    ("nothing to repeat", "Invalid preceding regular expression"),
+    ("multiple repeat", "Invalid preceding regular expression"),
+    ("invalid preceding regular expression", "Invalid preceding regular expression"),
+    ("bad character range", "Invalid range end"),
+    ("invalid group reference", "Invalid back reference"),
+    ("min repeat greater than max repeat", "Invalid content of \\{\\}"),
+    ("the repetition number is too large", "Regular expression too big"),
+    ("invalid character class name", "Invalid character class name"),
+    ("invalid collation character", "Invalid collation character"),
+    ("trailing backslash", "Trailing backslash"),
+)
+
+
+def _posix_message(message: str) -> str | None:
+    """glibc's words for a Python or translation error message, when known."""
+    lowered = message.lower()
+    return next((glibc for python, glibc in _GLIBC_MESSAGES if python in lowered), None)
 
 
 @dataclass(frozen=True)
@@ -121,10 +173,11 @@ class Dialect:
     compiler: Callable[[str, Options], re.Pattern[str]]
     second_pattern: bool
     zero_index: str  # how Postfix words "$0" (the two modules differ)
+    no_delimiter: str  # how Postfix says it skips a rule without closing delimiter
 
 
-REGEXP = Dialect("regexp", REGEXP_OPTIONS, _compile_posix, True, "out-of-range")
-PCRE = Dialect("pcre", PCRE_OPTIONS, _compile_pcre, False, "out of range")
+REGEXP = Dialect("regexp", REGEXP_OPTIONS, _compile_posix, True, "out-of-range", "skipping")
+PCRE = Dialect("pcre", PCRE_OPTIONS, _compile_pcre, False, "out of range", "ignoring")
 
 
 @dataclass(frozen=True)
@@ -153,7 +206,7 @@ def _split_pattern(text: str, dialect: Dialect) -> tuple[str, str, bool, str]:
         match = match if text[i] != "!" else not match
         i += 1
     if i == len(text):
-        raise RuleError("no regexp")
+        raise RuleError("no regexp: skipping this rule")
     delim, start = text[i], i + 1
     i = start
     while i < len(text) and text[i] != delim:
@@ -163,7 +216,7 @@ def _split_pattern(text: str, dialect: Dialect) -> tuple[str, str, bool, str]:
             break
         i += 1
     if i >= len(text) or text[i] != delim:
-        raise RuleError(f'no closing regexp delimiter "{delim}"')
+        raise RuleError(f'no closing regexp delimiter "{delim}": {dialect.no_delimiter} this rule')
     regex, i = text[start:i], i + 1
     flags_end = i
     stops = SPACE + ("!" if dialect.second_pattern else "")
@@ -173,13 +226,16 @@ def _split_pattern(text: str, dialect: Dialect) -> tuple[str, str, bool, str]:
 
 
 def _compile(text: str, dialect: Dialect, warn: Callable[[str], None]) -> tuple[Pattern, str]:
-    """Compile the ``[!]/regex/flags`` at the start of ``text``; return the rest as well."""
+    """Compile the ``[!]/regex/flags`` at the start of ``text``; return the rest as well.
+
+    Raise RuleError with Postfix's warning when the rule is to be skipped.
+    """
     regex, flags, match, rest = _split_pattern(text, dialect)
     options = Options()
     for flag in flags:
         toggle = dialect.options.get(flag)
         if toggle is None:
-            raise RuleError(f'unknown regexp option "{flag}"')
+            raise RuleError(f'unknown regexp option "{flag}": skipping this rule')
         options = toggle(options)
     if options.obsolete:
         warn(f'ignoring obsolete regexp option "{options.obsolete}"')
@@ -188,12 +244,23 @@ def _compile(text: str, dialect: Dialect, warn: Callable[[str], None]) -> tuple[
             warnings.simplefilter("error")
             compiled = dialect.compiler(regex, options)
     except RegexSyntaxError as exc:
-        raise RuleError(f"error in regex: {exc}") from None
+        raise _regex_error(dialect, str(exc), None) from None
     except re.error as exc:
-        raise RuleError(f"error in regex at offset {exc.pos or 0}: {exc.msg}") from None
+        raise _regex_error(dialect, exc.msg, exc.pos or 0) from None
     except Warning as exc:
-        raise RuleError(f"error in regex: {exc}") from None
+        raise _regex_error(dialect, str(exc), None) from None
     return Pattern(compiled, match, options.anchored), rest
+
+
+def _regex_error(dialect: Dialect, message: str, offset: int | None) -> RuleError:
+    """The compiler's complaint, as Postfix logs it (no "skipping this rule")."""
+    if dialect.kind == "regexp":
+        glibc = _posix_message(message)
+        if glibc is not None:
+            return RuleError(glibc)
+    if offset is None:
+        return RuleError(f"error in regex: {message}")
+    return RuleError(f"error in regex at offset {offset}: {message}")
 
 
 Replacement = tuple[str | int, ...]
@@ -208,7 +275,7 @@ def _macro_name(text: str, i: int) -> tuple[str, int]:
             depth += (text[j] == opener) - (text[j] == closer)
             j += 1
         if depth:
-            raise RuleError(f'truncated macro reference: "{text}"')
+            raise MacroSyntaxError(f'truncated macro reference: "{text}"')
         name = text[i + 1 : j - 1]
     else:
         j = i
@@ -216,12 +283,15 @@ def _macro_name(text: str, i: int) -> tuple[str, int]:
             j += 1
         name = text[i:j]
     if not name:
-        raise RuleError(f'empty macro name: "{text}"')
+        raise MacroSyntaxError(f'empty macro name: "{text}"')
     return name, j
 
 
 def parse_replacement(text: str, zero_index: str = "out-of-range") -> Replacement:
-    """Split result text into literals and group numbers; ``$$`` is ``$``."""
+    """Split result text into literals and group numbers; ``$$`` is ``$``.
+
+    Raise RuleError with the reason Postfix logs before ``bad replacement syntax``.
+    """
     parts: list[str | int] = []
     literal: list[str] = []
     i = 0
@@ -252,6 +322,9 @@ class MatchRule:
     first: Pattern
     second: Pattern | None
     replacement: Replacement
+    pattern_text: str = ""  # the pattern(s) as written
+    result_text: str = ""  # the result as written
+    line: int = 0
 
     def apply(self, key: str) -> str | None:
         found = self.first.search(key)
@@ -286,13 +359,30 @@ class RegexpTable:
 
     is_pattern = True
 
-    def __init__(self, type: str, name: str, rules: list[Rule], warnings: list[str]) -> None:
+    def __init__(
+        self,
+        type: str,
+        name: str,
+        rules: list[Rule],
+        warnings: list[str],
+        path: str | None = None,
+    ) -> None:
         self.type = type
         self.name = name
         self.rules = rules
         self.warnings = tuple(warnings)
+        self.path = path
+
+    def items(self) -> list[tuple[str, str, int]]:
+        """Every match rule's ``(pattern, result, line)``, for ``check``'s lint of results."""
+        return [
+            (r.pattern_text, r.result_text, r.line) for r in self.rules if isinstance(r, MatchRule)
+        ]
 
     def lookup(self, key: str) -> str | None:
+        return check_utf8_result(self, key, self._find(key))
+
+    def _find(self, key: str) -> str | None:
         i = 0
         while i < len(self.rules):
             rule = self.rules[i]
@@ -332,7 +422,7 @@ class _Parser:
             try:
                 self.parse_line(line)
             except RuleError as exc:
-                raise self.rules.error(self.number, str(exc)) from None
+                self.warn(str(exc))
         for index, number in reversed(self.open_ifs):
             self.rules.warn(number, "IF has no matching ENDIF")
             self.close_if(index)
@@ -345,17 +435,18 @@ class _Parser:
             pattern, rest = _compile(condition.lstrip(SPACE), self.dialect, self.warn)
             if rest.strip(SPACE):
                 self.warn(f'ignoring extra text after IF statement: "{rest.strip(SPACE)}"')
+                self.warn("do not prepend whitespace to statements between IF and ENDIF")
             self.open_ifs.append((len(self.compiled), self.number))
             self.compiled.append(IfRule(pattern, -1))
         elif (after := _keyword(line, "endif")) is not None:
             if not self.open_ifs:
-                raise RuleError("ENDIF without matching IF")
+                raise RuleError("ignoring ENDIF without matching IF")
             if after.strip(SPACE):
                 self.warn("ignoring extra text after ENDIF")
             self.close_if(self.open_ifs.pop()[0])
             self.compiled.append(EndifRule())
         else:
-            raise RuleError("unrecognized request")
+            raise RuleError("ignoring unrecognized request")
 
     def close_if(self, index: int) -> None:
         if_rule = self.compiled[index]
@@ -367,22 +458,30 @@ class _Parser:
         second = None
         if self.dialect.second_pattern and rest.startswith("!"):
             second, rest = _compile(rest, self.dialect, self.warn)
+        pattern_text = line[: len(line) - len(rest)]
         result = rest.strip(SPACE)
         if not result:
-            raise RuleError("no replacement text")
-        replacement = parse_replacement(result, self.dialect.zero_index)
+            self.warn("no replacement text: using empty string")
+        try:
+            replacement = parse_replacement(result, self.dialect.zero_index)
+        except MacroSyntaxError as exc:
+            self.rules.warnings.append(str(exc))
+            raise RuleError("bad replacement syntax: skipping this rule") from None
+        except RuleError as exc:
+            self.warn(str(exc))
+            raise RuleError("bad replacement syntax: skipping this rule") from None
         groups = max((p for p in replacement if isinstance(p, int)), default=0)
         if groups and not first.match:
-            raise RuleError("$number found in negative match replacement text")
+            raise RuleError("$number found in negative match replacement text: skipping this rule")
         if groups > first.regex.groups:
-            raise RuleError(f'out of range replacement index "{groups}"')
-        return MatchRule(first, second, replacement)
+            raise RuleError(f'out of range replacement index "{groups}": skipping this rule')
+        return MatchRule(first, second, replacement, pattern_text, result, self.number)
 
 
 def parse_regexp(rules: Rules, name: str, dialect: Dialect = REGEXP) -> RegexpTable:
-    """Compile regexp/pcre rules; raise TableOpenError naming the file (or rule) and line."""
+    """Compile regexp/pcre rules; a bad rule is skipped with Postfix's warning."""
     compiled = _Parser(rules, dialect).parse()
-    return RegexpTable(dialect.kind, name, compiled, rules.warnings)
+    return RegexpTable(dialect.kind, name, compiled, rules.warnings, rules.path)
 
 
 def parse_regexp_text(text: str, path: str, *, pcre: bool = False) -> RegexpTable:

@@ -6,7 +6,8 @@ folded (Postfix with SMTPUTF8 folds UTF-8 fully, so ``STRASSE`` finds ``straße`
 kept as written. Behaviour checked against ``postmap`` on Postfix 3.7; no line is ever an
 error, each problem is a warning in ``table.warnings``, worded as Postfix does:
 
-* a duplicate key keeps the *first* value and warns ``duplicate entry: "key"``;
+* a duplicate key keeps the *first* value and warns ``FILE, line N: duplicate entry: "Key"``
+  (texthash; hash words it as ``postmap`` does: ``FILE.db: duplicate entry: "key"``);
 * a ``key:`` ending in a colon is kept and warns that the file may be an alias file;
 * a line with a key and no value is skipped: texthash warns ``expected format: key whitespace
   value -- ignoring this line`` (``dict_thash``), hash warns ``expected format: key whitespace
@@ -85,7 +86,10 @@ def parse_text_table(
             rules.warn(number, 'record is in "key: value" format; is this an alias file?')
         folded = key.casefold()
         if folded in entries:
-            rules.warn(number, f'duplicate entry: "{folded}"')
+            if type == "hash":  # postmap's words: Berkeley DB knows no line numbers
+                rules.warnings.append(f'{rules.where}.db: duplicate entry: "{folded}"')
+            else:
+                rules.warn(number, f'duplicate entry: "{key}"')
             continue
         entries[folded] = value
         if lines is not None:

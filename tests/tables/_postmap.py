@@ -21,6 +21,7 @@ def postmap_query(spec: str, key: str) -> tuple[str | None, str]:
         [POSTMAP, "-q", key, spec],
         capture_output=True,
         text=True,
+        errors="replace",
         timeout=20,
         check=False,
     )
@@ -30,10 +31,28 @@ def postmap_query(spec: str, key: str) -> tuple[str | None, str]:
     return value, proc.stderr
 
 
-def postmap_skip_reason(stderr: str, kind: str) -> str | None:
-    """The reason of the first "MAP map PATH, line N: REASON: skipping this rule" warning."""
-    found = re.search(rf"{kind} map .*?, line \d+: (.*?)(?:: skipping this rule)?$", stderr, re.M)
-    return found.group(1) if found else None
+def postmap_warnings(stderr: str) -> list[str]:
+    """postmap's load-time warnings as smtpgate words them: without ``postmap: warning: `` and
+    the ``TYPE map `` prefix, each once (postmap may open a table twice), lookup-time
+    complaints (``table TYPE:NAME: ...``) left out."""
+    found: dict[str, None] = {}
+    for line in stderr.splitlines():
+        if not line.startswith("postmap: warning: "):
+            continue
+        text = re.sub(r"^(cidr|regexp|pcre) map ", "", line.removeprefix("postmap: warning: "))
+        if not text.startswith("table "):
+            found[text] = None
+    return list(found)
+
+
+def postmap_build(path: str) -> str:
+    """Run ``postmap hash:path`` (makes ``path.db``); return its stderr."""
+    proc = subprocess.run(
+        [POSTMAP, f"hash:{path}"], capture_output=True, text=True, check=True, timeout=20
+    )
+    past = os.stat(path).st_mtime
+    os.utime(f"{path}.db", (past, past))
+    return proc.stderr
 
 
 def write_table(path: os.PathLike[str] | str, text: str | bytes) -> None:
@@ -47,6 +66,4 @@ def write_table(path: os.PathLike[str] | str, text: str | bytes) -> None:
 
 def build_hash(path: str) -> None:
     """Run ``postmap hash:path`` to make ``path.db``."""
-    subprocess.run([POSTMAP, f"hash:{path}"], capture_output=True, check=True, timeout=20)
-    past = os.stat(path).st_mtime
-    os.utime(f"{path}.db", (past, past))
+    postmap_build(path)

@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smtpgate.errors import TableOpenError
-from smtpgate.tables import open_table
-from smtpgate.tables.cidr import parse_cidr_text
+from smtpgate.errors import TableLookupError, TableOpenError
+from smtpgate.tables import open_table, table_warnings
+from smtpgate.tables.cidr import CidrTable, parse_cidr_text
 
-from ._postmap import postmap_query, postmap_skip_reason, requires_postmap, write_table
+from ._postmap import postmap_query, postmap_warnings, requires_postmap, write_table
 
 TABLE = """\
 # comment
@@ -134,24 +134,77 @@ BAD_RULES = [
 
 
 @pytest.mark.parametrize(("rule", "reason"), BAD_RULES)
-def test_bad_rule_names_file_and_line(rule: str, reason: str) -> None:
-    with pytest.raises(TableOpenError) as info:
-        parse_cidr_text(f"0.0.0.0/0 ok\n{rule}\n", "/etc/x/cidr_table")
-    assert str(info.value) == f"/etc/x/cidr_table, line 2: {reason}"
+def test_a_bad_rule_is_skipped_with_postfix_warning(rule: str, reason: str) -> None:
+    table = parse_cidr_text(f"{rule}\n0.0.0.0/0 fallback\n", "/etc/x/cidr_table")
+    assert table.warnings == (f"/etc/x/cidr_table, line 1: {reason}: skipping this rule",)
+    assert table.lookup("1.2.3.4") == "fallback"
+    assert [line for _, _, line in table.items()] == [2]
 
 
 @requires_postmap
 @pytest.mark.parametrize(("rule", "reason"), BAD_RULES)
-def test_bad_rule_reason_agrees_with_postmap(tmp_path: Path, rule: str, reason: str) -> None:
+def test_skipped_rules_agree_with_postmap(tmp_path: Path, rule: str, reason: str) -> None:
     path = tmp_path / "t"
-    write_table(path, rule + "\n")
-    _, stderr = postmap_query(f"cidr:{path}", "1.2.3.4")
-    assert postmap_skip_reason(stderr, "cidr") == reason
+    write_table(path, f"{rule}\n0.0.0.0/0 fallback\n")
+    value, stderr = postmap_query(f"cidr:{path}", "1.2.3.4")
+    table = open_table(f"cidr:{path}")
+    assert list(table.warnings) == postmap_warnings(stderr)
+    assert table.lookup("1.2.3.4") == value == "fallback"
+
+
+# Tables whose skipped IF/ENDIF rules change what the rest means: (text, key, expected).
+SKIPPED_BLOCKS = [
+    ("if 1.2.3.0/24\n1.2.3.4 x\nendif x\n0.0.0.0/0 after\n", "1.2.3.5", "after"),
+    ("if 1.2.3.0/33\n1.2.3.4 x\nendif\n0.0.0.0/0 after\n", "1.2.3.4", "x"),  # a skipped IF
+    ("if 9.0.0.0/8\nif 1.2.3.0/33\n0.0.0.0/0 in\nendif\nendif\n0.0.0.0/0 out\n", "1.2.3.4", "out"),
+    ("0.0.0.0/0 a\nif 1.2.3.0/24\n0.0.0.0/0 b\n", "1.2.3.4", "a"),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "expected"), SKIPPED_BLOCKS)
+def test_skipped_if_and_endif(text: str, key: str, expected: str) -> None:
+    assert parse_cidr_text(text, "/t").lookup(key) == expected
+
+
+@requires_postmap
+@pytest.mark.parametrize(("text", "key", "expected"), SKIPPED_BLOCKS)
+def test_skipped_if_and_endif_agree_with_postmap(
+    tmp_path: Path, text: str, key: str, expected: str
+) -> None:
+    path = tmp_path / "t"
+    write_table(path, text)
+    value, stderr = postmap_query(f"cidr:{path}", key)
+    table = open_table(f"cidr:{path}")
+    assert list(table.warnings) == postmap_warnings(stderr)
+    assert table.lookup(key) == value == expected
 
 
 def test_garbage_after_endif() -> None:
-    with pytest.raises(TableOpenError, match=r"line 3: garbage after ENDIF$"):
-        parse_cidr_text("if 1.2.3.0/24\n1.2.3.4 x\nendif x\n", "/t")
+    table = parse_cidr_text("if 1.2.3.0/24\n1.2.3.4 x\nendif x\n", "/t")
+    assert table.warnings == (
+        "/t, line 3: garbage after ENDIF: skipping this rule",
+        "/t, line 1: IF has no matching ENDIF",
+    )
+
+
+def test_a_non_utf8_result_fails_the_lookup(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    write_table(path, b"1.2.3.4 \xff\n0.0.0.0/0 ok\n")
+    table = open_table(f"cidr:{path}")
+    assert table.lookup("1.2.3.5") == "ok"
+    with pytest.raises(TableLookupError) as info:
+        table.lookup("1.2.3.4")
+    assert str(info.value) == (
+        f'cidr:{path}: key "1.2.3.4": non-UTF-8 value "?": malformed UTF-8 or invalid codepoint'
+    )
+
+
+def test_items_list_match_rules() -> None:
+    text = "1.2.3.0/24  OK one\nif 10.0.0.0/8\n! [::1]  two  \nendif\nbad x\n"
+    table = parse_cidr_text(text, "/t")
+    assert table.items() == [("1.2.3.0/24", "OK one", 1), ("! [::1]", "two", 3)]
+    assert table.path == "/t"
+    assert open_table("cidr:{{1.2.3.4 x}}").items() == [("1.2.3.4", "x", 1)]
 
 
 @pytest.mark.parametrize(
@@ -182,16 +235,36 @@ def test_inline_rules_agree_with_postmap() -> None:
         assert table.lookup(key) == postmap_query(spec, key)[0]
 
 
-def test_inline_rule_errors_point_at_the_config() -> None:
-    with pytest.raises(TableOpenError) as info:
-        open_table("cidr:{{1.2.3.4 OK}, {foo x}}", location=("/etc/smtpgate/main.cf", 7))
-    assert str(info.value) == (
+def test_inline_rule_warnings_point_at_the_config() -> None:
+    table = open_table("cidr:{{1.2.3.4 OK}, {foo x}}", location=("/etc/smtpgate/main.cf", 7))
+    assert table_warnings(table) == (
         "/etc/smtpgate/main.cf, line 7: "
-        'cidr:{{1.2.3.4 OK}, {foo x}}, rule 2: bad address pattern: "foo"'
+        'cidr:{{1.2.3.4 OK}, {foo x}}, rule 2: bad address pattern: "foo": skipping this rule',
     )
+    assert table.lookup("1.2.3.4") == "OK"
+    assert isinstance(table, CidrTable) and table.path is None
+
+
+# A malformed in-line list is fatal in Postfix ("postmap: fatal: ..."), so an error here.
+INLINE_FATAL = [
+    ("cidr:{1.2.3.4 OK}", "cidr map: no '{' at start of text in \"1.2.3.4\""),
+    ("cidr:{{1.2.3.4 OK}", "cidr map: missing '}' in \"{{1.2.3.4 OK}\""),
+    ("cidr:{{1.2.3.4 OK}x}", "cidr map: syntax error after '}' in \"{1.2.3.4 OK}x\""),
+    ("cidr:{{1.2.3.4 OK} x}", "cidr map: no '{' at start of text in \"x\""),
+]
+
+
+@pytest.mark.parametrize(("spec", "message"), INLINE_FATAL)
+def test_malformed_inline_list_is_an_error(spec: str, message: str) -> None:
     with pytest.raises(TableOpenError) as info:
-        open_table("cidr:{1.2.3.4 OK}")
-    assert str(info.value) == "cidr map: no '{' at start of text in \"1.2.3.4\""
+        open_table(spec)
+    assert str(info.value) == message
+
+
+@requires_postmap
+@pytest.mark.parametrize(("spec", "message"), INLINE_FATAL)
+def test_postmap_refuses_the_same_inline_lists(spec: str, message: str) -> None:
+    assert f"postmap: fatal: {message}" in postmap_query(spec, "1.2.3.4")[1]
 
 
 octet = st.integers(0, 255)
@@ -199,14 +272,11 @@ ipv4 = st.tuples(octet, octet, octet, octet).map(lambda t: ".".join(map(str, t))
 
 
 @given(st.text(alphabet=st.sampled_from(list("0123456789./:[]!abcdefif x\n#")), max_size=200))
-def test_any_text_parses_or_raises_table_open_error(text: str) -> None:
-    try:
-        table = parse_cidr_text(text, "/t")
-    except TableOpenError as exc:
-        assert str(exc).startswith("/t, line ")
-    else:
-        table.lookup("1.2.3.4")
-        table.lookup("::1")
+def test_any_text_parses(text: str) -> None:
+    table = parse_cidr_text(text, "/t")
+    assert all(w.startswith("/t") for w in table.warnings)
+    table.lookup("1.2.3.4")
+    table.lookup("::1")
 
 
 @given(st.text(max_size=60))

@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from smtpgate.errors import TableOpenError
-from smtpgate.tables import open_table
+from smtpgate.tables import open_table, table_warnings
+from smtpgate.tables.text import TextHashTable
 
 from ._postmap import postmap_query, requires_postmap
 
@@ -50,7 +51,6 @@ NEED = 'need "inline:{name=value...}"'
         ("inline:a=b", f'bad syntax: "inline:a=b"; {NEED}'),
         ("inline:{a=b}x", f'bad syntax: "inline:{{a=b}}x"; {NEED}'),
         ("static:{foo", "bad static:name syntax: missing '}' in \"{foo\""),
-        ("static:{}", '"static:{}": empty string result is not allowed'),
     ],
 )
 def test_errors_point_at_the_config(spec: str, message: str) -> None:
@@ -67,6 +67,45 @@ def test_postmap_refuses_the_same_specs(spec: str) -> None:
     _, stderr = postmap_query(spec, "a")
     assert "fatal:" in stderr
     assert str(_error(spec)) in stderr
+
+
+# Empty values open (Postfix accepts them at load) and are found as "", as postmap -q shows.
+EMPTY = [
+    (
+        "inline:{a=, b=2}",
+        "a",
+        ("table inline:{a=, b=2}: key a: empty string result is not allowed",),
+    ),
+    ("inline:{ {a=} }", "a", ("table inline:{ {a=} }: key a: empty string result is not allowed",)),
+    ("static:{}", "a", ("table static:{}: empty string result is not allowed",)),
+    ("static:{ }", "a", ("table static:{ }: empty string result is not allowed",)),
+]
+
+
+@pytest.mark.parametrize(("spec", "key", "warnings"), EMPTY)
+def test_empty_values_open_and_are_found_empty(
+    spec: str, key: str, warnings: tuple[str, ...]
+) -> None:
+    table = open_table(spec)
+    assert table.lookup(key) == ""
+    assert table_warnings(table) == warnings
+
+
+@requires_postmap
+@pytest.mark.parametrize(("spec", "key", "warnings"), EMPTY)
+def test_empty_values_agree_with_postmap(spec: str, key: str, warnings: tuple[str, ...]) -> None:
+    value, stderr = postmap_query(spec, key)
+    assert value == ""
+    assert "fatal" not in stderr
+    # postmap -q says at the lookup what smtpgate says at load (static: names no key there)
+    assert f"table {spec}: key {key}: empty string result is not allowed" in stderr
+
+
+def test_inline_items_have_line_zero_and_no_path() -> None:
+    table = open_table("inline:{ {B = two words}, a=1 }")
+    assert isinstance(table, TextHashTable)
+    assert table.items() == [("b", "two words", 0), ("a", "1", 0)]
+    assert table.path is None
 
 
 def _error(spec: str) -> TableOpenError:

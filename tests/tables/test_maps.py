@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from smtpgate.errors import TableLookupError
+from smtpgate.errors import TableLookupError, TableUnavailableError
 from smtpgate.tables import Maps, SurrogateTable, open_table
 
 
@@ -35,6 +35,25 @@ def test_a_lookup_error_stops_the_search() -> None:
     assert maps.find("b") == "1"
     with pytest.raises(TableLookupError, match=r'^t: hash:/x lookup error for "a": boom$'):
         maps.find("a")
+
+
+def test_an_unavailable_table_stays_unavailable() -> None:
+    maps = Maps("t", [SurrogateTable("hash", "/x", "open /x: No such file or directory")])
+    with pytest.raises(TableUnavailableError, match=r'^t: hash:/x lookup error for "a": open /x'):
+        maps.find("a")
+
+
+@pytest.mark.parametrize("spec", ["inline:{a=}", "static:{}", "regexp:{{/^a/}}"])
+def test_an_empty_result_is_a_lookup_error(spec: str) -> None:
+    """Postfix maps_find(): an empty result is DICT_ERR_RETRY, with these words."""
+    maps = Maps("check_sender_access", [open_table(spec), open_table("static:never")])
+    with pytest.raises(TableLookupError) as info:
+        maps.find("a")
+    assert not isinstance(info.value, TableUnavailableError)
+    assert str(info.value) == (
+        "check_sender_access lookup of a returns an empty string result; "
+        "check_sender_access should return NO RESULT in case of NOT FOUND"
+    )
 
 
 def test_tables_is_a_tuple() -> None:

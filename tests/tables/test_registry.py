@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from smtpgate.errors import TableLookupError, TableOpenError
+from smtpgate.errors import TableLookupError, TableOpenError, TableUnavailableError
 from smtpgate.tables import (
     TABLE_TYPES,
     UNSUPPORTED_TYPES,
@@ -14,6 +14,7 @@ from smtpgate.tables import (
     open_table,
     open_table_or_surrogate,
     split_spec,
+    table_warnings,
 )
 
 from ._postmap import postmap_query, requires_postmap, write_table
@@ -80,11 +81,12 @@ def test_missing_file_is_reported_where_the_spec_was_written(tmp_path: Path) -> 
         open_table("hash:access", base_dir=tmp_path)
 
 
-def test_syntax_errors_name_the_table_file(tmp_path: Path) -> None:
+def test_bad_rules_are_warnings_naming_the_table_file(tmp_path: Path) -> None:
     write_table(tmp_path / "c", "1.2.3.0/24 ok\n1.2.3.4/33 x\n")
-    with pytest.raises(TableOpenError) as info:
-        open_table("cidr:c", base_dir=tmp_path, location=LOC)
-    assert (info.value.path, info.value.line) == (str(tmp_path / "c"), 2)
+    table = open_table("cidr:c", base_dir=tmp_path, location=LOC)
+    assert table_warnings(table) == (
+        f'{tmp_path / "c"}, line 2: bad mask length in "1.2.3.4/33": skipping this rule',
+    )
 
 
 def test_proxy_opens_the_table_it_names(tmp_path: Path) -> None:
@@ -95,11 +97,12 @@ def test_proxy_opens_the_table_it_names(tmp_path: Path) -> None:
         open_table("proxy:btree:/x")
 
 
-def test_surrogate_fails_every_lookup() -> None:
+def test_surrogate_fails_every_lookup_as_unavailable() -> None:
     table = SurrogateTable("hash", "/x", "open /x: No such file or directory")
     assert (table.type, table.name, table.is_pattern) == ("hash", "/x", False)
-    with pytest.raises(TableLookupError, match="open /x: No such file"):
+    with pytest.raises(TableUnavailableError, match="open /x: No such file"):
         table.lookup("anything")
+    assert issubclass(TableUnavailableError, TableLookupError)
 
 
 def test_open_table_or_surrogate(tmp_path: Path) -> None:
@@ -108,7 +111,7 @@ def test_open_table_or_surrogate(tmp_path: Path) -> None:
     table, error = open_table_or_surrogate("btree:/x", location=LOC)
     assert isinstance(table, SurrogateTable) and error is not None
     assert (table.type, table.name) == ("btree", "/x")
-    with pytest.raises(TableLookupError, match="unsupported dictionary type: btree"):
+    with pytest.raises(TableUnavailableError, match="unsupported dictionary type: btree"):
         table.lookup("x")
     table, error = open_table_or_surrogate("nofile")
     assert isinstance(table, SurrogateTable) and error is not None
