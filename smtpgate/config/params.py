@@ -38,6 +38,10 @@ class ParamSpec:
 
 
 _DIFFERENCES = {
+    "smtpd_forbid_bare_newline": (
+        "Postfix 3.7 defaults to no; smtpgate defaults to normalize, Postfix 3.9's default, "
+        "because a front end must never pass an ambiguous end of data to its backend."
+    ),
     "local_recipient_maps": (
         "Postfix's default (proxy:unix:passwd.byname $alias_maps) reads the host's users; "
         "a front end has none, so the default is empty: no check."
@@ -361,9 +365,28 @@ _SPECS = [
     ),
     _p(
         "smtpd_forbid_bare_newline",
-        "no",
+        "normalize",
         "str",
-        "Reject bare LF line endings in commands and DATA (SMTP smuggling defence).",
+        "Bare LF line endings (SMTP smuggling): normalize (treat as CRLF; only CRLF.CRLF "
+        "ends DATA), reject (550 5.5.2 Error: bare <LF> received), or no.",
+    ),
+    _p(
+        "smtpd_forbid_bare_newline_exclusions",
+        "$mynetworks",
+        "list",
+        "Clients exempt from smtpd_forbid_bare_newline = reject (they get normalize).",
+    ),
+    _p(
+        "smtpd_forbid_bare_newline_reject_code",
+        "550",
+        "code",
+        "Reply code for smtpd_forbid_bare_newline = reject (521 also disconnects).",
+    ),
+    _p(
+        "line_length_limit",
+        "2048",
+        "int",
+        "Longest command line read; longer DATA lines are relayed intact, never rejected.",
     ),
     _p(
         "smtpd_proxy_timeout",

@@ -70,7 +70,9 @@ class Checker:
 
     def log_whatsup(self, whatsup: str, text: str) -> None:
         st = self.state
-        line = f"NOQUEUE: {whatsup}: {st.where} from {st.client.namaddr}: {text};"
+        line = (
+            f"{st.queue_id or 'NOQUEUE'}: {whatsup}: {st.where} from {st.client.namaddr}: {text};"
+        )
         if st.sender is not None:
             line += f" from=<{st.sender}>"
         if st.recipient is not None:

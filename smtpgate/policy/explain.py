@@ -94,7 +94,10 @@ async def _run(session: PolicySession, stage: Stage, arg: object, esmtp: bool) -
     if stage is Stage.MAIL:
         return await session.mail(str(arg))
     if stage is Stage.RCPT:
-        return await session.rcpt(str(arg))
+        decision = await session.rcpt(str(arg))
+        if decision.accepted:
+            session.confirm_rcpt(str(arg))  # explain assumes the backend accepts
+        return decision
     if session.state.rcpt_count == 0:
         return Decision(Stage.DATA, Reply(503, "5.5.1", "Error: need RCPT command"))
     return await session.data()

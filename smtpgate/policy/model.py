@@ -148,6 +148,7 @@ class SessionState:
     input_pending: bool = False
     discard: bool = False
     access_denied: Reply | None = None
+    queue_id: str | None = None
     recursion: int = 0
     warn_if_reject: int = 0
     defer_if_permit: Deferral = field(default_factory=Deferral)

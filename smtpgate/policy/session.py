@@ -180,11 +180,14 @@ class PolicySession:
         return self._accept_rcpt(c, recipient)
 
     def _accept_rcpt(self, c: Checker, recipient: str) -> Decision:
+        return Decision(Stage.RCPT, None, c.steps, c.logs)
+
+    def confirm_rcpt(self, recipient: str) -> None:
+        """Count a recipient that passed the restrictions *and* the backend accepted."""
         st = self.state
         st.rcpt_count += 1
         if st.first_recipient is None:
             st.first_recipient = recipient
-        return Decision(Stage.RCPT, None, c.steps, c.logs)
 
     async def _rcpt_checks(self, c: Checker, recipient: str) -> Status:
         st = self.state
@@ -255,6 +258,7 @@ class PolicySession:
         st.rcpt_count = 0
         st.first_recipient = None
         st.discard = False
+        st.queue_id = None
         st.prepend.clear()
         st.queue_actions.clear()
         st.defer_if_permit_sender = False
