@@ -85,6 +85,39 @@ def check(config: str, overrides: tuple[str, ...]) -> None:
 
 
 @main.command()
+@config_option
+@override_option
+def serve(config: str, overrides: tuple[str, ...]) -> None:
+    """Run the SMTP front end: listen, apply the restrictions, relay to relayhost."""
+    from smtpgate.logs import MailLog
+    from smtpgate.server import Server
+
+    try:
+        plan, diagnostics = load_plan(config, overrides, strict_tables=False)
+    except ConfigError as exc:
+        _fail(str(exc))
+    _print_diagnostics(diagnostics)
+    if plan is None:
+        _fail(f"{config}: configuration errors: not starting")
+    maillog = MailLog.from_settings(plan.settings)
+
+    async def run() -> None:
+        server = Server(plan.settings, plan, maillog)
+        await server.start()
+        server.install_signal_handlers()
+        await server.serve_forever()
+
+    try:
+        asyncio.run(run())
+    except ConfigError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot listen: {exc}", 3)
+    finally:
+        maillog.close()
+
+
+@main.command()
 @click.argument("table")
 @click.argument("key")
 @click.option("-c", "--config", "config", default=None, help="Resolve relative paths from here.")

@@ -72,6 +72,10 @@ _DIFFERENCES = {
         "(the backend MTA)."
     ),
     "smtpd_proxy_timeout": "In smtpgate it bounds every exchange with the backend MTA.",
+    "smtp_connect_timeout": (
+        "In smtpgate it bounds the TCP connection to the backend MTA and its greeting "
+        "(Postfix's smtp_helo_timeout covers the greeting there)."
+    ),
 }
 
 _RAW = frozenset({"smtpd_reject_footer", "smtpd_expansion_filter"})
@@ -536,6 +540,24 @@ _SPECS = [
     _p("smtp_tls_loglevel", "0", "int", "How much backend TLS activity to log (0-4)."),
     _p("smtp_tls_servername", "", "str", "SNI name sent to the backend MTA (empty: none)."),
     _p("smtp_tls_wrappermode", "no", "bool", "Speak TLS from the first byte to the backend MTA."),
+    _p(
+        "smtp_tls_verify_cert_match",
+        "hostname",
+        "list",
+        "Names the backend certificate must match at smtp_tls_security_level = verify.",
+    ),
+    _p(
+        "smtp_tls_secure_cert_match",
+        "nexthop, dot-nexthop",
+        "list",
+        "Names the backend certificate must match at smtp_tls_security_level = secure.",
+    ),
+    _p(
+        "smtp_connect_timeout",
+        "30s",
+        "time",
+        "How long to wait for the backend MTA to accept a connection and greet.",
+    ),
     ParamSpec(
         "listen",
         "0.0.0.0:25",

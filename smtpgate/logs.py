@@ -1,0 +1,119 @@
+"""Log lines in Postfix's format, to ``maillog_file`` or to standard error.
+
+Every line reads as Postfix's ``maillog_file`` does::
+
+    Nov 28 05:22:12 mx postfix/smtpd[26508]: NOQUEUE: reject: RCPT from ...
+
+so that ``grep NOQUEUE`` and fail2ban's postfix filter work unchanged.  The program
+name is ``$syslog_name/smtpd``; with ``syslog_name = postfix`` (the default) the lines
+are indistinguishable in form from Postfix's own.  Warnings carry Postfix's
+``warning:`` prefix.  Python's ``logging`` (loggers ``smtpgate.*``) is routed here too,
+so a library warning lands in the same file.
+
+Transaction ids are the queue-id form Postfix logs once a recipient was accepted: 10
+upper-case hexadecimal characters, unique within the process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import sys
+import threading
+import time
+from typing import TextIO
+
+from smtpgate.config import Settings
+
+_counter = itertools.count(int(time.time() * 1000) & 0xFFFFFF)
+
+
+def new_queue_id() -> str:
+    """A Postfix-looking short queue id (hex), unique within this process."""
+    return f"{(int(time.time()) & 0xFFFFF):05X}{next(_counter) & 0xFFFFF:05X}"
+
+
+class MailLog:
+    """Writes Postfix-format lines; thread-safe, line-buffered."""
+
+    def __init__(
+        self,
+        hostname: str,
+        syslog_name: str = "postfix",
+        path: str | None = None,
+        stream: TextIO | None = None,
+    ) -> None:
+        self.hostname = hostname.split(".")[0] or hostname
+        self.tag = f"{syslog_name}/smtpd"
+        self.path = path
+        self._lock = threading.Lock()
+        self._stream: TextIO
+        if path:
+            self._stream = open(path, "a", encoding="utf-8", errors="replace", buffering=1)
+            self._owned = True
+        else:
+            self._stream = stream or sys.stderr
+            self._owned = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings, stream: TextIO | None = None) -> MailLog:
+        return cls(
+            settings["myhostname"],
+            settings.get("syslog_name") or "postfix",
+            settings.get("maillog_file") or None,
+            stream,
+        )
+
+    def _write(self, text: str) -> None:
+        stamp = time.strftime("%b %d %H:%M:%S", time.localtime())
+        line = f"{stamp} {self.hostname} {self.tag}[{os.getpid()}]: {text}\n"
+        with self._lock:
+            try:
+                self._stream.write(line)
+                self._stream.flush()
+            except (OSError, ValueError):
+                pass  # logging must never take the server down
+
+    def info(self, text: str) -> None:
+        self._write(text)
+
+    def warning(self, text: str) -> None:
+        self._write(f"warning: {text}")
+
+    def error(self, text: str) -> None:
+        self._write(f"error: {text}")
+
+    def close(self) -> None:
+        if self._owned:
+            self._stream.close()
+
+
+class _MailLogHandler(logging.Handler):
+    def __init__(self, maillog: MailLog) -> None:
+        super().__init__(logging.INFO)
+        self.maillog = maillog
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.exc_info and record.levelno >= logging.ERROR:
+            text += " " + " | ".join(
+                logging.Formatter().formatException(record.exc_info).splitlines()
+            )
+        if record.levelno >= logging.ERROR:
+            self.maillog.error(text)
+        elif record.levelno >= logging.WARNING:
+            self.maillog.warning(text)
+        else:
+            self.maillog.info(text)
+
+
+def route_python_logging(maillog: MailLog) -> None:
+    """Send the ``smtpgate`` loggers' records to ``maillog`` (replacing earlier routes)."""
+    logger = logging.getLogger("smtpgate")
+    for handler in list(logger.handlers):
+        if isinstance(handler, _MailLogHandler):
+            logger.removeHandler(handler)
+    logger.addHandler(_MailLogHandler(maillog))
+    logger.setLevel(logging.INFO)
+    logger.propagate = False

@@ -1,0 +1,129 @@
+"""Server lifecycle: bind the listeners, run, and stop without losing a transaction.
+
+``Server.start`` binds every address of ``listen``; ``Server.stop`` stops accepting,
+answers idle sessions ``421 4.3.2 ... Service shutting down``, lets sessions that are in
+the middle of a command (a relay in progress above all) finish within the drain
+timeout, and only then closes what is left.  SIGTERM and SIGINT call ``stop``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from smtpgate.config import Settings
+from smtpgate.errors import ConfigError
+from smtpgate.logs import MailLog, route_python_logging
+from smtpgate.policy.plan import Plan
+from smtpgate.relay import Relay
+from smtpgate.smtpd import GateConfig, GateProtocol, Shared
+
+DRAIN_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_listen(entries: Sequence[str]) -> list[ListenAddress]:
+    """``host:port``, ``[ipv6]:port``, ``:port`` (all addresses) or ``port``."""
+    out = []
+    for entry in entries:
+        text = entry.strip()
+        if text.startswith("["):
+            host, sep, port = text[1:].partition("]:")
+            if not sep:
+                raise ConfigError(f'listen: bad address "{entry}" (expected [ipv6]:port)')
+        elif text.isdigit():
+            host, port = "", text
+        else:
+            host, sep, port = text.rpartition(":")
+            if not sep:
+                raise ConfigError(f'listen: bad address "{entry}" (expected host:port)')
+        if not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(f'listen: bad port in "{entry}"')
+        out.append(ListenAddress(host or "0.0.0.0", int(port)))
+    if not out:
+        raise ConfigError("listen: no address to listen on")
+    return out
+
+
+class Server:
+    """Listeners plus the state their connections share."""
+
+    def __init__(self, settings: Settings, plan: Plan, maillog: MailLog) -> None:
+        self.settings = settings
+        self.maillog = maillog
+        self.shared = Shared(
+            plan=plan,
+            config=GateConfig.from_settings(settings),
+            relay=Relay.from_settings(settings),
+            maillog=maillog,
+        )
+        self.addresses = parse_listen(settings.as_list("listen"))
+        self.servers: list[asyncio.base_events.Server] = []
+        self.stopped = asyncio.Event()
+
+    @property
+    def sockets(self) -> list[tuple[str, int]]:
+        """The bound (host, port) pairs: port 0 in ``listen`` becomes the real port."""
+        out = []
+        for server in self.servers:
+            for sock in server.sockets:
+                name = sock.getsockname()
+                out.append((str(name[0]), int(name[1])))
+        return out
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        route_python_logging(self.maillog)
+        for address in self.addresses:
+            server = await loop.create_server(
+                lambda: GateProtocol(self.shared),
+                host=address.host,
+                port=address.port,
+                reuse_address=True,
+                backlog=1024,
+            )
+            self.servers.append(server)
+        bound = ", ".join(f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in self.sockets)
+        self.maillog.info(f"smtpgate listening on {bound}")
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, lambda: asyncio.ensure_future(self.stop()))
+
+    async def serve_forever(self) -> None:
+        await self.stopped.wait()
+
+    async def stop(self, drain_timeout: float = DRAIN_TIMEOUT) -> None:
+        if self.shared.draining:
+            return
+        self.shared.draining = True
+        self.maillog.info("stopping: no new connections; draining sessions")
+        for server in self.servers:
+            server.close()
+        for session in list(self.shared.sessions):
+            await session.drain()
+        deadline = asyncio.get_running_loop().time() + drain_timeout
+        while self.shared.sessions and asyncio.get_running_loop().time() < deadline:
+            for session in list(self.shared.sessions):
+                await session.drain()
+            await asyncio.sleep(0.05)
+        for session in list(self.shared.sessions):
+            session._close()
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        await self.shared.relay.close()
+        self.maillog.info("stopped")
+        self.stopped.set()
