@@ -72,10 +72,17 @@ def main() -> None:
 @override_option
 def check(config: str, overrides: tuple[str, ...]) -> None:
     """Validate everything serve would load; print warnings and errors with file and line."""
+    from smtpgate.server import validate_service
+
     try:
         plan, diagnostics = load_plan(config, overrides)
     except ConfigError as exc:
         _fail(str(exc))
+    if plan is not None:
+        service = validate_service(plan.settings)
+        diagnostics.extend(service)
+        if any(d.severity == "error" for d in service):
+            plan = None
     _print_diagnostics(diagnostics)
     warnings = sum(1 for d in diagnostics if d.severity == "warning")
     errors = sum(1 for d in diagnostics if d.severity == "error")

@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from smtpgate.config import Settings
+from smtpgate.config import Diagnostic, Settings
 from smtpgate.errors import ConfigError
 from smtpgate.logs import MailLog, route_python_logging
 from smtpgate.policy.plan import Plan
@@ -53,6 +54,65 @@ def parse_listen(entries: Sequence[str]) -> list[ListenAddress]:
         out.append(ListenAddress(host or "0.0.0.0", int(port)))
     if not out:
         raise ConfigError("listen: no address to listen on")
+    return out
+
+
+def validate_service(settings: Settings) -> list[Diagnostic]:
+    """Check what ``serve`` builds besides the Plan: listeners, TLS files, the relay.
+
+    ``check`` runs this; ``Server`` builds the same objects, so a config that passes here
+    starts (unless its port is taken or needs privileges).
+    """
+    out: list[Diagnostic] = []
+
+    def error(exc: ConfigError, parameter: str) -> None:
+        where = None if exc.path else settings.location(parameter)
+        out.append(Diagnostic("error", str(exc), where))
+
+    try:
+        parse_listen(settings.as_list("listen"))
+    except ConfigError as exc:
+        error(exc, "listen")
+    try:
+        GateConfig.from_settings(settings)
+    except (OSError, ssl.SSLError) as exc:
+        where = settings.location("smtpd_tls_cert_file")
+        out.append(Diagnostic("error", f"smtpd_tls_cert_file: cannot load: {exc}", where))
+    except ConfigError as exc:
+        error(exc, "smtpd_tls_cert_file")
+    try:
+        Relay.from_settings(settings)
+    except ConfigError as exc:
+        error(exc, "relayhost")
+    if not (settings.get("relayhost") or "").strip():
+        out.append(
+            Diagnostic(
+                "warning",
+                "relayhost is empty: every message would be deferred with 451 4.3.0; "
+                "set relayhost = [backend.example]:25",
+                settings.location("relayhost"),
+            )
+        )
+    level = (settings.get("smtp_tls_security_level") or "").lower()
+    has_ca = settings.get("smtp_tls_CAfile") or settings.get("smtp_tls_CApath")
+    if level in ("verify", "secure") and not has_ca:
+        out.append(
+            Diagnostic(
+                "warning",
+                f"smtp_tls_security_level = {level} without smtp_tls_CAfile or "
+                "smtp_tls_CApath: no backend certificate can be verified",
+                settings.location("smtp_tls_security_level"),
+            )
+        )
+    tls_level = (settings.get("smtpd_tls_security_level") or "").lower()
+    if tls_level in ("may", "encrypt") and not settings.get("smtpd_tls_cert_file"):
+        out.append(
+            Diagnostic(
+                "warning" if tls_level == "may" else "error",
+                f"smtpd_tls_security_level = {tls_level} needs smtpd_tls_cert_file",
+                settings.location("smtpd_tls_security_level"),
+            )
+        )
     return out
 
 
@@ -105,6 +165,15 @@ class Server:
     async def serve_forever(self) -> None:
         await self.stopped.wait()
 
+    async def _drained(self) -> None:
+        """Return once every session has ended; idle ones are told 421 as they finish."""
+        while self.shared.sessions:
+            self.shared.changed.clear()
+            for session in list(self.shared.sessions):
+                await session.drain()
+            if self.shared.sessions:
+                await self.shared.changed.wait()
+
     async def stop(self, drain_timeout: float = DRAIN_TIMEOUT) -> None:
         if self.shared.draining:
             return
@@ -114,11 +183,12 @@ class Server:
             server.close()
         for session in list(self.shared.sessions):
             await session.drain()
-        deadline = asyncio.get_running_loop().time() + drain_timeout
-        while self.shared.sessions and asyncio.get_running_loop().time() < deadline:
-            for session in list(self.shared.sessions):
-                await session.drain()
-            await asyncio.sleep(0.05)
+        try:
+            await asyncio.wait_for(self._drained(), drain_timeout)
+        except TimeoutError:
+            self.maillog.warning(
+                f"drain timeout: closing {len(self.shared.sessions)} session(s) still busy"
+            )
         for session in list(self.shared.sessions):
             session._close()
         for server in self.servers:

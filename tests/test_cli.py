@@ -35,7 +35,8 @@ def test_check_seed_explains_reject_521():
     assert "restricted_senders, line 3: warning:" in result.stderr
     assert "restricted_senders, line 4: warning:" in result.stderr
     assert 'sends $access_map_reject_code with the text "521", not a 521 reply' in result.stderr
-    assert "ok, 2 warning(s)" in result.stdout
+    assert "relayhost is empty" in result.stderr
+    assert "ok, 3 warning(s)" in result.stdout
 
 
 def test_explain_seed_ends_with_postfix_reply():
