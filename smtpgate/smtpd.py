@@ -128,6 +128,8 @@ class Shared:
     maillog: MailLog
     sessions: set[GateProtocol] = field(default_factory=set)
     draining: bool = False
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when a session ends or finishes a command (the drain waits on it)."""
 
 
 class _NoHooks:
@@ -238,6 +240,7 @@ class GateProtocol(SMTP):
                     await self._send(R451_LOCAL_ERROR)
                 finally:
                     self.busy = False
+                    shared.changed.set()
                 await self._flush()
         except asyncio.CancelledError:
             self.closing = True
@@ -245,6 +248,7 @@ class GateProtocol(SMTP):
             await self._end_transaction()
             self._log_disconnect()
             shared.sessions.discard(self)
+            shared.changed.set()
             self._close()
 
     async def _greet(self) -> None:
