@@ -14,14 +14,17 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# Until `serve` lands (next issue), run checks the example config and explains the
-# seed's dialogue: the reply a qq.com sender gets for foo@bar.org, and a good sender's.
+# The demo: smtpgate on 127.0.0.1:2525 with the seed's setup done right, in front of an
+# embedded backend (smtpgate sink) on 127.0.0.1:2526 that stores mail in var/mail/new.
+# Ctrl-C stops both.
 run: install
-	$(BIN)/smtpgate check -c $(CONFIG)
-	$(BIN)/smtpgate explain -c $(CONFIG) --client 203.0.113.82 --helo me.testing.example.com \
-		--from 318787866@qq.com --to foo@bar.org
-	$(BIN)/smtpgate explain -c $(CONFIG) --client 203.0.113.82 --helo me.testing.example.com \
-		--from friend@example.net --to foo@bar.org
+	@$(BIN)/smtpgate check -c $(CONFIG)
+	@cat examples/TRY.txt
+	@mkdir -p var; \
+	$(BIN)/smtpgate sink --listen 127.0.0.1:2526 --maildir var/mail & sink=$$!; \
+	trap 'kill $$sink 2>/dev/null; wait $$sink 2>/dev/null' EXIT INT TERM; \
+	$(BIN)/smtpgate serve -c $(CONFIG) -o maillog_file=var/maillog; \
+	echo "smtpgate stopped; log in var/maillog"
 
 lint: install
 	$(BIN)/ruff check smtpgate tests

@@ -125,6 +125,27 @@ def serve(config: str, overrides: tuple[str, ...]) -> None:
 
 
 @main.command()
+@click.option("--listen", default="127.0.0.1:2526", show_default=True, help="host:port")
+@click.option("--maildir", default="var/mail", show_default=True, help="Where messages go.")
+def sink(listen: str, maildir: str) -> None:
+    """A stand-in backend MTA: accept every message and store it in a Maildir."""
+    from smtpgate.server import parse_listen
+    from smtpgate.sink import run_sink
+
+    try:
+        [address] = parse_listen([listen])
+    except (ConfigError, ValueError) as exc:
+        _fail(f"--listen: {exc}")
+    click.echo(f"smtpgate sink: listening on {address}; messages go to {maildir}/new/")
+    try:
+        asyncio.run(run_sink(address.host, address.port, maildir))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        _fail(f"sink: cannot listen on {address}: {exc.strerror or exc}", 3)
+
+
+@main.command()
 @click.argument("table")
 @click.argument("key")
 @click.option("-c", "--config", "config", default=None, help="Resolve relative paths from here.")
