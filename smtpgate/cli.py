@@ -1,12 +1,14 @@
 """The ``smtpgate`` command: check, query, explain.
 
 This is the only module that prints or exits.  Exit codes: 0 success, 1 a lookup found
-nothing (``query``, as ``postmap -q``), 2 a configuration error.
+nothing (``query``, as ``postmap -q``), 2 a configuration error, 3 cannot start
+(a listener cannot be bound; ``reload`` finds no running server).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -22,6 +24,7 @@ from smtpgate.policy.plan import Plan, build_plan
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
 EXIT_CONFIG = 2
+EXIT_START = 3
 
 
 def _fail(message: str, code: int = EXIT_CONFIG) -> NoReturn:
@@ -97,7 +100,7 @@ def check(config: str, overrides: tuple[str, ...]) -> None:
 def serve(config: str, overrides: tuple[str, ...]) -> None:
     """Run the SMTP front end: listen, apply the restrictions, relay to relayhost."""
     from smtpgate.logs import MailLog
-    from smtpgate.server import Server
+    from smtpgate.server import ListenError, Server, drop_privileges, validate_service
 
     try:
         plan, diagnostics = load_plan(config, overrides, strict_tables=False)
@@ -106,22 +109,64 @@ def serve(config: str, overrides: tuple[str, ...]) -> None:
     _print_diagnostics(diagnostics)
     if plan is None:
         _fail(f"{config}: configuration errors: not starting")
-    maillog = MailLog.from_settings(plan.settings)
+    service = validate_service(plan.settings)
+    _print_diagnostics(service)
+    if any(d.severity == "error" for d in service):
+        _fail(f"{config}: configuration errors: not starting")
+    try:
+        maillog = MailLog.from_settings(plan.settings)
+    except OSError as exc:
+        _fail(f"maillog_file: {exc}")
+    settings = plan.settings
 
     async def run() -> None:
-        server = Server(plan.settings, plan, maillog)
+        server = Server(settings, plan, maillog, config_path=config, overrides=overrides)
         await server.start()
+        server.write_pid_file(settings.get("pid_file") or "")
+        drop_privileges(settings.get("smtpgate_user") or "smtpgate")
         server.install_signal_handlers()
+        await server.probe_relayhost()
         await server.serve_forever()
 
     try:
         asyncio.run(run())
     except ConfigError as exc:
         _fail(str(exc))
-    except OSError as exc:
-        _fail(f"cannot listen: {exc}", 3)
+    except ListenError as exc:
+        _fail(str(exc), EXIT_START)
     finally:
         maillog.close()
+
+
+@main.command()
+@config_option
+@override_option
+def reload(config: str, overrides: tuple[str, ...]) -> None:
+    """Validate the configuration, then tell the running serve to re-read it (SIGHUP)."""
+    import signal
+
+    from smtpgate.server import validate_service
+
+    try:
+        plan, diagnostics = load_plan(config, overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+    if plan is not None:
+        diagnostics.extend(validate_service(plan.settings))
+    _print_diagnostics(diagnostics)
+    if plan is None or any(d.severity == "error" for d in diagnostics):
+        _fail(f"{config}: configuration errors: not reloading (the running server is unchanged)")
+    pid_file = plan.settings.get("pid_file") or ""
+    try:
+        with open(pid_file, encoding="ascii") as f:
+            pid = int(f.read().strip())
+        if not _is_smtpgate(pid):
+            raise ValueError(f"process {pid} is not smtpgate (a stale pid file)")
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        _fail(f"pid_file {pid_file}: {why}: is smtpgate serve running? (or send it SIGHUP)", 3)
+    click.echo(f"smtpgate: reload requested (pid {pid})")
 
 
 @main.command()
@@ -225,6 +270,17 @@ def explain(
         )
     )
     click.echo(render_json(exchanges) if as_json else render_text(exchanges))
+
+
+def _is_smtpgate(pid: int) -> bool:
+    """Whether ``pid`` runs smtpgate (never signal a process that reused a stale pid)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"smtpgate" in f.read()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # no /proc here: trust the pid file
 
 
 def _unbracket(address: str) -> str:

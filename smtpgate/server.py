@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 import signal
 import ssl
 from collections.abc import Sequence
@@ -116,12 +118,71 @@ def validate_service(settings: Settings) -> list[Diagnostic]:
     return out
 
 
+class ListenError(Exception):
+    """A listener could not be bound; ``str()`` says what to do about it."""
+
+    def __init__(self, address: ListenAddress, error: OSError) -> None:
+        self.address = address
+        self.error = error
+        super().__init__(self._advice())
+
+    def _advice(self) -> str:
+        where = f"cannot listen on {self.address}"
+        if self.error.errno == errno.EADDRINUSE:
+            return (
+                f"{where}: the address is already in use (another smtpgate or MTA runs "
+                "there): stop it, or change listen"
+            )
+        if self.error.errno == errno.EACCES:
+            return (
+                f"{where}: permission denied: ports below 1024 need root (smtpgate then "
+                "drops to smtpgate_user) or CAP_NET_BIND_SERVICE; or listen on a port "
+                "above 1023, e.g. listen = 0.0.0.0:2525"
+            )
+        if self.error.errno == errno.EADDRNOTAVAIL:
+            return f"{where}: no such address on this machine: check listen"
+        return f"{where}: {self.error.strerror or self.error}"
+
+
+def drop_privileges(user: str) -> None:
+    """Become ``user`` (its uid, gid, no supplementary groups); refuse to stay root."""
+    import pwd
+
+    if os.geteuid() != 0:
+        return
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(
+            f"smtpgate_user = {user}: no such user: create it (useradd --system "
+            f"--no-create-home --shell /usr/sbin/nologin {user}) or set smtpgate_user"
+        ) from None
+    if entry.pw_uid == 0:
+        raise ConfigError(f"smtpgate_user = {user} is root: smtpgate will not run as root")
+    os.setgroups([])
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+    if os.geteuid() == 0 or os.getuid() == 0:
+        raise ConfigError("could not drop root privileges; refusing to run as root")
+
+
 class Server:
     """Listeners plus the state their connections share."""
 
-    def __init__(self, settings: Settings, plan: Plan, maillog: MailLog) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        plan: Plan,
+        maillog: MailLog,
+        *,
+        config_path: str | None = None,
+        overrides: Sequence[str] = (),
+    ) -> None:
         self.settings = settings
         self.maillog = maillog
+        self.config_path = config_path
+        self.overrides = tuple(overrides)
+        self.pid_file: str | None = None
         self.shared = Shared(
             plan=plan,
             config=GateConfig.from_settings(settings),
@@ -143,24 +204,107 @@ class Server:
         return out
 
     async def start(self) -> None:
+        """Bind every listener (a clear ListenError when one cannot be bound)."""
         loop = asyncio.get_running_loop()
         route_python_logging(self.maillog)
         for address in self.addresses:
-            server = await loop.create_server(
-                lambda: GateProtocol(self.shared),
-                host=address.host,
-                port=address.port,
-                reuse_address=True,
-                backlog=1024,
-            )
+            try:
+                server = await loop.create_server(
+                    lambda: GateProtocol(self.shared),
+                    host=address.host,
+                    port=address.port,
+                    reuse_address=True,
+                    backlog=1024,
+                )
+            except OSError as exc:
+                for bound in self.servers:
+                    bound.close()
+                raise ListenError(address, exc) from None
             self.servers.append(server)
-        bound = ", ".join(f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in self.sockets)
-        self.maillog.info(f"smtpgate listening on {bound}")
+        names = ", ".join(f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in self.sockets)
+        self.maillog.info(f"smtpgate listening on {names}")
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, lambda: asyncio.ensure_future(self.stop()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+
+    async def probe_relayhost(self) -> None:
+        """Warn (and keep serving) when the backend cannot be reached at start."""
+        relayhost = self.shared.relay.relayhost
+        if relayhost is None:
+            self.maillog.warning("relayhost is empty: every message will be deferred (451)")
+            return
+        timeout = min(self.settings.as_time("smtp_connect_timeout"), 5.0)
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(relayhost.host, relayhost.port), timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError):
+                why = "timed out"
+            else:
+                why = os.strerror(exc.errno) if exc.errno else str(exc)
+            self.maillog.warning(
+                f"relayhost {self.settings['relayhost']} is not reachable now ({why}): "
+                "smtpgate keeps serving and answers 451 4.3.0 until the backend is back"
+            )
+            return
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+    def write_pid_file(self, path: str) -> None:
+        """Record the process id for ``smtpgate reload``; a failure is only a warning."""
+        if not path:
+            return
+        try:
+            with open(path, "w", encoding="ascii") as f:
+                f.write(f"{os.getpid()}\n")
+        except OSError as exc:
+            self.maillog.warning(
+                f"pid_file {path}: {exc.strerror}: smtpgate reload cannot find this process "
+                "(send SIGHUP instead, or set pid_file)"
+            )
+            return
+        self.pid_file = path
+
+    async def reload(self) -> bool:
+        """Re-read config and tables; swap them in only when they validate completely."""
+        from smtpgate.config import load_settings
+        from smtpgate.policy.plan import build_plan
+
+        if self.config_path is None:
+            self.maillog.warning("reload: this server was not started from a file")
+            return False
+        try:
+            settings, diagnostics = load_settings(self.config_path, self.overrides)
+            plan, more = build_plan(settings)
+            diagnostics = [*diagnostics, *more]
+            if plan is not None:
+                diagnostics += validate_service(settings)
+        except ConfigError as exc:
+            self.maillog.error(f"reload failed, keeping the running configuration: {exc}")
+            return False
+        errors = [d for d in diagnostics if d.severity == "error"]
+        for diagnostic in diagnostics:
+            self.maillog.info(f"reload: {diagnostic}")
+        if plan is None or errors:
+            self.maillog.error(
+                f"reload failed ({len(errors)} error(s)), keeping the running configuration"
+            )
+            return False
+        if settings.as_list("listen") != self.settings.as_list("listen"):
+            self.maillog.warning("reload: listen changed; restart smtpgate to rebind")
+        old_relay = self.shared.relay
+        self.shared.plan = plan
+        self.shared.config = GateConfig.from_settings(settings)
+        self.shared.relay = Relay.from_settings(settings)
+        self.settings = settings
+        await old_relay.close()
+        self.maillog.info(f"reloaded {self.config_path}")
+        return True
 
     async def serve_forever(self) -> None:
         await self.stopped.wait()
@@ -195,5 +339,8 @@ class Server:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
         await self.shared.relay.close()
+        if self.pid_file:
+            with contextlib.suppress(OSError):
+                os.unlink(self.pid_file)
         self.maillog.info("stopped")
         self.stopped.set()

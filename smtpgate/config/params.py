@@ -565,6 +565,20 @@ _SPECS = [
         "Addresses smtpgate listens on: host:port or [ipv6]:port, e.g. 0.0.0.0:25, [::]:25.",
         "smtpgate only; Postfix takes listen addresses from master.cf.",
     ),
+    ParamSpec(
+        "smtpgate_user",
+        "smtpgate",
+        "str",
+        "When started as root, serve binds its sockets and then runs as this user.",
+        "smtpgate only; the counterpart of Postfix's mail_owner.",
+    ),
+    ParamSpec(
+        "pid_file",
+        "/run/smtpgate/smtpgate.pid",
+        "str",
+        "Where serve writes its process id; smtpgate reload signals that process.",
+        "smtpgate only (Postfix: $queue_directory/pid/master.pid).",
+    ),
 ]
 
 PARAMETERS: Mapping[str, ParamSpec] = MappingProxyType({spec.name: spec for spec in _SPECS})

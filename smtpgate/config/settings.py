@@ -467,7 +467,7 @@ def load_settings(
             data = stream.read()
     except FileNotFoundError:
         raise ConfigError(
-            "No such file or directory: create it (deploy/main.cf.example is a start) "
+            "No such file or directory: create it (examples/main.cf is a start) "
             "or name another one with -c FILE",
             name,
         ) from None
