@@ -249,8 +249,8 @@ async def test_reload_swaps_tables_and_keeps_old_config_when_broken(tmp_path: Pa
         cf.write_text(cf.read_text() + "smtpd_sender_restrictions = permit_mynetwork\n")
         assert not await server.reload()
         assert (
-            f'{cf}, line 8: error: smtpd_sender_restrictions: unknown restriction "permit_mynetwork"'
-            in log.getvalue()
+            f"{cf}, line 8: error: smtpd_sender_restrictions: "
+            'unknown restriction "permit_mynetwork"' in log.getvalue()
         )
         assert "keeping the running configuration" in log.getvalue()
         assert (await rcpt_reply("a@163.com"))[0].startswith("521 ")  # the old plan serves
