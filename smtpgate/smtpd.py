@@ -23,16 +23,15 @@ import logging
 import re
 import ssl
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiosmtpd.smtp import SMTP
 
 from smtpgate.config import Settings
 from smtpgate.logs import MailLog, new_queue_id
-from smtpgate.policy.model import ClientInfo, Decision
+from smtpgate.policy.model import ClientInfo, Decision, Stage
 from smtpgate.policy.plan import Plan
 from smtpgate.policy.session import PolicySession
 from smtpgate.relay import ClientFacts, Relay, Transaction
@@ -43,8 +42,16 @@ log = logging.getLogger("smtpgate.smtpd")
 
 OK = Reply(250, "2.0.0", "Ok")
 BYE = Reply(221, "2.0.0", "Bye")
-UNKNOWN_COMMAND = Reply(502, "5.5.2", "Error: command not recognized")
+UNKNOWN_COMMAND = Reply(500, "5.5.2", "Error: command not recognized")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
 BAD_SYNTAX = Reply(500, "5.5.2", "Error: bad syntax")
+BAD_UTF8 = Reply(500, "5.5.2", "Error: bad UTF-8 syntax")
+BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
+BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
+NO_AUTH = Reply(503, "5.5.1", "Error: authentication not enabled")
+NOT_AUTHORIZED = Reply(550, "5.7.0", "Error: insufficient authorization")
+# Postfix with CHUNKING off: BDAT content cannot be skipped, so it disconnects.
+NO_CHUNKING = Reply(521, "5.5.1", "Error: command not implemented", disconnect=True)
 NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
 NO_VALID_RCPT = Reply(554, "5.5.1", "Error: no valid recipients")
 TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
@@ -56,10 +63,16 @@ DATA_GO_AHEAD = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 # Postfix's order of the counters in the "disconnect from" line.
 COUNTED = "helo ehlo starttls auth mail rcpt data bdat rset noop vrfy etrn quit unknown".split()
 ALLOWED_BEFORE_TLS = {"HELO", "EHLO", "STARTTLS", "NOOP", "RSET", "QUIT"}
+# smtpd_forbidden_commands default: CONNECT GET POST regexp:{{/^[^A-Z]/ Bogus}} (the
+# regexp is case-insensitive), plus Postfix's own check for a message header line.
 FORBIDDEN_VERBS = {"CONNECT", "GET", "POST"}
 _HEADER_LIKE = re.compile(r"^[\x21-\x39\x3b-\x7e]+:")
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-_PARAM = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*)(?:=(\S*))?$")
+_LETTER_FIRST = re.compile(r"^[A-Za-z]")
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
+_DIGITS = re.compile(r"^[0-9]+$")
+_XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-Fa-f]{2})+$")
+_NOTIFY = {"SUCCESS", "FAILURE", "DELAY"}
+OFF_T_MAX = 2**63 - 1  # SIZE beyond this: Postfix's "file system imposed limit"
 _END_OF_DATA = b"\r\n.\r\n"
 
 
@@ -193,7 +206,10 @@ class GateProtocol(SMTP):
     def _write(self, reply: Reply) -> None:
         if self.closing or self._writer is None:
             return
-        data = "".join(line + "\r\n" for line in reply.lines()).encode("utf-8", "replace")
+        # Postfix's printable(): a control character in a reply (say, from an address the
+        # client sent) goes out as a space.
+        lines = (_UNPRINTABLE.sub(" ", line) for line in reply.lines())
+        data = "".join(line + "\r\n" for line in lines).encode("utf-8", "replace")
         self._writer.write(data)
 
     async def _flush(self, force: bool = False) -> None:
@@ -237,6 +253,7 @@ class GateProtocol(SMTP):
                     await self._dispatch(line)
                 except Exception:
                     log.exception("%s: unexpected error", client.namaddr)
+                    await self._end_transaction()
                     await self._send(R451_LOCAL_ERROR)
                 finally:
                     self.busy = False
@@ -304,24 +321,23 @@ class GateProtocol(SMTP):
             self.counts["unknown"] += 1
             await self._send(self._bare_newline_reply())
             return
+        # Postfix handles the command as a C string: it ends at the first NUL.
+        line = line.split(b"\0", 1)[0]
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
             self.counts["unknown"] += 1
-            await self._send(Reply(500, "5.5.2", "Error: bad UTF-8 syntax"))
+            await self._send(BAD_UTF8)
             return
-        verb, _, arg = text.strip(" \t").partition(" ")
-        if not verb:
+        tokens = smtpd_tokens(text)
+        if not tokens:
             self.counts["unknown"] += 1
             await self._send(BAD_SYNTAX)
             return
-        if _CONTROL.search(text):
-            self.counts["unknown"] += 1
-            await self._send(BAD_SYNTAX)
-            return
+        verb = tokens[0].text
         upper = verb.upper()
         self._last_command = upper
-        if upper in FORBIDDEN_VERBS or _HEADER_LIKE.match(verb):
+        if _forbidden(verb):
             self.shared.maillog.warning(f"non-SMTP command from {self._namaddr}: {text[:100]}")
             await self._send(FORBIDDEN)
             return
@@ -337,25 +353,25 @@ class GateProtocol(SMTP):
             return
         assert self.policy is not None
         self.policy.state.input_pending = bool(self._reader._buffer)  # type: ignore[attr-defined]
-        ok = await handler(self, arg.strip(" \t"))
+        ok = await handler(self, tokens[1:])
         if ok:
             self.successes[name] += 1
 
     # -- commands ---------------------------------------------------------------------
 
-    async def cmd_helo(self, arg: str) -> bool:
-        return await self._hello(arg, esmtp=False)
+    async def cmd_helo(self, args: Args) -> bool:
+        return await self._hello(args, esmtp=False)
 
-    async def cmd_ehlo(self, arg: str) -> bool:
-        return await self._hello(arg, esmtp=True)
+    async def cmd_ehlo(self, args: Args) -> bool:
+        return await self._hello(args, esmtp=True)
 
-    async def _hello(self, arg: str, esmtp: bool) -> bool:
+    async def _hello(self, args: Args, esmtp: bool) -> bool:
         assert self.policy is not None
         verb = "EHLO" if esmtp else "HELO"
-        if not arg:
+        if not args:
             await self._send(Reply(501, "", f"Syntax: {verb} hostname"))
             return False
-        name = " ".join(arg.split())
+        name = " ".join(t.text for t in args)
         await self._end_transaction()
         decision = await self.policy.helo(name, esmtp=esmtp)
         self._log_decision(decision)
@@ -379,73 +395,51 @@ class GateProtocol(SMTP):
         out += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8"]
         return out
 
-    async def cmd_mail(self, arg: str) -> bool:
+    async def cmd_mail(self, args: Args) -> bool:
         assert self.policy is not None
         if self.policy.state.helo_name is None and self.shared.plan.helo_required:
-            await self._send(Reply(503, "5.5.1", "Error: send HELO/EHLO first"))
-            return False
+            return await self._fail(Reply(503, "5.5.1", "Error: send HELO/EHLO first"))
         if self.txn is not None:
-            await self._send(Reply(503, "5.5.1", "Error: nested MAIL command"))
-            return False
-        parsed = _split_path(arg, "FROM")
-        if parsed is None:
-            await self._send(Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>"))
-            return False
-        address, params = parsed
-        if address is None:
-            await self._send(Reply(501, "5.1.7", "Bad sender address syntax"))
-            return False
-        problem = self._check_mail_params(params)
+            return await self._fail(Reply(503, "5.5.1", "Error: nested MAIL command"))
+        if len(args) < 2 or args[0].text.lower() != "from:":
+            return await self._fail(Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>"))
+        if args[1].error:
+            return await self._fail(BAD_SENDER)
+        params = [t.text for t in args[2:]]
+        problem, size = _check_mail_params(params)
         if problem is not None:
-            await self._send(problem)
-            return False
+            return await self._fail(problem)
+        address = parse_address(args[1].text, allow_empty=True)
+        if address is None:
+            return await self._fail(BAD_SENDER)
+        if self.config.size_limit and size > self.config.size_limit:
+            return await self._fail(TOO_BIG)
         decision = await self.policy.mail(address)
         self._log_decision(decision)
         if decision.reply is not None:
             await self._send(decision.reply)
             return False
-        self.txn = _Transaction(address, params)
+        # AUTH= from a client that did not authenticate is ignored, as Postfix does.
+        forwarded = [p for p in params if not p.upper().startswith("AUTH=")]
+        self.txn = _Transaction(address, forwarded)
         await self._send(Reply(250, "2.1.0", "Ok"))
         return True
 
-    def _check_mail_params(self, params: list[str]) -> Reply | None:
-        for param in params:
-            m = _PARAM.match(param)
-            if not m:
-                return Reply(501, "5.5.4", f"Bad parameter syntax: {param}")
-            key, value = m.group(1).upper(), m.group(2)
-            check = _MAIL_PARAMS.get(key)
-            if check is None:
-                return Reply(555, "5.5.4", f"Unsupported option: {param}")
-            problem = check(value)
-            if problem is not None:
-                return problem
-            if (
-                key == "SIZE"
-                and self.config.size_limit
-                and int(value or 0) > self.config.size_limit
-            ):
-                return TOO_BIG
-        return None
-
-    async def cmd_rcpt(self, arg: str) -> bool:
+    async def cmd_rcpt(self, args: Args) -> bool:
         assert self.policy is not None
         if self.txn is None:
-            await self._send(Reply(503, "5.5.1", "Error: need MAIL command"))
-            return False
-        parsed = _split_path(arg, "TO")
-        if parsed is None:
-            await self._send(Reply(501, "5.5.4", "Syntax: RCPT TO:<address>"))
-            return False
-        address, params = parsed
-        if not address:
-            await self._send(Reply(501, "5.1.3", "Bad recipient address syntax"))
-            return False
-        for param in params:
-            m = _PARAM.match(param)
-            key = m.group(1).upper() if m else ""
-            if key not in ("NOTIFY", "ORCPT") or m is None or not m.group(2):
-                return await self._fail(Reply(555, "5.5.4", f"Unsupported option: {param}"))
+            return await self._fail(Reply(503, "5.5.1", "Error: need MAIL command"))
+        if len(args) < 2 or args[0].text.lower() != "to:":
+            return await self._fail(Reply(501, "5.5.4", "Syntax: RCPT TO:<address>"))
+        if args[1].error:
+            return await self._fail(BAD_RECIPIENT)
+        params = [t.text for t in args[2:]]
+        problem = _check_rcpt_params(params)
+        if problem is not None:
+            return await self._fail(problem)
+        address = parse_address(args[1].text, allow_empty=False)
+        if address is None:
+            return await self._fail(BAD_RECIPIENT)
         if len(self.txn.recipients) >= self.config.recipient_limit:
             return await self._fail(Reply(452, "4.5.3", "Error: too many recipients"))
         decision = await self.policy.rcpt(address)
@@ -488,14 +482,14 @@ class GateProtocol(SMTP):
             self._log_proxy("proxy-reject", "RCPT", reply, recipient=address)
         return reply
 
-    async def cmd_data(self, arg: str) -> bool:
+    async def cmd_data(self, args: Args) -> bool:
         assert self.policy is not None
-        if arg:
-            return await self._fail(Reply(501, "5.5.4", "Syntax: DATA"))
         if self.txn is None:
             return await self._fail(NEED_RCPT)
         if not self.txn.recipients:
-            return await self._fail(NO_VALID_RCPT if self.counts["rcpt"] else NEED_RCPT)
+            return await self._fail(NO_VALID_RCPT)
+        if args:
+            return await self._fail(Reply(501, "5.5.4", "Syntax: DATA"))
         decision = await self.policy.data()
         self._log_decision(decision)
         if decision.reply is not None:
@@ -603,34 +597,91 @@ class GateProtocol(SMTP):
             lines.append(f"\t{date}")
         return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
 
-    async def cmd_rset(self, arg: str) -> bool:
-        if arg:
+    async def cmd_rset(self, args: Args) -> bool:
+        if args:
             return await self._fail(Reply(501, "5.5.4", "Syntax: RSET"))
         await self._end_transaction()
         await self._send(OK)
         return True
 
-    async def cmd_noop(self, arg: str) -> bool:
+    async def cmd_noop(self, args: Args) -> bool:
         await self._send(OK)
         return True
 
-    async def cmd_quit(self, arg: str) -> bool:
+    async def cmd_quit(self, args: Args) -> bool:
         await self._send(Reply(BYE.code, BYE.dsn, BYE.text, disconnect=True))
         return True
 
-    async def cmd_vrfy(self, arg: str) -> bool:
+    async def cmd_vrfy(self, args: Args) -> bool:
+        """Postfix's vrfy_cmd: the recipient restrictions decide; 252 when they pass."""
         if self.config.disable_vrfy:
             return await self._fail(Reply(502, "5.5.1", "VRFY command is disabled"))
-        if not arg:
-            return await self._fail(Reply(501, "5.5.4", "Syntax: VRFY address"))
-        await self._send(Reply(252, "2.0.0", arg))
+        if not args:
+            return await self._fail(Reply(501, "5.5.4", "Syntax: VRFY address [SMTPUTF8]"))
+        words = [t.text for t in args]
+        if len(words) > 1 and words[-1].upper() == "SMTPUTF8":
+            words.pop()
+        text = " ".join(words)
+        address = parse_address(text, allow_empty=False, sloppy=True)
+        if address is None:
+            return await self._fail(BAD_RECIPIENT)
+        decision = await self._vrfy_decision(address)
+        self._log_decision(decision)
+        if decision.reply is not None:
+            await self._send(decision.reply)
+            return False
+        await self._send(Reply(252, "2.0.0", text))
         return True
 
-    async def cmd_starttls(self, arg: str) -> bool:
-        if self.config.tls_context is None:
-            return await self._fail(UNKNOWN_COMMAND)
-        if arg:
+    async def _vrfy_decision(self, address: str) -> Decision:
+        """smtpd_check_rcpt() for VRFY: the RCPT checks, with or without a MAIL transaction.
+
+        PolicySession.rcpt() insists on MAIL first; outside a transaction this drives its
+        steps directly (the sender checks see no sender and pass, as in Postfix).
+        """
+        policy = self.policy
+        assert policy is not None
+        st = policy.state
+        if st.sender is not None:
+            return await policy.rcpt(address)
+        denied = policy._denied(Stage.RCPT)
+        if denied is not None:
+            return denied
+        checker = policy._checker(Stage.RCPT)
+        st.where = "VRFY"
+        st.recipient, st.recipient_rcptmap_checked = address, False
+        try:
+            status = await policy._rcpt_checks(checker, address)
+        finally:
+            st.recipient = None
+        return policy._decision(checker, Stage.RCPT, status)
+
+    async def cmd_etrn(self, args: Args) -> bool:
+        # smtpgate has no queue to flush (a deliberate difference: Postfix runs ETRN).
+        return await self._fail(NOT_IMPLEMENTED)
+
+    async def cmd_auth(self, args: Args) -> bool:
+        # smtpgate offers no SASL: Postfix's answer with smtpd_sasl_auth_enable = no.
+        return await self._fail(NO_AUTH)
+
+    async def cmd_bdat(self, args: Args) -> bool:
+        return await self._fail(NO_CHUNKING)
+
+    async def cmd_xclient(self, args: Args) -> bool:
+        if not args:
+            return await self._fail(Reply(501, "5.5.4", "Syntax: XCLIENT attribute=value..."))
+        return await self._fail(NOT_AUTHORIZED)
+
+    async def cmd_xforward(self, args: Args) -> bool:
+        if not args:
+            return await self._fail(Reply(501, "5.5.4", "Syntax: XFORWARD attribute=value..."))
+        return await self._fail(NOT_AUTHORIZED)
+
+    async def cmd_starttls(self, args: Args) -> bool:
+        if args:
             return await self._fail(Reply(501, "5.5.4", "Syntax: STARTTLS"))
+        if self.config.tls_context is None:
+            return await self._fail(NOT_IMPLEMENTED)
         if self.tls_active:
             return await self._fail(Reply(554, "5.5.1", "Error: TLS already active"))
         await self._end_transaction()
@@ -732,35 +783,64 @@ GateProtocol._commands = {
     "QUIT": GateProtocol.cmd_quit,
     "VRFY": GateProtocol.cmd_vrfy,
     "STARTTLS": GateProtocol.cmd_starttls,
+    "ETRN": GateProtocol.cmd_etrn,
+    "AUTH": GateProtocol.cmd_auth,
+    "BDAT": GateProtocol.cmd_bdat,
+    "XCLIENT": GateProtocol.cmd_xclient,
+    "XFORWARD": GateProtocol.cmd_xforward,
 }
 
 
-def _want(values: tuple[str, ...] | None, error: str) -> Callable[[str | None], Reply | None]:
-    """A MAIL parameter check: the value must be one of ``values`` (None: any non-empty)."""
+def _check_mail_params(params: list[str]) -> tuple[Reply | None, int]:
+    """Postfix's mail_cmd parameter loop: (the first problem, the SIZE value or 0)."""
+    size = 0
+    seen: set[str] = set()
+    for param in params:
+        upper = param.upper()
+        key, _, value = param.partition("=")
+        key = key.upper()
+        if upper in ("BODY=8BITMIME", "BODY=7BIT", "SMTPUTF8") or key == "AUTH" and "=" in param:
+            continue
+        if key == "SIZE" and "=" in param:
+            if not _DIGITS.match(value):
+                return Reply(501, "5.5.4", "Bad message size syntax"), 0
+            size = int(value)
+            if size > OFF_T_MAX:
+                return Reply(552, "5.3.4", "Message size exceeds file system imposed limit"), 0
+        elif key == "RET" and "=" in param:
+            if key in seen or value.upper() not in ("FULL", "HDRS"):
+                return Reply(501, "5.5.4", "Bad RET parameter syntax"), 0
+        elif key == "ENVID" and "=" in param:
+            if key in seen or not _XTEXT.match(value):
+                return Reply(501, "5.5.4", "Bad ENVID parameter syntax"), 0
+        else:
+            return Reply(555, "5.5.4", f"Unsupported option: {param}"), 0
+        seen.add(key)
+    return None, size
 
-    def check(value: str | None) -> Reply | None:
-        ok = bool(value) if values is None else (value or "").upper() in values
-        return None if ok else Reply(501, "5.5.4", error)
 
-    return check
-
-
-def _no_value(value: str | None) -> Reply | None:
-    return None if value is None else Reply(501, "5.5.4", "Bad SMTPUTF8 parameter syntax")
-
-
-def _size(value: str | None) -> Reply | None:
-    return None if value and value.isdigit() else Reply(501, "5.5.4", "Bad message size syntax")
-
-
-_MAIL_PARAMS: dict[str, Callable[[str | None], Reply | None]] = {
-    "SIZE": _size,
-    "BODY": _want(("7BIT", "8BITMIME"), "Unsupported BODY parameter"),
-    "RET": _want(("FULL", "HDRS"), "Bad RET parameter syntax"),
-    "SMTPUTF8": _no_value,
-    "ENVID": _want(None, "Bad ENVID parameter syntax"),
-    "AUTH": _want(None, "Bad AUTH parameter syntax"),
-}
+def _check_rcpt_params(params: list[str]) -> Reply | None:
+    """Postfix's rcpt_cmd parameter loop: NOTIFY and ORCPT (RFC 3461), nothing else."""
+    seen: set[str] = set()
+    for param in params:
+        key, eq, value = param.partition("=")
+        key = key.upper()
+        if key == "NOTIFY" and eq:
+            words = value.upper().split(",")
+            ok = words == ["NEVER"] or bool(value) and all(w in _NOTIFY for w in words)
+            if key in seen or not ok:
+                return Reply(501, "5.5.4", "Error: Bad NOTIFY parameter syntax")
+        elif key == "ORCPT" and eq:
+            kind, semi, addr = value.partition(";")
+            ok = bool(kind and semi and addr)
+            if ok and kind.lower() == "rfc822":
+                ok = bool(_XTEXT.match(addr))
+            if key in seen or not ok:
+                return Reply(501, "5.5.4", "Error: Bad ORCPT parameter syntax")
+        else:
+            return Reply(555, "5.5.4", f"Unsupported option: {param}")
+        seen.add(key)
+    return None
 
 
 def _client_info(peer: Any) -> ClientInfo:
@@ -772,64 +852,177 @@ def _client_info(peer: Any) -> ClientInfo:
     return ClientInfo(address=host, port=port)
 
 
-def _split_path(arg: str, keyword: str) -> tuple[str | None, list[str]] | None:
-    """``FROM:<addr> params`` (spaces allowed after the colon, brackets optional).
+class Token(NamedTuple):
+    """One word of a command line; ``error``: an unclosed ``<...>`` or quoted string."""
 
-    None: the keyword is missing (a syntax error); (None, []): the address is bad.
+    text: str
+    error: bool = False
+
+
+Args = list[Token]
+_WHITE = " \t\n\v\f\r"
+
+
+def smtpd_tokens(line: str) -> list[Token]:
+    """Postfix's smtpd_token(): split a command line as smtpd does.
+
+    White space separates words, except inside ``<...>`` (which nests) and ``"..."``;
+    a backslash protects the next character; ``FROM:`` and ``TO:`` end a word, so
+    ``MAIL FROM:<a@b>`` and ``mail from: a@b`` both give ``MAIL``, ``FROM:``, the address.
     """
-    head = arg[: len(keyword) + 1]
-    if head.upper() != f"{keyword}:":
-        return None
-    rest = arg[len(keyword) + 1 :].lstrip(" \t")
-    if not rest:
-        return None
-    if rest.startswith("<"):
-        close = _closing_bracket(rest)
-        if close < 0:
-            return None, []
-        path, tail = rest[1:close], rest[close + 1 :]
-        if tail and tail[0] not in " \t":
-            return None, []
-    else:
-        path, _, tail = rest.partition(" ")
-    address = _strip_source_route(path)
-    if address is None or _CONTROL.search(address) or " " in address.replace('" "', ""):
-        return None, []
-    return address, tail.split()
+    tokens: list[Token] = []
+    i, n = 0, len(line)
+    while True:
+        buf: list[str] = []
+        error = False
+        while i < n:
+            c = line[i]
+            i += 1
+            if c in _WHITE:
+                while i < n and line[i] in _WHITE:
+                    i += 1
+                if buf:
+                    break
+            elif c in '<"':
+                i, closed = _quoted(line, i, buf, c)
+                error = error or not closed
+            elif c == ":":
+                buf.append(c)
+                if "".join(buf).lower() in ("to:", "from:"):
+                    break
+            else:
+                if c == "\\":
+                    buf.append(c)
+                    if i >= n:
+                        break
+                    c = line[i]
+                    i += 1
+                buf.append(c)
+        if not buf:
+            return tokens
+        tokens.append(Token("".join(buf), error))
 
 
-def _closing_bracket(text: str) -> int:
-    quoted = False
-    i = 1
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\" and quoted:
-            i += 2
-            continue
-        if ch == '"':
-            quoted = not quoted
-        elif ch == ">" and not quoted:
-            return i
-        elif ch == "<" and not quoted:
-            return -1
+def _quoted(line: str, i: int, buf: list[str], start: str) -> tuple[int, bool]:
+    """Copy up to the matching close of ``<`` or ``"``; (new index, closed)."""
+    stack = [">" if start == "<" else '"']
+    buf.append(start)
+    n = len(line)
+    while i < n:
+        c = line[i]
         i += 1
-    return -1
+        buf.append(c)
+        if c == "\\":
+            if i >= n:
+                break
+            buf.append(line[i])
+            i += 1
+        elif c == stack[-1]:
+            if len(stack) == 1:
+                return i, True
+            stack.pop()
+        elif c == '"':
+            stack.append('"')
+        elif c == "<" and stack[-1] == ">":
+            stack.append(">")
+    return i, False
 
 
-def _strip_source_route(path: str) -> str | None:
-    """``@a,@b:user@domain`` -> ``user@domain`` (RFC 5321 4.1.2; Postfix ignores routes)."""
-    if path.startswith("@"):
-        colon = path.find(":")
-        if colon < 0:
+def parse_address(text: str, *, allow_empty: bool, sloppy: bool = False) -> str | None:
+    """Postfix's extract_addr(): the address in internal form, or None when it is bad.
+
+    The outer ``<>`` go, then the rest is read as an RFC 822 address: quotes and
+    backslashes are removed (``"a b"@c`` is ``a b@c``), comments dropped, a source
+    route (``@x,@y:``) stripped; white space between words or a second address is an
+    error. ``sloppy`` (VRFY) also takes an unbalanced ``<`` or ``>``.
+    """
+    s = text
+    while len(s) >= 2 and s[0] == "<" and s[-1] == ">":
+        s = s[1:-1]
+    if sloppy:
+        s = s.removeprefix("<").removesuffix(">")
+    words = _address_words(s)
+    if words is None:
+        return None
+    address = _join_words(words)
+    if address is None:
+        return None
+    if address.startswith("@"):
+        colon = address.find(":")
+        if colon >= 0 and colon + 1 < len(address):
+            address = address[colon + 1 :]
+    elif "," in address:
+        return None
+    if address == "@" or not address and not allow_empty:
+        return None
+    return address
+
+
+def _address_words(s: str) -> list[tuple[str, bool]] | None:
+    """Words of an address, each (text, quoted); None on a syntax error."""
+    words: list[tuple[str, bool]] = []
+    buf: list[str] = []
+    quoted = False
+    i, n = 0, len(s)
+
+    def flush() -> None:
+        nonlocal buf, quoted
+        if buf or quoted:
+            words.append(("".join(buf), quoted))
+        buf, quoted = [], False
+
+    while i < n:
+        c = s[i]
+        i += 1
+        if c == "\\" and i < n:
+            buf.append(s[i])
+            quoted = True
+            i += 1
+        elif c == '"':
+            end = i
+            while end < n and s[end] != '"':
+                end += 2 if s[end] == "\\" else 1
+            if end >= n:
+                return None
+            buf.append(re.sub(r"\\(.)", r"\1", s[i:end]))
+            quoted, i = True, end + 1
+        elif c == "(":
+            depth = 1
+            while i < n and depth:
+                depth += {"(": 1, ")": -1}.get(s[i], 0)
+                i += 2 if s[i] == "\\" else 1
+            if depth:
+                return None
+            flush()
+        elif c in _WHITE:
+            flush()
+        elif c in "<>;":
             return None
-        path = path[colon + 1 :]
-    if path.startswith('"'):
-        close = path.find('"', 1)
-        while close > 0 and path[close - 1] == "\\":
-            close = path.find('"', close + 1)
-        if close < 0:
+        else:
+            buf.append(c)
+    flush()
+    return words
+
+
+def _join_words(words: list[tuple[str, bool]]) -> str | None:
+    """RFC 822 lets white space surround ``@`` and ``.``; any other gap is an error."""
+    out = ""
+    for i, (word, quoted) in enumerate(words):
+        if i and not quoted and not (out.endswith(("@", ".")) or word.startswith(("@", "."))):
             return None
-    return path
+        if i and quoted and not out.endswith(("@", ".")):
+            return None
+        out += word
+    return out
+
+
+def _forbidden(verb: str) -> bool:
+    """smtpd_forbidden_commands (its default) or a message header: reply 221 and close."""
+    return (
+        verb.upper() in FORBIDDEN_VERBS
+        or not _LETTER_FIRST.match(verb)
+        or bool(_HEADER_LIKE.match(verb))
+    )
 
 
 def _crlf(content: bytes) -> bytes:

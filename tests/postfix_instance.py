@@ -28,6 +28,10 @@ carrying Postfix's own complaints from the maillog and stderr.
 source address (127.0.0.N, N >= 2, outside the default ``mynetworks``), then waits for the
 session's ``disconnect from`` log line so that every log line of the session has been written
 before it returns. Dialogues are serial; many of them may run against one instance.
+:meth:`PostfixInstance.raw_dialogue` is the byte-level form: it sends scripted writes (one
+command line, or a pipelined group in one write) and records every reply and where the server
+closed the connection; :func:`raw_session` is the same socket code, usable against any server
+(the session-level differential test points it at smtpgate too).
 :meth:`PostfixInstance.reconfigure` rewrites the configuration and restarts the instance
 (a restart, not ``postfix reload``: after a reload there is no observable event telling when
 the new configuration is in force, and the old one may still answer a connection).
@@ -164,6 +168,111 @@ class Dialogue:
             ):
                 out.append("NOQUEUE: " + line[m.end() :])
         return out
+
+
+@dataclass(frozen=True)
+class RawStep:
+    """One write of a raw dialogue and how many replies it should get.
+
+    ``data`` is sent as is, in a single ``sendall`` (a pipelined group is one step).
+    ``replies`` is the number of replies to wait for: one per CRLF-ended line by default.
+    """
+
+    data: bytes
+    replies: int
+
+    @classmethod
+    def of(cls, item: RawStep | bytes | str) -> RawStep:
+        """A step from a command line (CRLF appended), raw bytes (as is), or a step."""
+        if isinstance(item, RawStep):
+            return item
+        if isinstance(item, str):
+            return cls(item.encode("utf-8") + b"\r\n", 1)
+        return cls(item, max(1, item.count(b"\n")))
+
+
+@dataclass(frozen=True)
+class RawExchange:
+    """One write and the replies to it (each a list of lines), as read off the socket."""
+
+    sent: bytes
+    replies: list[list[str]]
+    closed: bool  # the server closed the connection after these replies
+
+
+@dataclass
+class RawDialogue:
+    """A raw session: greeting, each write with its replies, and the smtpd log lines."""
+
+    client: str
+    greeting: list[str]
+    greeting_closed: bool
+    exchanges: list[RawExchange] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+
+
+def raw_session(
+    host: str,
+    port: int,
+    client: str,
+    steps: Sequence[RawStep | bytes | str],
+    *,
+    timeout: float = IO_TIMEOUT,
+) -> RawDialogue:
+    """Run a scripted byte-level session against any SMTP server (blocking socket I/O).
+
+    Each step is written in one piece, then its replies are read. The server closing the
+    connection is learned from an event, never a timer: end of file while a step's replies
+    are read, or, after the last step, in reply to a probe (``NOOP``, not recorded). An
+    exchange that got no reply at all because the server had already closed is not recorded;
+    the previous exchange is marked ``closed`` instead.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.bind((client, 0))
+        s.connect((host, port))
+        reader = _ReplyReader(s)
+        greeting = reader.reply()
+        d = RawDialogue(client=client, greeting=greeting, greeting_closed=not greeting)
+        closed = not greeting
+        for step in map(RawStep.of, steps):
+            if closed:
+                break
+            replies, closed = _send_and_read(s, reader, step.data, step.replies)
+            if not replies:
+                _mark_closed(d)
+                break
+            d.exchanges.append(RawExchange(step.data, replies, closed))
+        if not closed:
+            replies, closed = _send_and_read(s, reader, b"NOOP\r\n", 1)
+            if not replies:
+                _mark_closed(d)
+    return d
+
+
+def _send_and_read(
+    s: socket.socket, reader: _ReplyReader, data: bytes, count: int
+) -> tuple[list[list[str]], bool]:
+    """Send ``data``; read up to ``count`` replies. (replies, server closed)."""
+    try:
+        s.sendall(data)
+    except OSError:
+        return [], True
+    replies: list[list[str]] = []
+    while len(replies) < count:
+        reply = reader.reply()
+        if not reply:
+            return replies, True
+        replies.append(reply)
+    return replies, False
+
+
+def _mark_closed(d: RawDialogue) -> None:
+    if d.exchanges:
+        last = d.exchanges.pop()
+        d.exchanges.append(RawExchange(last.sent, last.replies, True))
+    else:
+        d.greeting_closed = True
 
 
 def postfix_available() -> bool:
@@ -526,6 +635,22 @@ class PostfixInstance:
                     break
                 d.exchanges.append(Exchange(cmd, reply, cmd == "QUIT"))
         d.log = self._session_log(offset, client)
+        return d
+
+    def raw_dialogue(
+        self, client: str, steps: Sequence[RawStep | bytes | str], *, logs: bool = True
+    ) -> RawDialogue:
+        """:func:`raw_session` against this instance from ``client`` (127.0.0.N, N >= 2).
+
+        With ``logs`` (the default) it then waits for the session's ``disconnect from`` line
+        and returns the session's smtpd log lines in ``log``, as :meth:`dialogue` does.
+        """
+        if not self.running:
+            raise PostfixError("instance not started")
+        offset = self.maillog.stat().st_size if self.maillog.exists() else 0
+        d = raw_session("127.0.0.1", self.port, client, steps)
+        if logs:
+            d.log = self._session_log(offset, client)
         return d
 
     def _session_log(self, offset: int, client: str) -> list[str]:

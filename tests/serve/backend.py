@@ -23,6 +23,10 @@ first content line, before the dot), ``DOT`` (the reply to the final dot), ``RSE
 - ``delays[stage]`` -- wait that many seconds before the reply; ``math.inf`` hangs until the
   backend is shut down (a dead backend that keeps the socket open).
 - ``garbled`` -- answer with a line that is not an SMTP reply.
+- ``holds[stage]`` -- an :class:`asyncio.Event`: wait until the test sets it before the
+  reply (bounded by the backend's shutdown). The stage is appended to :attr:`held` when
+  the wait begins, so ``await backend.wait_for(lambda: "DOT" in backend.held)`` tells the
+  test that the backend is now sitting on that reply.
 
 The message is stored when the final dot arrives unless ``replies["DOT"]`` is a 4xx/5xx
 reply. All behaviour attributes are plain mutable attributes: a test may change them
@@ -202,6 +206,11 @@ class _BackendSMTP(SMTP):
         delay = backend.delays.get(stage)
         if delay:
             await backend._pause(delay)
+        hold = backend.holds.get(stage)
+        if hold is not None:
+            backend.held.append(stage)
+            backend._notify()
+            await backend._hold(hold)
         if stage in backend.close_at:
             self._close()
             return True
@@ -400,6 +409,7 @@ class RecordingBackend:
         client_ca: Path | None = None,
         lenient_data_end: bool = False,
         smtputf8: bool = True,
+        holds: dict[str, asyncio.Event] | None = None,
     ) -> None:
         self.down = down
         self.replies = dict(replies or {})
@@ -407,7 +417,10 @@ class RecordingBackend:
         self.close_at = set(close_at)
         self.delays = dict(delays or {})
         self.garbled = set(garbled)
-        for stage in (*self.replies, *self.close_at, *self.delays, *self.garbled):
+        self.holds = dict(holds or {})
+        self.held: list[str] = []
+        """Stages whose reply is (or was) held back by :attr:`holds`, in order."""
+        for stage in (*self.replies, *self.close_at, *self.delays, *self.garbled, *self.holds):
             if stage not in STAGES:
                 raise ValueError(f"unknown stage {stage!r} (one of {sorted(STAGES)})")
         self.xforward = xforward
@@ -498,6 +511,16 @@ class RecordingBackend:
             await asyncio.wait_for(self._closing.wait(), seconds)
         except TimeoutError:
             pass
+
+    async def _hold(self, event: asyncio.Event) -> None:
+        assert self._closing is not None
+        closing = asyncio.ensure_future(self._closing.wait())
+        released = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait({closing, released}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+            released.cancel()
 
     def _notify(self) -> None:
         if self._changed is not None:

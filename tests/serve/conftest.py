@@ -63,10 +63,14 @@ async def running_gate(
     backend: RecordingBackend | None,
     tables: dict[str, str] | None = None,
     overrides: tuple[str, ...] = (),
+    relayhost: str | None = None,
 ) -> AsyncIterator[Gate]:
+    """A started Server; ``relayhost`` (default: the backend's) points it elsewhere, e.g.
+    at a real Postfix."""
     for name, text in (tables or {}).items():
         (tmp_path / name).write_text(text)
-    relayhost = backend.relayhost if backend is not None else "[127.0.0.1]:9"
+    if relayhost is None:
+        relayhost = backend.relayhost if backend is not None else "[127.0.0.1]:9"
     text = f"{main_cf}\nlisten = 127.0.0.1:0\nrelayhost = {relayhost}\n"
     settings, _ = parse_settings(
         text, str(tmp_path / "main.cf"), overrides, hostname="mx.example.org"

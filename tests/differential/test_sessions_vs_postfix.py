@@ -1,0 +1,210 @@
+"""Session-level differential test: raw SMTP sessions against Postfix 3.7 and smtpgate serve.
+
+Each script of ``sessions.py`` is typed, one write at a time, at (a) a throwaway Postfix
+(``PostfixInstance.raw_dialogue``) and (b) ``smtpgate serve`` in front of a
+:class:`~tests.serve.backend.RecordingBackend`, both with the same main.cf lines and tables,
+from 127.0.0.2. Every reply line (code, enhanced code, text) and the point where the server
+closed the connection must be the same. Normalised, because they must differ:
+
+- the queue id in ``250 2.0.0 Ok: queued as X`` (Postfix's queue, the backend's queue);
+- nothing else: the greeting and the EHLO replies are compared whole. Postfix is told
+  not to offer ETRN and CHUNKING (smtpgate offers neither), so the capability lists agree;
+  smtpgate's list is also asserted on its own (:data:`SMTPGATE_EHLO`).
+
+Postfix gets :data:`~tests.differential.sessions.POSTFIX_ONLY`: besides the EHLO keywords,
+no error sleep and error/junk limits out of reach, so that a script with many errors neither
+sleeps nor hits a limit; no script here is about those limits (smtpgate does not count
+errors yet: a later issue).
+
+Where smtpgate deliberately differs, the script is in :data:`KNOWN_DIFFERENCES` with the
+reason and smtpgate's own expected transcript, which is asserted (and Postfix must still
+differ, so a stale entry fails).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.differential.sessions import POSTFIX_ONLY, SCRIPTS, Script, SessionConfig
+from tests.postfix_instance import (
+    DIR_PLACEHOLDER,
+    POSTFIX,
+    PostfixInstance,
+    RawDialogue,
+    raw_session,
+)
+from tests.serve.backend import RecordingBackend
+from tests.serve.conftest import running_gate
+
+pytestmark = [
+    pytest.mark.postfix,
+    pytest.mark.skipif(
+        not os.path.exists(POSTFIX),
+        reason=f"{POSTFIX} is missing: install Debian's postfix (.ci/run does)",
+    ),
+]
+
+CLIENT = "127.0.0.2"
+RESULT_TIMEOUT = 50.0
+
+SMTPGATE_EHLO = [
+    "250-mx.example.org",
+    "250-PIPELINING",
+    "250-SIZE 10240000",
+    "250-VRFY",
+    "250-ENHANCEDSTATUSCODES",
+    "250-8BITMIME",
+    "250-DSN",
+    "250 SMTPUTF8",
+]
+
+_QUEUED = re.compile(r"^(250 2\.0\.0 Ok: queued as )\S+$")
+
+
+def transcript(d: RawDialogue) -> list[str]:
+    """A flat, readable, normalised form: ``> sent``, ``< reply line``, ``[closed]``."""
+    out = [f"< {line}" for line in d.greeting]
+    if d.greeting_closed:
+        out.append("[closed]")
+    for x in d.exchanges:
+        sent = x.sent.decode("utf-8", "backslashreplace").removesuffix("\r\n")
+        for line in sent.split("\r\n"):
+            line = line.replace("\r", "\\r").replace("\n", "\\n")
+            out.append("> " + (line if len(line) <= 120 else f"{line[:100]}...({len(line)})"))
+        for reply in x.replies:
+            out += [f"< {line}" for line in _normalise(reply)]
+        if x.closed:
+            out.append("[closed]")
+    return out
+
+
+def _normalise(reply: list[str]) -> list[str]:
+    return [_QUEUED.sub(r"\1QUEUEID", line) for line in reply]
+
+
+def ehlo_replies(d: RawDialogue) -> list[list[str]]:
+    """The EHLO replies of a session (multi-line 250 replies)."""
+    return [r for x in d.exchanges for r in x.replies if len(r) > 1 and r[0].startswith("250-")]
+
+
+# --------------------------------------------------------------------------- known differences
+
+_EHLO_LINES = ["< " + line for line in SMTPGATE_EHLO]
+_AFTER_EHLO = ["< 220 mx.example.org ESMTP Postfix", "> EHLO client.example.net", *_EHLO_LINES]
+
+#: script name -> (reason, smtpgate's whole transcript). Asserted as smtpgate's behaviour, and
+#: Postfix must still differ (a stale entry fails).
+KNOWN_DIFFERENCES: dict[str, tuple[str, list[str]]] = {
+    "unknown/etrn": (
+        "smtpgate has no queue to flush: ETRN is not implemented (Postfix: 250 Queuing started)",
+        [*_AFTER_EHLO, "> ETRN bar.org", "< 502 5.5.1 Error: command not implemented"],
+    ),
+    "unknown/etrn-no-argument": (
+        "smtpgate has no ETRN at all (Postfix checks the syntax: 500 Syntax: ETRN domain)",
+        [*_AFTER_EHLO, "> ETRN", "< 502 5.5.1 Error: command not implemented"],
+    ),
+    "bare-lf/data-smuggling": (
+        "smtpd_forbid_bare_newline = normalize (Postfix 3.9's default): only CRLF.CRLF ends "
+        "DATA, so LF.LF and the command behind it are content (Postfix 3.7 ends DATA at LF.LF "
+        "and runs the smuggled RSET; the lone dot then gets 221 2.7.0 and a close)",
+        [
+            *_AFTER_EHLO,
+            "> MAIL FROM:<sender@example.net>",
+            "< 250 2.1.0 Ok",
+            "> RCPT TO:<bob@bar.org>",
+            "< 250 2.1.5 Ok",
+            "> DATA",
+            "< 354 End data with <CR><LF>.<CR><LF>",
+            "> Subject: x",
+            "> ",
+            "> hi\\n.\\nRSET",
+            "> .",
+            "> QUIT",
+            "< 250 2.0.0 Ok: queued as QUEUEID",
+            "< 221 2.0.0 Bye",
+            "[closed]",
+        ],
+    ),
+    "mail/route-only": (
+        "not smtpgate's choice: Postfix keeps the sender <@x.example:> as is; the test backend "
+        "(aiosmtpd) refuses it at MAIL, and smtpgate answers RCPT with the backend's reply",
+        [
+            *_AFTER_EHLO,
+            "> MAIL FROM:<@x.example:>",
+            "< 250 2.1.0 Ok",
+            "> RCPT TO:<bob@bar.org>",
+            "< 553 5.1.3 Error: malformed address",
+        ],
+    ),
+}
+
+
+# --------------------------------------------------------------------------- Postfix side
+
+
+class PostfixRuns:
+    """Runs every script of a config against one Postfix instance, once, in a thread."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="postfix")
+        self.futures: dict[str, Future[dict[str, RawDialogue]]] = {}
+
+    def get(self, config: SessionConfig, scripts: list[Script]) -> Future[dict[str, RawDialogue]]:
+        with self.lock:
+            if config.name not in self.futures:
+                self.futures[config.name] = self.pool.submit(_run_postfix, config, scripts)
+            return self.futures[config.name]
+
+
+def _run_postfix(config: SessionConfig, scripts: list[Script]) -> dict[str, RawDialogue]:
+    main_cf = config.main_cf_text + POSTFIX_ONLY
+    with PostfixInstance(main_cf, dict(config.tables)) as pf:
+        return {s.name: pf.raw_dialogue(CLIENT, s.steps, logs=False) for s in scripts}
+
+
+_RUNS = PostfixRuns()
+_BY_CONFIG: dict[str, list[Script]] = {}
+for _script in SCRIPTS:
+    _BY_CONFIG.setdefault(_script.config.name, []).append(_script)
+
+
+# --------------------------------------------------------------------------- smtpgate side
+
+
+async def smtpgate_result(script: Script, tmp_path: Path) -> RawDialogue:
+    config = script.config
+    main_cf = config.main_cf_text.replace(DIR_PLACEHOLDER, str(tmp_path))
+    tables = {k: v.replace(DIR_PLACEHOLDER, str(tmp_path)) for k, v in config.tables}
+    async with RecordingBackend() as backend:
+        async with running_gate(tmp_path, main_cf, backend, tables) as gate:
+            return await asyncio.to_thread(
+                raw_session, gate.host, gate.port, CLIENT, script.steps, timeout=10.0
+            )
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[s.name for s in SCRIPTS])
+async def test_session_matches_postfix(script: Script, tmp_path: Path) -> None:
+    # Start Postfix for this config (in a thread) before smtpgate's run, then join.
+    future = _RUNS.get(script.config, _BY_CONFIG[script.config.name])
+    gate = await smtpgate_result(script, tmp_path)
+    postfix = await asyncio.to_thread(future.result, RESULT_TIMEOUT)
+    expected, got = transcript(postfix[script.name]), transcript(gate)
+    own_ehlo = SMTPGATE_EHLO
+    if "disable_vrfy_command = yes" in script.config.main_cf:
+        own_ehlo = [line for line in SMTPGATE_EHLO if line != "250-VRFY"]
+    for reply in ehlo_replies(gate):
+        assert reply == own_ehlo
+    if script.name in KNOWN_DIFFERENCES:
+        reason, own = KNOWN_DIFFERENCES[script.name]
+        assert got == own, reason
+        assert expected != own, f"stale KNOWN_DIFFERENCES entry ({reason}): Postfix agrees now"
+        return
+    assert got == expected

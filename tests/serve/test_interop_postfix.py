@@ -1,0 +1,184 @@
+"""smtpgate in front of a real Postfix 3.7 (tests/postfix_instance.py) as its backend.
+
+Postfix trusts smtpgate for XFORWARD (``smtpd_authorized_xforward_hosts``). What Postfix
+3.7 does with it (observed, not assumed): its smtpd logs
+``QUEUEID: client=unknown[127.0.0.1], orig_client=unknown[127.0.0.2]`` -- ``client=`` is
+always the real peer (smtpgate), the forwarded client is ``orig_client=`` -- and the queue
+file carries ``log_client_address=127.0.0.2``, ``log_helo_name=...`` for the later
+delivery logs. Its own Received: header and its access decisions (and so its NOQUEUE
+reject lines) use the real peer. Relayed mail stays in Postfix's queue
+(``defer_transports``), where ``postqueue -p`` and ``postcat`` find it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.postfix_instance import POSTFIX, PostfixInstance
+from tests.serve.client import LineClient
+from tests.serve.conftest import Gate, running_gate
+
+pytestmark = [
+    pytest.mark.postfix,
+    pytest.mark.skipif(not os.path.exists(POSTFIX), reason="Postfix is not installed"),
+]
+
+BACKEND_CF = """\
+myhostname = backend.test
+mydestination =
+relay_domains = bar.org
+smtpd_authorized_xforward_hosts = 127.0.0.0/8
+smtpd_recipient_restrictions =
+    check_recipient_access inline:{ {nobody@bar.org = REJECT no such user} },
+    permit_mynetworks, reject_unauth_destination
+defer_transports = relay, smtp, local, virtual
+"""
+GATE_CF = """\
+myhostname = mx.example.org
+mynetworks = 127.0.0.1/32
+relay_domains = bar.org
+smtpd_proxy_timeout = 20s
+smtp_connect_timeout = 5s
+"""
+BODY = (
+    b"From: friend@example.net\r\nSubject: interop\r\n"
+    b"Message-ID: <interop@example.net>\r\n\r\nhi\r\n"
+)
+
+
+@pytest.fixture(scope="module")
+def postfix() -> Iterator[PostfixInstance]:
+    with PostfixInstance(BACKEND_CF) as pf:
+        yield pf
+
+
+def postqueue(pf: PostfixInstance) -> str:
+    proc = subprocess.run(
+        ["/usr/sbin/postqueue", "-c", str(pf.etc), "-p"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return proc.stdout
+
+
+def postcat(pf: PostfixInstance, queue_id: str) -> str:
+    proc = subprocess.run(
+        ["/usr/sbin/postcat", "-c", str(pf.etc), "-q", queue_id],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return proc.stdout
+
+
+async def wait_maillog(pf: PostfixInstance, pattern: str, offset: int) -> re.Match[str]:
+    """Poll Postfix's maillog (bounded) for *pattern* in what was written after *offset*."""
+    regex = re.compile(pattern, re.M)
+    async with asyncio.timeout(10):
+        while True:
+            with pf.maillog.open("rb") as f:
+                f.seek(offset)
+                text = f.read().decode(errors="replace")
+            m = regex.search(text)
+            if m:
+                return m
+            await asyncio.sleep(0.05)
+
+
+async def session(gate: Gate) -> LineClient:
+    c = await gate.connect(source="127.0.0.2")
+    assert (await c.cmd("EHLO client.example.net"))[0] == "250-mx.example.org"
+    return c
+
+
+async def test_relayed_message_lands_in_postfix_queue_with_forwarded_client(
+    postfix: PostfixInstance, tmp_path: Path
+):
+    offset = postfix.maillog.stat().st_size
+    async with running_gate(
+        tmp_path, GATE_CF, None, relayhost=f"[127.0.0.1]:{postfix.port}"
+    ) as gate:
+        c = await session(gate)
+        assert await c.cmd("MAIL FROM:<friend@example.net>") == ["250 2.1.0 Ok"]
+        assert await c.cmd("RCPT TO:<foo@bar.org>") == ["250 2.1.5 Ok"]
+        assert await c.cmd("DATA") == ["354 End data with <CR><LF>.<CR><LF>"]
+        await c.send_raw(BODY + b".\r\n")
+        final = await c.reply()
+        assert await c.cmd("QUIT") == ["221 2.0.0 Bye"]
+    # the client's 250 is Postfix's 250, with Postfix's queue id
+    m = re.fullmatch(r"250 2\.0\.0 Ok: queued as (?P<qid>[0-9A-Z]+)", final[0])
+    assert m, final
+    qid = m["qid"]
+    await wait_maillog(
+        postfix,
+        rf"postfix/smtpd\[\d+\]: {qid}: client=unknown\[127\.0\.0\.1\], "
+        r"orig_client=unknown\[127\.0\.0\.2\]$",
+        offset,
+    )
+    queue = postqueue(postfix)
+    assert qid in queue and "friend@example.net" in queue and "foo@bar.org" in queue, queue
+    content = postcat(postfix, qid)
+    # the forwarded client is what Postfix records for its delivery logs
+    for attribute in (
+        "log_client_name=unknown",
+        "log_client_address=127.0.0.2",
+        "log_message_origin=unknown[127.0.0.2]",
+        "log_helo_name=client.example.net",
+        "log_protocol_name=ESMTP",
+    ):
+        assert f"named_attribute: {attribute}\n" in content, content
+    # smtpgate's Received: header (naming the real client) is below Postfix's own
+    assert re.search(
+        r"Received: from mx\.example\.org \(unknown \[127\.0\.0\.1\]\)\s+by backend\.test.*\n"
+        r"(?:\s.*\n)*Received: from client\.example\.net \(unknown \[127\.0\.0\.2\]\)\n"
+        r"\s+by mx\.example\.org \(smtpgate\) with ESMTP id ",
+        content,
+    ), content
+    assert "Subject: interop" in content
+
+
+async def test_postfix_recipient_reject_reaches_the_client_verbatim(
+    postfix: PostfixInstance, tmp_path: Path
+):
+    offset = postfix.maillog.stat().st_size
+    async with running_gate(
+        tmp_path, GATE_CF, None, relayhost=f"[127.0.0.1]:{postfix.port}"
+    ) as gate:
+        c = await session(gate)
+        assert await c.cmd("MAIL FROM:<friend@example.net>") == ["250 2.1.0 Ok"]
+        assert await c.cmd("RCPT TO:<nobody@bar.org>") == [
+            "554 5.7.1 <nobody@bar.org>: Recipient address rejected: no such user"
+        ]
+        assert await c.cmd("RCPT TO:<foo@bar.org>") == ["250 2.1.5 Ok"]
+        assert await c.cmd("DATA") == ["354 End data with <CR><LF>.<CR><LF>"]
+        await c.send_raw(BODY + b".\r\n")
+        final = await c.reply()
+        assert final[0].startswith("250 2.0.0 Ok: queued as "), final
+        await c.cmd("QUIT")
+        log = gate.log
+    assert (
+        "proxy-reject: RCPT from unknown[127.0.0.2]: 554 5.7.1 <nobody@bar.org>: "
+        "Recipient address rejected: no such user;"
+    ) in log
+    # Postfix decides (and logs) on its real peer, smtpgate
+    await wait_maillog(
+        postfix,
+        r"postfix/smtpd\[\d+\]: NOQUEUE: reject: RCPT from unknown\[127\.0\.0\.1\]: 554 5\.7\.1 "
+        r"<nobody@bar\.org>: Recipient address rejected: no such user; "
+        r"from=<friend@example\.net> to=<nobody@bar\.org> proto=ESMTP helo=<mx\.example\.org>",
+        offset,
+    )
+    qid = final[0].rsplit(" ", 1)[1]
+    queue = postqueue(postfix)
+    entry = queue[queue.index(qid) :].split("\n\n", 1)[0]
+    assert "foo@bar.org" in entry and "nobody@bar.org" not in entry, queue
