@@ -276,6 +276,39 @@ def reply_from_response(response: SMTPResponse) -> Reply:
     return Reply(code, "", "\n".join(lines))
 
 
+_ATOM_SPECIALS = frozenset('()<>@,;:\\".[] \t')
+_DSN_MAIL_PARAMS = ("RET=", "ENVID=")
+_DSN_RCPT_PARAMS = ("NOTIFY=", "ORCPT=")
+
+
+def quote_local(address: str) -> str:
+    """The SMTP form of an internal address (Postfix ``quote_821_local``).
+
+    The SMTP layer hands over addresses in internal form (``a b@example`` for the client's
+    ``"a b"@example``); a local part that is not a dot-atom is quoted again here.
+    """
+    local, at, domain = address.rpartition("@")
+    if not at:
+        local, domain = address, ""
+    dot_atom = (
+        local != ""
+        and not local.startswith(".")
+        and not local.endswith(".")
+        and ".." not in local
+        and not any(c in _ATOM_SPECIALS and c != "." for c in local)
+    )
+    if dot_atom or not local:
+        return address
+    quoted = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"{quoted}@{domain}" if at else quoted
+
+
+def _without(params: Sequence[bytes], prefixes: Sequence[str]) -> list[bytes]:
+    """Drop parameters the backend did not advertise (Postfix's smtp client does too)."""
+    wanted = tuple(p.encode("ascii") for p in prefixes)
+    return [p for p in params if not p.upper().startswith(wanted)]
+
+
 def _arg(text: str) -> bytes | None:
     """*text* as command-argument bytes, or None when it must not reach the backend."""
     if _CONTROL.search(text):
@@ -452,13 +485,14 @@ def peer_name_matches(cert: dict[str, Any], match: Sequence[str], nexthop: str) 
 class _Connection:
     """One backend SMTP session, owned by at most one transaction at a time."""
 
-    __slots__ = ("created", "last_used", "peer", "smtp", "tls", "transactions", "xforward")
+    __slots__ = ("created", "dsn", "last_used", "peer", "smtp", "tls", "transactions", "xforward")
 
     def __init__(self, smtp: aiosmtplib.SMTP, peer: str, tls: bool, xforward: frozenset[str]):
         self.smtp = smtp
         self.peer = peer
         self.tls = tls
         self.xforward = xforward
+        self.dsn = False
         self.created = self.last_used = time.monotonic()
         self.transactions = 0
 
@@ -716,6 +750,7 @@ class Relay:
         conn.smtp.last_ehlo_response = response
         words = conn.smtp.esmtp_extensions.get("xforward", "").upper().split()
         conn.xforward = frozenset(words) & frozenset(XFORWARD_ORDER)
+        conn.dsn = "dsn" in conn.smtp.esmtp_extensions
 
     async def _starttls(self, conn: _Connection) -> bool:
         """STARTTLS per the level; False when ``may`` continues in plaintext."""
@@ -872,7 +907,7 @@ class Transaction:
             return R503_NO_TRANSACTION
         if self.reply is not None:
             return self.reply
-        address = _arg(recipient)
+        address = _arg(quote_local(recipient))
         options = [_arg(p) for p in params]
         if address is None or any(o is None or not o for o in options):
             logger.warning("refusing recipient %r %r: control characters", recipient, params)
@@ -882,7 +917,10 @@ class Transaction:
                 assert self.reply is not None
                 return self.reply
             assert self._conn is not None
-            args = [b"RCPT", b"TO:<" + address + b">", *(o for o in options if o)]
+            rcpt_params = [o for o in options if o]
+            if not self._conn.dsn:
+                rcpt_params = _without(rcpt_params, _DSN_RCPT_PARAMS)
+            args = [b"RCPT", b"TO:<" + address + b">", *rcpt_params]
             reply = await _command(self._conn, "RCPT TO", args, self.relay.command_timeout)
         except _Fault as fault:
             return self._fail("RCPT", fault)
@@ -903,10 +941,12 @@ class Transaction:
             await _command(
                 conn, "XFORWARD", line.encode("ascii").split(b" "), timeout, passthrough=False
             )
-        sender = _arg(self.sender)
+        sender = _arg(quote_local(self.sender)) if self.sender else b""
         assert sender is not None  # checked in begin()
-        args = [b"MAIL", b"FROM:<" + sender + b">"]
-        args += [p.encode("utf-8", "surrogateescape") for p in self.mail_params]
+        params = [p.encode("utf-8", "surrogateescape") for p in self.mail_params]
+        if not conn.dsn:
+            params = _without(params, _DSN_MAIL_PARAMS)
+        args = [b"MAIL", b"FROM:<" + sender + b">", *params]
         reply = await _command(conn, "MAIL FROM", args, timeout)
         self._record("MAIL", reply)
         conn.transactions += 1

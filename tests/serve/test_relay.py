@@ -816,3 +816,14 @@ async def test_cancelled_rcpt_drops_the_connection() -> None:
             assert relay.idle_connections == 0
         await backend.wait_for(lambda: backend.connections[0].closed)
     assert backend.messages == []
+
+
+def test_quote_local_restores_the_smtp_form():
+    from smtpgate.relay import quote_local
+
+    assert quote_local("a b@example.org") == '"a b"@example.org'
+    assert quote_local('say"hi@example.org') == '"say\\"hi"@example.org'
+    assert quote_local("first.last@example.org") == "first.last@example.org"
+    assert quote_local(".lead@example.org") == '".lead"@example.org'
+    assert quote_local("a@b@example.org") == '"a@b"@example.org'
+    assert quote_local("postmaster") == "postmaster"

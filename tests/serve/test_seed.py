@@ -62,3 +62,21 @@ async def test_good_sender_is_relayed_and_gets_the_backend_reply(
     # the client's 250 is the backend's 250, queue id included
     assert final == [f"250 2.0.0 Ok: queued as {message.queue_id}"]
     assert "proxy-accept: END-OF-MESSAGE" in seed_gate.log
+
+
+async def test_quoted_local_part_and_dsn_parameters_reach_the_backend_correctly(
+    seed_gate: Gate, backend: RecordingBackend
+):
+    c = await seed_gate.connect()
+    await c.cmd("EHLO client.example.net")
+    assert await c.cmd("MAIL FROM:<friend@example.net> RET=HDRS") == ["250 2.1.0 Ok"]
+    assert await c.cmd('RCPT TO:<"a b"@bar.org> NOTIFY=NEVER') == ["250 2.1.5 Ok"]
+    await c.cmd("DATA")
+    await c.send_raw(b"Subject: q\r\n\r\nx\r\n.\r\n")
+    assert (await c.reply())[0].startswith("250 ")
+    [message] = backend.messages
+    # the backend (aiosmtpd) offers no DSN: RET and NOTIFY are not sent to it, and the
+    # internal form "a b@bar.org" is quoted again on the wire
+    assert message.rcpt_tos == ['"a b"@bar.org']
+    assert message.mail_options == []
+    assert message.rcpt_options == [[]]
