@@ -397,7 +397,11 @@ class GateProtocol(SMTP):
 
     async def cmd_mail(self, args: Args) -> bool:
         assert self.policy is not None
-        if self.policy.state.helo_name is None and self.shared.plan.helo_required:
+        if self.txn is None:
+            # A reload swaps the shared plan; a new transaction takes the current one.
+            self.policy.plan = self.shared.plan
+            self.config = self.shared.config
+        if self.policy.state.helo_name is None and self.policy.plan.helo_required:
             return await self._fail(Reply(503, "5.5.1", "Error: send HELO/EHLO first"))
         if self.txn is not None:
             return await self._fail(Reply(503, "5.5.1", "Error: nested MAIL command"))

@@ -241,8 +241,14 @@ async def test_reload_swaps_tables_and_keeps_old_config_when_broken(tmp_path: Pa
 
     try:
         assert (await rcpt_reply("a@163.com"))[0].startswith("451 ")  # backend down
+        early = await LineClient.connect(host, port)  # a session open across the reload
+        await early.reply()
+        await early.cmd("HELO me.example.com")
         (folder / "senders").write_text("qq.com REJECT\n163.com 521 go away\n")
         assert await server.reload()
+        await early.cmd("MAIL FROM:<b@163.com>")  # its next transaction uses the new tables
+        assert (await early.cmd("RCPT TO:<x@bar.org>"))[0].startswith("521 5.7.1 <b@163.com>")
+        await early.close()
         assert await rcpt_reply("a@163.com") == [
             "521 5.7.1 <a@163.com>: Sender address rejected: go away"
         ]
