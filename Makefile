@@ -27,8 +27,8 @@ run: install
 	echo "smtpgate stopped; log in var/maillog"
 
 lint: install
-	$(BIN)/ruff check smtpgate tests
-	$(BIN)/ruff format --check smtpgate tests
+	$(BIN)/ruff check smtpgate tests deploy
+	$(BIN)/ruff format --check smtpgate tests deploy
 
 typecheck: install
 	$(BIN)/mypy
