@@ -23,7 +23,8 @@ run: install
 	@mkdir -p var; \
 	$(BIN)/smtpgate sink --listen 127.0.0.1:2526 --maildir var/mail & sink=$$!; \
 	trap 'kill $$sink 2>/dev/null; wait $$sink 2>/dev/null' EXIT INT TERM; \
-	$(BIN)/smtpgate serve -c $(CONFIG) -o maillog_file=var/maillog -o pid_file=var/smtpgate.pid; \
+	$(BIN)/smtpgate serve -c $(CONFIG) -o maillog_file=var/maillog -o pid_file=var/smtpgate.pid \
+		-o smtpgate_user=nobody; \
 	echo "smtpgate stopped; log in var/maillog"
 
 lint: install
