@@ -21,7 +21,9 @@ POSTCONF = shutil.which("postconf") or (
 )
 pytestmark = pytest.mark.skipif(POSTCONF is None, reason="postconf (Postfix) is not installed")
 
-SKIP = {
+# smtpgate's own parameters (listen, pid_file, dns_servers, ...) have no Postfix twin.
+OWN = {name for name in PARAMETERS if name not in POSTFIX_DEFAULTS}
+SKIP = OWN | {
     "mynetworks",
     "listen",
     "local_recipient_maps",
@@ -29,7 +31,7 @@ SKIP = {
     "smtpd_forbid_bare_newline_exclusions",  # $mynetworks differs
 }
 # Where smtpgate's default text deliberately differs from `postconf -d` (see postfix_difference).
-COMPUTED = {
+COMPUTED = OWN | {
     "myhostname",
     "mydomain",
     "mynetworks",
