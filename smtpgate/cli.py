@@ -217,7 +217,18 @@ def query(table: str, key: str, config: str | None) -> None:
 @config_option
 @override_option
 @click.option("--client", "client", required=True, help="Client IP address.")
-@click.option("--client-name", default="unknown", show_default=True, help="Verified client name.")
+@click.option(
+    "--client-name",
+    default=None,
+    help="Verified client name (default: looked up in DNS with --dns-servers, else unknown).",
+)
+@click.option(
+    "--dns-servers",
+    default=None,
+    metavar="LIST",
+    help="Use DNS (e.g. 127.0.0.1:5353) for the DNS restrictions and the client name; "
+    "without it every DNS lookup is a temporary failure.",
+)
 @click.option("--helo", default=None, help="HELO name (omit to skip HELO).")
 @click.option("--ehlo", is_flag=True, help="Say EHLO instead of HELO (protocol ESMTP).")
 @click.option("--from", "sender", required=True, help="Envelope sender; '' or <> for null.")
@@ -228,7 +239,8 @@ def explain(
     config: str,
     overrides: tuple[str, ...],
     client: str,
-    client_name: str,
+    client_name: str | None,
+    dns_servers: str | None,
     helo: str | None,
     ehlo: bool,
     sender: str,
@@ -249,17 +261,29 @@ def explain(
     _print_diagnostics(diagnostics)
     if plan is None:
         _fail(f"{config}: configuration errors: smtpgate would not start")
+    name = client_name or "unknown"
     info = ClientInfo(
         address=client,
-        name=client_name,
-        reverse_name=client_name,
-        name_status="ok" if client_name != "unknown" else "perm",
-        reverse_name_status="ok" if client_name != "unknown" else "perm",
+        name=name,
+        reverse_name=name,
+        name_status="ok" if name != "unknown" else "perm",
+        reverse_name_status="ok" if name != "unknown" else "perm",
     )
+    resolver = None
+    if dns_servers is not None:
+        from smtpgate.config import split_list
+        from smtpgate.resolver import resolver_from_settings
+
+        try:
+            resolver = resolver_from_settings(plan.settings, split_list(dns_servers))
+        except ConfigError as exc:
+            _fail(f"--dns-servers: {exc}")
     exchanges = asyncio.run(
         run_dialogue(
             plan,
             info,
+            resolver=resolver,
+            lookup_client_name=resolver is not None and client_name is None,
             helo=helo,
             sender=_unbracket(sender),
             recipients=[

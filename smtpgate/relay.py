@@ -46,11 +46,15 @@ relayhost name; an IP-literal relayhost matches an IP subjectAltName). TLS 1.2 o
 A mandatory-TLS failure is the 451 for the client and a warning in the log; it never
 falls back to plaintext.
 
-Differences from Postfix: an unbracketed relayhost (``host`` or ``host:port``) is resolved
-as a host name (A/AAAA), without the MX lookup Postfix would do; ``[host]`` forms are
-exact. The greeting is bounded by ``smtp_connect_timeout`` (Postfix: the whole proxy
-exchange is bounded by ``smtpd_proxy_timeout``). The SNI name is ``smtp_tls_servername``
-when that is a literal, else the relayhost name (Postfix sends none by default).
+An unbracketed relayhost (``host`` or ``host:port``) is looked up as MX, as Postfix
+does: the server sets ``Relay.next_hops`` to the resolver's MX lookup (preference order,
+then A/AAAA); each address is tried in turn. ``[host]`` forms are exact. Certificate
+names are matched against the relayhost name, also for MX hosts.
+
+Differences from Postfix: the greeting is bounded by ``smtp_connect_timeout`` (Postfix:
+the whole proxy exchange is bounded by ``smtpd_proxy_timeout``). The SNI name is
+``smtp_tls_servername`` when that is a literal, else the relayhost name (Postfix sends
+none by default).
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -563,6 +567,8 @@ class Relay:
         idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         self.relayhost = relayhost
+        self.next_hops: Callable[[str, int], Awaitable[list[tuple[str, int]]]] | None = None
+        """MX lookup for an unbracketed relayhost (set by the server; None: A lookup only)."""
         self.ehlo_name = ehlo_name
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
@@ -687,23 +693,45 @@ class Relay:
     # -- connecting --------------------------------------------------------------------------
 
     async def _connect(self) -> _Connection:
-        if self.tls.level != "may":
-            return await self._open(use_tls=self.tls.level != "none")
+        """Connect to the relayhost, or to its MX hosts in preference order."""
+        relayhost = self.relayhost
+        assert relayhost is not None
+        if not relayhost.mx_lookup or self.next_hops is None:
+            return await self._connect_to(None)
         try:
-            return await self._open(use_tls=True)
+            hops = await self.next_hops(relayhost.host, relayhost.port)
+        except Exception as exc:  # the resolver's DnsLookupError, whatever its kind
+            raise _Fault(f"relayhost {relayhost}: {exc}") from None
+        last: _Fault | None = None
+        for address, port in hops:
+            try:
+                return await self._connect_to((address, port))
+            except _Fault as fault:
+                if fault.definite:
+                    raise
+                logger.warning("%s; trying the next MX host", fault.detail)
+                last = fault
+        raise last or _Fault(f"relayhost {relayhost}: no address to connect to")
+
+    async def _connect_to(self, hop: tuple[str, int] | None) -> _Connection:
+        if self.tls.level != "may":
+            return await self._open(use_tls=self.tls.level != "none", hop=hop)
+        try:
+            return await self._open(use_tls=True, hop=hop)
         except _TLSHandshakeFault as fault:
             logger.warning(
                 "%s; retrying in plaintext (smtp_tls_security_level = may)", fault.detail
             )
-            return await self._open(use_tls=False)
+            return await self._open(use_tls=False, hop=hop)
 
-    async def _open(self, use_tls: bool) -> _Connection:
+    async def _open(self, use_tls: bool, hop: tuple[str, int] | None = None) -> _Connection:
         relayhost = self.relayhost
         assert relayhost is not None
+        host, port = hop or (relayhost.host, relayhost.port)
         wrapped = use_tls and self.tls.wrappermode
         smtp = aiosmtplib.SMTP(
-            hostname=relayhost.host,
-            port=relayhost.port,
+            hostname=host,
+            port=port,
             timeout=self.command_timeout,
             local_hostname=self.ehlo_name,
             start_tls=False,

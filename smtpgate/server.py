@@ -22,6 +22,7 @@ from smtpgate.errors import ConfigError
 from smtpgate.logs import MailLog, route_python_logging
 from smtpgate.policy.plan import Plan
 from smtpgate.relay import Relay
+from smtpgate.resolver import mx_hosts, resolver_from_settings
 from smtpgate.smtpd import GateConfig, GateProtocol, Shared
 
 DRAIN_TIMEOUT = 30.0
@@ -81,11 +82,16 @@ def validate_service(settings: Settings) -> list[Diagnostic]:
         where = settings.location("smtpd_tls_cert_file")
         out.append(Diagnostic("error", f"smtpd_tls_cert_file: cannot load: {exc}", where))
     except ConfigError as exc:
-        error(exc, "smtpd_tls_cert_file")
+        # GateConfig's errors name their parameter (and file and line when they have one)
+        out.append(Diagnostic("error", str(exc), None))
     try:
         Relay.from_settings(settings)
     except ConfigError as exc:
         error(exc, "relayhost")
+    try:
+        resolver_from_settings(settings)
+    except ConfigError as exc:
+        error(exc, "dns_servers")
     if not (settings.get("relayhost") or "").strip():
         out.append(
             Diagnostic(
@@ -188,10 +194,23 @@ class Server:
             config=GateConfig.from_settings(settings),
             relay=Relay.from_settings(settings),
             maillog=maillog,
+            resolver=resolver_from_settings(settings),
         )
+        self._wire_next_hops()
         self.addresses = parse_listen(settings.as_list("listen"))
         self.servers: list[asyncio.base_events.Server] = []
         self.stopped = asyncio.Event()
+
+    def _wire_next_hops(self) -> None:
+        """Give the relay the MX lookup for an unbracketed relayhost."""
+        resolver = self.shared.resolver
+        if resolver is None:
+            return
+
+        async def next_hops(host: str, port: int) -> list[tuple[str, int]]:
+            return await mx_hosts(resolver, host, port)
+
+        self.shared.relay.next_hops = next_hops
 
     @property
     def sockets(self) -> list[tuple[str, int]]:
@@ -301,6 +320,8 @@ class Server:
         self.shared.plan = plan
         self.shared.config = GateConfig.from_settings(settings)
         self.shared.relay = Relay.from_settings(settings)
+        self.shared.resolver = resolver_from_settings(settings)
+        self._wire_next_hops()
         self.settings = settings
         await old_relay.close()
         self.maillog.info(f"reloaded {self.config_path}")

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import re
 import ssl
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -29,14 +30,18 @@ from typing import Any, NamedTuple
 
 from aiosmtpd.smtp import SMTP
 
+from smtpgate.anvil import Anvil, DataBudget
 from smtpgate.config import Settings
+from smtpgate.errors import TableLookupError
 from smtpgate.logs import MailLog, new_queue_id
 from smtpgate.policy.model import ClientInfo, Decision, Stage
+from smtpgate.policy.peer import lookup_client
 from smtpgate.policy.plan import Plan
+from smtpgate.policy.ports import Resolver
 from smtpgate.policy.session import PolicySession
 from smtpgate.relay import ClientFacts, Relay, Transaction
 from smtpgate.reply import R451_LOCAL_ERROR, Reply
-from smtpgate.tables import AddressList
+from smtpgate.tables import AddressList, Table, open_table
 
 log = logging.getLogger("smtpgate.smtpd")
 
@@ -59,21 +64,29 @@ NEED_STARTTLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 FORBIDDEN = Reply(221, "2.7.0", "Error: I can break rules, too. Goodbye.", disconnect=True)
 NUL_IN_DATA = Reply(550, "5.6.0", "Error: message content contains a NUL character")
 DATA_GO_AHEAD = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
+SYNC_ERROR = Reply(554, "5.5.0", "Error: SMTP protocol synchronization", disconnect=True)
+NO_MEMORY = Reply(451, "4.3.1", "Insufficient system resources")
 
 # Postfix's order of the counters in the "disconnect from" line.
 COUNTED = "helo ehlo starttls auth mail rcpt data bdat rset noop vrfy etrn quit unknown".split()
 ALLOWED_BEFORE_TLS = {"HELO", "EHLO", "STARTTLS", "NOOP", "RSET", "QUIT"}
+# smtpd.c's command table: SMTPD_CMD_FLAG_LIMIT (junk commands) and SMTPD_CMD_FLAG_LAST (must
+# end a pipelined group, RFC 2920 section 3.1).
+JUNK_COMMANDS = {"HELO", "EHLO", "RSET", "NOOP", "VRFY", "ETRN"}
+LAST_IN_GROUP = {"HELO", "EHLO", "DATA", "NOOP", "VRFY"}
 # smtpd_forbidden_commands default: CONNECT GET POST regexp:{{/^[^A-Z]/ Bogus}} (the
 # regexp is case-insensitive), plus Postfix's own check for a message header line.
 FORBIDDEN_VERBS = {"CONNECT", "GET", "POST"}
 _HEADER_LIKE = re.compile(r"^[\x21-\x39\x3b-\x7e]+:")
-_LETTER_FIRST = re.compile(r"^[A-Za-z]")
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
 _DIGITS = re.compile(r"^[0-9]+$")
 _XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-Fa-f]{2})+$")
 _NOTIFY = {"SUCCESS", "FAILURE", "DELAY"}
 OFF_T_MAX = 2**63 - 1  # SIZE beyond this: Postfix's "file system imposed limit"
 _END_OF_DATA = b"\r\n.\r\n"
+WRITE_BACKLOG = 65536  # reply bytes buffered for a client before smtpgate waits for it
+DATA_RESERVE = 65536  # room a new DATA needs in smtpgate_data_memory_limit: one read
 
 
 @dataclass(frozen=True)
@@ -93,6 +106,24 @@ class GateConfig:
     bare_newline: str
     bare_newline_code: int
     bare_newline_exclusions: AddressList
+    per_request_deadline: bool = False
+    min_data_rate: int = 500
+    hard_error_limit: int = 20
+    soft_error_limit: int = 10
+    error_sleep: float = 1.0
+    junk_limit: int = 100
+    recipient_overshoot: int = 1000
+    connection_count_limit: int = 50
+    connection_limit: int = 1000
+    connection_rate_limit: int = 0
+    message_rate_limit: int = 0
+    recipient_rate_limit: int = 0
+    rate_time_unit: float = 60.0
+    limit_exceptions: AddressList | None = None
+    forbid_unauth_pipelining: bool = True
+    forbidden: Forbidden = field(default_factory=lambda: Forbidden.parse(list(FORBIDDEN_VERBS)))
+    data_memory_limit: int = 0
+    greet_pause: float = 0.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GateConfig:
@@ -120,6 +151,30 @@ class GateConfig:
             bare_newline=(settings.get("smtpd_forbid_bare_newline") or "normalize").lower(),
             bare_newline_code=settings.as_int("smtpd_forbid_bare_newline_reject_code"),
             bare_newline_exclusions=exclusions,
+            per_request_deadline=settings.as_bool("smtpd_per_request_deadline"),
+            min_data_rate=settings.as_int("smtpd_min_data_rate"),
+            hard_error_limit=settings.as_int("smtpd_hard_error_limit"),
+            soft_error_limit=settings.as_int("smtpd_soft_error_limit"),
+            error_sleep=settings.as_time("smtpd_error_sleep_time"),
+            junk_limit=settings.as_int("smtpd_junk_command_limit"),
+            recipient_overshoot=settings.as_int("smtpd_recipient_overshoot_limit"),
+            connection_count_limit=settings.as_int("smtpd_client_connection_count_limit"),
+            connection_limit=settings.as_int("smtpgate_connection_limit"),
+            connection_rate_limit=settings.as_int("smtpd_client_connection_rate_limit"),
+            message_rate_limit=settings.as_int("smtpd_client_message_rate_limit"),
+            recipient_rate_limit=settings.as_int("smtpd_client_recipient_rate_limit"),
+            rate_time_unit=settings.as_time("anvil_rate_time_unit"),
+            limit_exceptions=AddressList.parse(
+                settings.as_list("smtpd_client_event_limit_exceptions"),
+                base_dir=settings.config_directory,
+                title="smtpd_client_event_limit_exceptions",
+            ),
+            forbid_unauth_pipelining=settings.as_bool("smtpd_forbid_unauth_pipelining"),
+            forbidden=Forbidden.parse(
+                settings.as_list("smtpd_forbidden_commands"), settings.config_directory
+            ),
+            data_memory_limit=settings.as_int("smtpgate_data_memory_limit"),
+            greet_pause=settings.as_time("smtpgate_greet_pause"),
         )
 
 
@@ -139,10 +194,15 @@ class Shared:
     config: GateConfig
     relay: Relay
     maillog: MailLog
+    resolver: Resolver | None = None
     sessions: set[GateProtocol] = field(default_factory=set)
     draining: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when a session ends or finishes a command (the drain waits on it)."""
+    anvil: Anvil = field(default_factory=Anvil)
+    """Connection counts and event rates per client address (kept across reloads)."""
+    budget: DataBudget = field(default_factory=DataBudget)
+    """Message bytes held in memory by all sessions (smtpgate_data_memory_limit)."""
 
 
 class _NoHooks:
@@ -155,6 +215,7 @@ class _Transaction:
     mail_params: list[str]
     recipients: list[str] = field(default_factory=list)
     relay: Transaction | None = None
+    overshoot: int = 0
 
 
 class GateProtocol(SMTP):
@@ -182,6 +243,21 @@ class GateProtocol(SMTP):
         self.tls_active = False
         self.closing = False
         self.busy = False
+        # Postfix's state->error_count, junk_cmds, SMTPD_FLAG_ILL_PIPELINING, where.
+        self.error_count = 0
+        self.junk_cmds = 0
+        self.ill_pipelining = False
+        self.where = "CONNECT"
+        self.excepted = False  # smtpd_client_event_limit_exceptions: no anvil counting
+        self.anvil_address: str | None = None
+        self.data_held = 0  # bytes of this session in the shared DataBudget
+        self.last_input = time.monotonic()
+        self.input_seen = asyncio.Event()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_input = time.monotonic()
+        self.input_seen.set()
+        super().data_received(data)
 
     # -- connection events ------------------------------------------------------------
 
@@ -213,17 +289,37 @@ class GateProtocol(SMTP):
         self._writer.write(data)
 
     async def _flush(self, force: bool = False) -> None:
+        """Write out buffered replies when no more input waits (or when asked, or when
+        replies pile up); smtpd_timeout bounds the write, as in Postfix."""
         if self.closing:
             return
-        if force or not self._reader._buffer:  # type: ignore[attr-defined]
+        backlog = self.transport is not None and (
+            self.transport.get_write_buffer_size() > WRITE_BACKLOG  # type: ignore[attr-defined]
+        )
+        if force or backlog or not self._reader._buffer:  # type: ignore[attr-defined]
             try:
-                await self._writer.drain()
+                await asyncio.wait_for(self._writer.drain(), self.config.timeout)
+            except TimeoutError:
+                self.shared.maillog.info(f"timeout after {self.where} from {self._namaddr}")
+                self.closing = True
+                if self.transport is not None:
+                    self.transport.abort()  # type: ignore[attr-defined]  # drop what is unsent
             except (ConnectionError, OSError):
                 self.closing = True
 
     async def _send(self, reply: Reply) -> None:
-        """Send a reply; a disconnecting reply is flushed and the connection closed."""
+        """Send a reply; a disconnecting reply is flushed and the connection closed.
+
+        Past smtpd_soft_error_limit errors every reply waits smtpd_error_sleep_time first
+        and is flushed at once (Postfix's vsmtpd_chat_reply()).
+        """
+        delay = self.error_count >= self.config.soft_error_limit and self.config.error_sleep > 0
+        if delay and not self.closing:
+            await self._flush(force=True)
+            await asyncio.sleep(self.config.error_sleep)
         self._write(reply)
+        if delay:
+            await self._flush(force=True)
         if reply.disconnect:
             await self._flush(force=True)
             self._close()
@@ -238,13 +334,27 @@ class GateProtocol(SMTP):
     async def _handle_client(self) -> None:
         shared = self.shared
         shared.sessions.add(self)
-        client = _client_info(self.session.peer if self.session else None)
-        self.client = client
-        self.policy = PolicySession(shared.plan, client)
-        shared.maillog.info(f"connect from {client.namaddr}")
         try:
-            await self._greet()
+            peer = _client_info(self.session.peer if self.session else None)
+            self.client = peer
+            found = await lookup_client(
+                shared.resolver,
+                peer.address,
+                peer.port,
+                peername_lookup=shared.plan.settings.as_bool("smtpd_peername_lookup"),
+            )
+            for record in found.logs:
+                shared.maillog.warning(record.text)
+            client = found.client
+            self.client = client
+            self.policy = PolicySession(shared.plan, client, shared.resolver)
+            shared.maillog.info(f"connect from {client.namaddr}")
+            if await self._admit():
+                await self._greet()
             while not self.closing:
+                if self.error_count >= self.config.hard_error_limit:
+                    await self._too_many_errors()
+                    break
                 line = await self._read_command()
                 if line is None:
                     break
@@ -263,10 +373,73 @@ class GateProtocol(SMTP):
             self.closing = True
         finally:
             await self._end_transaction()
+            self._release_data()
+            if self.anvil_address is not None:
+                shared.anvil.disconnect(self.anvil_address)
             self._log_disconnect()
             shared.sessions.discard(self)
             shared.changed.set()
             self._close()
+
+    async def _too_many_errors(self) -> None:
+        text = f"{self.config.hostname} Error: too many errors"
+        await self._send(Reply(421, "4.7.0", text, disconnect=True))
+        self.shared.maillog.info(f"too many errors after {self.where} from {self._namaddr}")
+
+    def _service(self) -> str:
+        """The listener as Postfix names an inet service: host:port."""
+        name = self.transport.get_extra_info("sockname") if self.transport else None
+        if not name:
+            return "smtp"
+        host = str(name[0])
+        return f"[{host}]:{name[1]}" if ":" in host else f"{host}:{name[1]}"
+
+    async def _admit(self) -> bool:
+        """Connection limits, checked before the greeting: False after a 421 refusal.
+
+        Clients in smtpd_client_event_limit_exceptions are not counted at all (Postfix's
+        hogger_list); the others are counted per address as anvil(8) does.
+        """
+        cfg, shared, client = self.config, self.shared, self.client
+        assert client is not None
+        refuse = Reply(
+            421,
+            "4.7.0",
+            f"{cfg.hostname} Error: too many connections from {client.address}",
+            disconnect=True,
+        )
+        try:
+            exceptions = cfg.limit_exceptions
+            self.excepted = exceptions is not None and exceptions.match(client.address)
+        except TableLookupError as exc:
+            shared.maillog.warning(f"smtpd_client_event_limit_exceptions: {exc}")
+        if self.excepted:
+            return True
+        total = len(shared.sessions)
+        if cfg.connection_limit and total > cfg.connection_limit:
+            shared.maillog.warning(
+                f"Connection limit exceeded: {total} (smtpgate_connection_limit) from "
+                f"{self._namaddr} for service {self._service()}"
+            )
+            await self._send(refuse)
+            return False
+        self.anvil_address = client.address
+        count, rate = shared.anvil.connect(client.address, cfg.rate_time_unit)
+        if cfg.connection_count_limit and count > cfg.connection_count_limit:
+            shared.maillog.warning(
+                f"Connection concurrency limit exceeded: {count} from {self._namaddr} "
+                f"for service {self._service()}"
+            )
+            await self._send(refuse)
+            return False
+        if cfg.connection_rate_limit and rate > cfg.connection_rate_limit:
+            shared.maillog.warning(
+                f"Connection rate limit exceeded: {rate} from {self._namaddr} "
+                f"for service {self._service()}"
+            )
+            await self._send(refuse)
+            return False
+        return True
 
     async def _greet(self) -> None:
         assert self.policy is not None
@@ -277,25 +450,72 @@ class GateProtocol(SMTP):
                 Reply(421, "4.3.2", f"{self.config.hostname} Service shutting down", True)
             )
             return
+        # Input before the greeting (Postfix 3.9: "after CONNECT"), within the greet pause.
+        if self.config.greet_pause > 0:
+            try:
+                await asyncio.wait_for(self.input_seen.wait(), self.config.greet_pause)
+            except TimeoutError:
+                pass
+        else:
+            await asyncio.sleep(0)
+        if self._improper_pipelining("CONNECT") and self.config.forbid_unauth_pipelining:
+            await self._send(SYNC_ERROR)
+            return
         await self._send(decision.reply or Reply(220, "", self.config.banner))
         await self._flush(force=True)
 
+    def _improper_pipelining(self, command: str) -> bool:
+        """Log the first input sent ahead of time, as smtpd_proto() does; True if pending.
+
+        Checked before each command that must end a pipelined group, before every command
+        of a client that did not say EHLO, and before the greeting.
+        """
+        if self.ill_pipelining:
+            return False
+        buffer = self._reader._buffer  # type: ignore[attr-defined]
+        if not buffer:
+            return False
+        self.ill_pipelining = True
+        self.shared.maillog.info(
+            f"improper command pipelining after {command} from {self._namaddr}: "
+            f"{_escape(bytes(buffer[:100]))}"
+        )
+        return True
+
+    async def _timed_out(self, where: str) -> None:
+        text = f"{self.config.hostname} Error: timeout exceeded"
+        await self._send(Reply(421, "4.4.2", text, disconnect=True))
+        self.shared.maillog.info(f"timeout after {where} from {self._namaddr}")
+
     async def _read_command(self) -> bytes | None:
+        """One command line within smtpd_timeout: for the whole line with
+        smtpd_per_request_deadline, else since the last input that arrived."""
+        timeout, start = self.config.timeout, time.monotonic()
+        while True:
+            since = start if self.config.per_request_deadline else max(start, self.last_input)
+            remaining = since + timeout - time.monotonic()
+            if remaining <= 0:
+                await self._timed_out(self.where)
+                return None
+            try:
+                line = await asyncio.wait_for(self._reader.readuntil(b"\n"), remaining)
+            except TimeoutError:
+                continue
+            except asyncio.LimitOverrunError as exc:
+                return await self._long_line(exc)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return None
+            return line
+
+    async def _long_line(self, exc: asyncio.LimitOverrunError) -> bytes | None:
+        """Postfix reads line_length_limit octets and skips the rest of the line."""
+        head = await self._reader.readexactly(exc.consumed)
         try:
-            line = await asyncio.wait_for(self._reader.readuntil(b"\n"), self.config.timeout)
+            await asyncio.wait_for(self._skip_line(), self.config.timeout)
         except TimeoutError:
-            text = f"{self.config.hostname} Error: timeout exceeded"
-            await self._send(Reply(421, "4.4.2", text, disconnect=True))
-            self.shared.maillog.info(f"timeout after {self._last_command} from {self._namaddr}")
+            await self._timed_out(self.where)
             return None
-        except asyncio.LimitOverrunError as exc:
-            # Postfix reads line_length_limit octets and skips the rest of the line.
-            head = await self._reader.readexactly(exc.consumed)
-            await self._skip_line()
-            return head[: self.config.line_limit]
-        except (asyncio.IncompleteReadError, ConnectionError):
-            return None
-        return line
+        return head[: self.config.line_limit]
 
     async def _skip_line(self) -> None:
         while True:
@@ -307,20 +527,61 @@ class GateProtocol(SMTP):
             except (asyncio.IncompleteReadError, ConnectionError):
                 return
 
-    _last_command = "CONNECT"
-
     @property
     def _namaddr(self) -> str:
         return self.client.namaddr if self.client else "unknown[unknown]"
 
     async def _dispatch(self, raw: bytes) -> None:
+        tokens = await self._tokens(raw)
+        if tokens is None:
+            self.error_count += 1
+            return
+        verb = tokens[0].text
+        upper = verb.upper()
+        handler = self._commands.get(upper)
+        if handler is None:
+            self.where = "UNKNOWN"
+            if self.config.forbidden.match(verb):
+                text = raw.split(b"\0", 1)[0].decode("utf-8", "replace").rstrip("\r\n")[:100]
+                self.shared.maillog.warning(f"non-SMTP command from {self._namaddr}: {text}")
+                await self._send(FORBIDDEN)
+                return
+            self.counts["unknown"] += 1
+            await self._send(UNKNOWN_COMMAND)
+            self.error_count += 1
+            return
+        name = handler.__name__.removeprefix("cmd_")
+        self.counts[name] += 1
+        if self.config.tls_required and not self.tls_active and upper not in ALLOWED_BEFORE_TLS:
+            await self._send(NEED_STARTTLS)
+            self.error_count += 1
+            return
+        self.where = upper
+        if (not self.esmtp or upper in LAST_IN_GROUP) and self._improper_pipelining(upper):
+            if self.config.forbid_unauth_pipelining:
+                await self._send(SYNC_ERROR)
+                return
+        assert self.policy is not None
+        self.policy.state.input_pending = bool(self._reader._buffer)  # type: ignore[attr-defined]
+        ok = await handler(self, tokens[1:])
+        if ok:
+            self.successes[name] += 1
+        else:
+            self.error_count += 1
+        if upper in JUNK_COMMANDS:
+            self.junk_cmds += 1
+            if self.junk_cmds > self.config.junk_limit + 1:
+                self.error_count += 1
+
+    async def _tokens(self, raw: bytes) -> Args | None:
+        """The words of a command line; None after replying to a line that has none."""
         line = raw.rstrip(b"\n")
         bare_lf = not line.endswith(b"\r")
         line = line.rstrip(b"\r")
         if bare_lf and self._bare_newline_rejected():
             self.counts["unknown"] += 1
             await self._send(self._bare_newline_reply())
-            return
+            return None
         # Postfix handles the command as a C string: it ends at the first NUL.
         line = line.split(b"\0", 1)[0]
         try:
@@ -328,34 +589,13 @@ class GateProtocol(SMTP):
         except UnicodeDecodeError:
             self.counts["unknown"] += 1
             await self._send(BAD_UTF8)
-            return
+            return None
         tokens = smtpd_tokens(text)
         if not tokens:
             self.counts["unknown"] += 1
             await self._send(BAD_SYNTAX)
-            return
-        verb = tokens[0].text
-        upper = verb.upper()
-        self._last_command = upper
-        if _forbidden(verb):
-            self.shared.maillog.warning(f"non-SMTP command from {self._namaddr}: {text[:100]}")
-            await self._send(FORBIDDEN)
-            return
-        handler = self._commands.get(upper)
-        if handler is None:
-            self.counts["unknown"] += 1
-            await self._send(UNKNOWN_COMMAND)
-            return
-        name = handler.__name__.removeprefix("cmd_")
-        self.counts[name] += 1
-        if self.config.tls_required and not self.tls_active and upper not in ALLOWED_BEFORE_TLS:
-            await self._send(NEED_STARTTLS)
-            return
-        assert self.policy is not None
-        self.policy.state.input_pending = bool(self._reader._buffer)  # type: ignore[attr-defined]
-        ok = await handler(self, tokens[1:])
-        if ok:
-            self.successes[name] += 1
+            return None
+        return tokens
 
     # -- commands ---------------------------------------------------------------------
 
@@ -407,6 +647,8 @@ class GateProtocol(SMTP):
             return await self._fail(Reply(503, "5.5.1", "Error: nested MAIL command"))
         if len(args) < 2 or args[0].text.lower() != "from:":
             return await self._fail(Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>"))
+        if await self._rate_exceeded("mail"):
+            return False
         if args[1].error:
             return await self._fail(BAD_SENDER)
         params = [t.text for t in args[2:]]
@@ -435,6 +677,8 @@ class GateProtocol(SMTP):
             return await self._fail(Reply(503, "5.5.1", "Error: need MAIL command"))
         if len(args) < 2 or args[0].text.lower() != "to:":
             return await self._fail(Reply(501, "5.5.4", "Syntax: RCPT TO:<address>"))
+        if await self._rate_exceeded("rcpt"):
+            return False
         if args[1].error:
             return await self._fail(BAD_RECIPIENT)
         params = [t.text for t in args[2:]]
@@ -445,7 +689,10 @@ class GateProtocol(SMTP):
         if address is None:
             return await self._fail(BAD_RECIPIENT)
         if len(self.txn.recipients) >= self.config.recipient_limit:
-            return await self._fail(Reply(452, "4.5.3", "Error: too many recipients"))
+            # The first smtpd_recipient_overshoot_limit of these are not errors.
+            await self._send(TOO_MANY_RECIPIENTS)
+            self.txn.overshoot += 1
+            return self.txn.overshoot <= self.config.recipient_overshoot
         decision = await self.policy.rcpt(address)
         self._log_decision(decision)
         if decision.reply is not None:
@@ -461,6 +708,27 @@ class GateProtocol(SMTP):
     async def _fail(self, reply: Reply) -> bool:
         await self._send(reply)
         return False
+
+    async def _rate_exceeded(self, event: str) -> bool:
+        """smtpd_client_message_rate_limit (MAIL) or _recipient_rate_limit (RCPT, VRFY)."""
+        cfg, client = self.config, self.client
+        limit = cfg.message_rate_limit if event == "mail" else cfg.recipient_rate_limit
+        if not limit or self.excepted or client is None:
+            return False
+        anvil = self.shared.anvil
+        if event == "mail":
+            rate = anvil.mail(client.address, cfg.rate_time_unit)
+            what, text = "Message delivery request", f"Error: too much mail from {client.address}"
+        else:
+            rate = anvil.rcpt(client.address, cfg.rate_time_unit)
+            what, text = "Recipient address", f"Error: too many recipients from {client.address}"
+        if rate <= limit:
+            return False
+        self.shared.maillog.warning(
+            f"{what} rate limit exceeded: {rate} from {self._namaddr} for service {self._service()}"
+        )
+        await self._send(Reply(450, "4.7.1", text))
+        return True
 
     async def _relay_rcpt(self, address: str, params: list[str]) -> Reply:
         assert self.txn is not None and self.policy is not None and self.client is not None
@@ -499,40 +767,103 @@ class GateProtocol(SMTP):
         if decision.reply is not None:
             await self._send(decision.reply)
             return False
+        if self.shared.budget.full(self.config.data_memory_limit, DATA_RESERVE):
+            self.shared.maillog.warning(
+                f"smtpgate_data_memory_limit reached ({self.shared.budget.in_flight} bytes in "
+                f"flight): DATA from {self._namaddr} deferred"
+            )
+            return await self._fail(NO_MEMORY)
         await self._send(DATA_GO_AHEAD)
         await self._flush(force=True)
-        content = await self._read_data()
-        if content is None:  # the client went away mid-DATA
-            self.closing = True
-            return False
-        reply = await self._finish_data(content)
+        try:
+            content, problem = await self._read_data()
+            if content is None:  # the client went away mid-DATA, or timed out
+                self.closing = True
+                return False
+            if problem is not None:
+                await self._end_transaction()
+                reply = problem
+            else:
+                reply = await self._finish_data(content)
+        finally:
+            self._release_data()
+        if reply.code // 100 == 2:
+            # Postfix forgives earlier errors once a message was received.
+            self.error_count = self.junk_cmds = 0
         await self._send(reply)
         return reply.code // 100 == 2
 
-    async def _read_data(self) -> bytes | None:
-        """Read up to CRLF.CRLF; pipelined input after it stays in the reader."""
-        reader = self._reader
+    def _release_data(self) -> None:
+        self.shared.budget.give_back(self.data_held)
+        self.data_held = 0
+
+    def _hold(self, size: int) -> bool:
+        """Count ``size`` more bytes of this message in the shared budget."""
+        if not self.shared.budget.take(size, self.config.data_memory_limit):
+            return False
+        self.data_held += size
+        return True
+
+    async def _read_data(self) -> tuple[bytes | None, Reply | None]:
+        """Read up to CRLF.CRLF; pipelined input after it stays in the reader.
+
+        Returns (content, None), or (b"", reply) when the message was read and dropped
+        because it exceeds message_size_limit or the memory budget (the rest is read and
+        discarded up to the dot), or (None, None) when the client left or timed out.
+        """
+        reader, cfg = self._reader, self.config
         data = bytearray(b"\r\n")
-        searched = 0
+        searched = received = 0
+        problem: Reply | None = None
+        now = time.monotonic()
+        deadline = now + cfg.timeout
         while True:
             end = data.find(_END_OF_DATA, searched)
+            if problem is None:
+                problem = self._account(end if end >= 0 else len(data) - 2, end >= 0)
             if end >= 0:
                 rest = bytes(data[end + len(_END_OF_DATA) :])
                 if rest:
                     reader._buffer[0:0] = rest  # type: ignore[attr-defined]
-                return bytes(data[2 : end + 2])
+                return (b"", problem) if problem else (bytes(data[2 : end + 2]), None)
+            if problem is not None:
+                del data[:-4]  # keep only what the end of data may begin with
             searched = max(len(data) - len(_END_OF_DATA) + 1, 0)
+            wait = deadline - now if cfg.per_request_deadline else cfg.timeout
             try:
-                chunk = await asyncio.wait_for(reader.read(65536), self.config.timeout)
+                chunk = await asyncio.wait_for(reader.read(65536), max(wait, 0))
             except TimeoutError:
-                text = f"{self.config.hostname} Error: timeout exceeded"
-                await self._send(Reply(421, "4.4.2", text, disconnect=True))
-                return None
+                await self._timed_out(f"DATA ({received} bytes)")
+                return None, None
             except ConnectionError:
-                return None
+                return None, None
             if not chunk:
-                return None
+                return None, None
+            now = time.monotonic()
+            received += len(chunk)
+            if cfg.per_request_deadline and cfg.min_data_rate > 0:
+                deadline = min(deadline + len(chunk) / cfg.min_data_rate, now + cfg.timeout)
             data += chunk
+
+    def _account(self, size: int, complete: bool) -> Reply | None:
+        """Hold ``size`` bytes of content in the budget; a reply when the message must go.
+
+        Once the message is certainly over message_size_limit, or the memory budget has no
+        room for it, its bytes are given back and the rest is read and discarded.
+        """
+        cfg = self.config
+        problem = None
+        if size > self.data_held and not self._hold(size - self.data_held):
+            self.shared.maillog.warning(
+                f"smtpgate_data_memory_limit reached: message from {self._namaddr} "
+                "is read and discarded"
+            )
+            problem = NO_MEMORY
+        elif not complete and cfg.size_limit and size > cfg.size_limit + 8:
+            problem = TOO_BIG  # the content can only grow: certainly too big
+        if problem is not None:
+            self._release_data()
+        return problem
 
     async def _finish_data(self, content: bytes) -> Reply:
         assert self.txn is not None and self.policy is not None and self.client is not None
@@ -622,6 +953,8 @@ class GateProtocol(SMTP):
             return await self._fail(Reply(502, "5.5.1", "VRFY command is disabled"))
         if not args:
             return await self._fail(Reply(501, "5.5.4", "Syntax: VRFY address [SMTPUTF8]"))
+        if await self._rate_exceeded("rcpt"):
+            return False
         words = [t.text for t in args]
         if len(words) > 1 and words[-1].upper() == "SMTPUTF8":
             words.pop()
@@ -764,7 +1097,7 @@ class GateProtocol(SMTP):
                 parts.append(f"{name}={total}" if ok == total else f"{name}={ok}/{total}")
         total = sum(self.counts.values())
         ok = sum(self.successes.values())
-        parts.append(f"commands={total}" if ok == total else f"commands={ok}/{total}")
+        parts.append(f"commands={total}" if ok == total and total else f"commands={ok}/{total}")
         self.shared.maillog.info(f"disconnect from {self._namaddr} {' '.join(parts)}")
 
     def _shutting_down(self) -> Reply:
@@ -1020,13 +1353,52 @@ def _join_words(words: list[tuple[str, bool]]) -> str | None:
     return out
 
 
-def _forbidden(verb: str) -> bool:
-    """smtpd_forbidden_commands (its default) or a message header: reply 221 and close."""
-    return (
-        verb.upper() in FORBIDDEN_VERBS
-        or not _LETTER_FIRST.match(verb)
-        or bool(_HEADER_LIKE.match(verb))
-    )
+_TABLE_SPEC = re.compile(r"^[A-Za-z0-9_]+:.")
+
+
+@dataclass(frozen=True)
+class Forbidden:
+    """smtpd_forbidden_commands: words (any case) and tables (any match forbids)."""
+
+    words: frozenset[str]
+    tables: tuple[Table, ...] = ()
+
+    @classmethod
+    def parse(cls, items: list[str], base_dir: str | None = None) -> Forbidden:
+        words: set[str] = set()
+        tables: list[Table] = []
+        for item in items:
+            if _TABLE_SPEC.match(item):
+                tables.append(open_table(item, base_dir=base_dir))
+            else:
+                words.add(item.upper())
+        return cls(frozenset(words), tuple(tables))
+
+    def match(self, verb: str) -> bool:
+        """A header-like line, or a verb in the list (lookup errors are ignored, as Postfix)."""
+        if _HEADER_LIKE.match(verb) or verb.upper() in self.words:
+            return True
+        for table in self.tables:
+            try:
+                if table.lookup(verb.lower()) is not None:
+                    return True
+            except TableLookupError:
+                continue
+        return False
+
+
+def _escape(data: bytes) -> str:
+    """Postfix's escape(): C escapes for control characters, octal for other bytes."""
+    names = {7: "a", 8: "b", 9: "t", 10: "n", 11: "v", 12: "f", 13: "r"}
+    out = []
+    for byte in data:
+        if 0x20 <= byte < 0x7F:
+            out.append("\\\\" if byte == 0x5C else chr(byte))
+        elif byte in names:
+            out.append("\\" + names[byte])
+        else:
+            out.append(f"\\{byte:03o}")
+    return "".join(out)
 
 
 def _crlf(content: bytes) -> bytes:

@@ -145,3 +145,30 @@ def test_query_behaves_as_postmap(tmp_path: Path):
     broken = run("query", "nosuchtype:/x", "k")
     assert broken.exit_code == 2
     assert "unsupported dictionary type: nosuchtype" in broken.stderr
+
+
+def test_explain_uses_dns_only_when_asked(tmp_path: Path):
+    from tests.dns.dnsserver import FakeDns
+
+    cf = _config(
+        tmp_path,
+        "relay_domains = bar.org\n"
+        "smtpd_recipient_restrictions = reject_unauth_destination, reject_rbl_client zen.test\n",
+    )
+    dns = FakeDns().start()
+    try:
+        dns.add("82.113.0.203.zen.test.", "A", "127.0.0.2")
+        host, port = dns.address
+        args = ["--client", "203.0.113.82", "--from", "a@example.net", "--to", "foo@bar.org"]
+        listed = run("explain", "-c", str(cf), *args, "--dns-servers", f"{host}:{port}")
+        assert listed.exit_code == 0, listed.output
+        last = listed.stdout.rstrip().splitlines()[-1]
+        assert last == (
+            "554 5.7.1 Service unavailable; Client host [203.0.113.82] blocked using zen.test"
+        )
+        assert "82.113.0.203.zen.test" in listed.stdout  # the lookup is part of the trail
+        # without --dns-servers nothing is looked up: the list is unavailable (deferred)
+        offline = run("explain", "-c", str(cf), *args)
+        assert offline.stdout.rstrip().splitlines()[-1].startswith("450 4.7.1 ")
+    finally:
+        dns.stop()

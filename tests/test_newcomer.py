@@ -45,6 +45,7 @@ def write_config(folder: Path, extra: str = "", **tables: str) -> Path:
     path = folder / "main.cf"
     path.write_text(
         "myhostname = mx.example.org\n"
+        "smtpd_peername_lookup = no\n"
         "relay_domains = bar.org\n"
         "mynetworks =\n"
         "relayhost = [127.0.0.1]:9\n"
@@ -192,7 +193,7 @@ def test_missing_table_is_an_error_in_check(tmp_path: Path):
     (folder / "senders").unlink()
     result = run("check", "-c", str(cf))
     assert result.returncode == 2
-    assert f"{cf}, line 5" in result.stderr and "No such file or directory" in result.stderr
+    assert f"{cf}, line 6" in result.stderr and "No such file or directory" in result.stderr
 
 
 async def test_unreachable_relayhost_warns_and_keeps_serving(tmp_path: Path):
@@ -255,7 +256,7 @@ async def test_reload_swaps_tables_and_keeps_old_config_when_broken(tmp_path: Pa
         cf.write_text(cf.read_text() + "smtpd_sender_restrictions = permit_mynetwork\n")
         assert not await server.reload()
         assert (
-            f"{cf}, line 8: error: smtpd_sender_restrictions: "
+            f"{cf}, line 9: error: smtpd_sender_restrictions: "
             'unknown restriction "permit_mynetwork"' in log.getvalue()
         )
         assert "keeping the running configuration" in log.getvalue()

@@ -67,6 +67,18 @@ _DIFFERENCES = {
         "permit_sasl_authenticated, defer_unauth_destination."
     ),
     "smtpd_sasl_auth_enable": "smtpgate has no SMTP AUTH: yes is reported and ignored.",
+    "smtpd_forbid_unauth_pipelining": (
+        "Postfix 3.7 defaults to no; smtpgate defaults to yes, Postfix 3.9's default."
+    ),
+    "smtpd_per_request_deadline": (
+        "Postfix's default also honours smtpd_per_record_deadline, the pre-3.7 name, which "
+        "smtpgate does not support."
+    ),
+    "smtpd_client_event_limit_exceptions": (
+        "Postfix's default is ${smtpd_client_connection_limit_exceptions:$mynetworks}; "
+        "smtpgate does not support the old name and defaults to $mynetworks. It also exempts "
+        "these clients from smtpgate_connection_limit."
+    ),
     "relayhost": (
         "Postfix uses it for outbound mail; smtpgate relays every accepted message to it "
         "(the backend MTA)."
@@ -78,7 +90,7 @@ _DIFFERENCES = {
     ),
 }
 
-_RAW = frozenset({"smtpd_reject_footer", "smtpd_expansion_filter"})
+_RAW = frozenset({"smtpd_reject_footer", "smtpd_expansion_filter", "default_rbl_reply"})
 
 
 def _p(name: str, default: str, kind: Kind, doc: str) -> ParamSpec:
@@ -287,6 +299,91 @@ _SPECS = [
         'Look up the client\'s host name in DNS (no: every client is "unknown").',
     ),
     _p(
+        "default_rbl_reply",
+        "$rbl_code Service unavailable; $rbl_class [$rbl_what] blocked using "
+        "$rbl_domain${rbl_reason?; $rbl_reason}",
+        "str",
+        "Reply template for reject_rbl_client and reject_rhsbl_* (expanded per reply).",
+    ),
+    _p(
+        "rbl_reply_maps",
+        "",
+        "list",
+        "Tables of per-zone reply templates (key: the zone as written, value: a template).",
+    ),
+    _p(
+        "maps_rbl_reject_code",
+        "554",
+        "code",
+        "The $rbl_code of DNS block list replies.",
+    ),
+    _p(
+        "reject_tempfail_action",
+        "defer_if_permit",
+        "str",
+        "What a temporary DNS failure in a reject_unknown_* restriction does: "
+        "defer_if_permit or defer.",
+    ),
+    _p(
+        "unknown_address_tempfail_action",
+        "$reject_tempfail_action",
+        "str",
+        "reject_unknown_sender_domain/recipient_domain after a temporary DNS failure.",
+    ),
+    _p(
+        "unknown_helo_hostname_tempfail_action",
+        "$reject_tempfail_action",
+        "str",
+        "reject_unknown_helo_hostname after a temporary DNS failure.",
+    ),
+    ParamSpec(
+        "rbl_tempfail_action",
+        "defer_if_permit",
+        "str",
+        "reject_rbl_client and reject_rhsbl_* after a temporary DNS failure: "
+        "defer_if_permit (450 4.7.1 unless something rejects), defer, or dunno.",
+        "smtpgate only. Postfix 3.7 always gives the client the benefit of the doubt "
+        "(dunno: the lookup error is logged and the list is skipped); smtpgate defers by "
+        "default so that a DNS outage never lets listed mail in.",
+    ),
+    ParamSpec(
+        "dns_servers",
+        "",
+        "list",
+        "Name servers for smtpgate's DNS lookups (ip, ip:port, [ipv6]:port), instead of "
+        "those in /etc/resolv.conf; empty: /etc/resolv.conf.",
+        "smtpgate only; Postfix uses the system resolver.",
+    ),
+    ParamSpec(
+        "dns_timeout",
+        "5s",
+        "time",
+        "How long to wait for each DNS reply before sending the query again.",
+        "smtpgate only (Postfix: the resolv.conf timeout option).",
+    ),
+    ParamSpec(
+        "dns_tries",
+        "2",
+        "int",
+        "How many times a DNS query that gets no reply is sent before the lookup fails "
+        "temporarily.",
+        "smtpgate only (Postfix: the resolv.conf attempts option).",
+    ),
+    ParamSpec(
+        "dns_concurrency_limit",
+        "100",
+        "int",
+        "Most DNS queries in flight at once, over all connections.",
+        "smtpgate only.",
+    ),
+    ParamSpec(
+        "dns_cache_size",
+        "10000",
+        "int",
+        "Most DNS answers (negative ones too) cached by TTL; 0 disables the cache.",
+        "smtpgate only (Postfix relies on the system's caching resolver).",
+    ),
+    _p(
         "message_size_limit",
         "10240000",
         "size",
@@ -366,6 +463,94 @@ _SPECS = [
         "50",
         "int",
         "Simultaneous connections allowed per client IP address (0 = no limit).",
+    ),
+    _p(
+        "smtpd_recipient_overshoot_limit",
+        "1000",
+        "int",
+        "RCPT commands beyond smtpd_recipient_limit answered 452 before each further one "
+        "counts as an error.",
+    ),
+    _p(
+        "smtpd_per_request_deadline",
+        "${stress?{yes}:{no}}",
+        "bool",
+        "Make smtpd_timeout a limit for a whole command line or DATA request instead of for "
+        "each read.",
+    ),
+    _p(
+        "smtpd_min_data_rate",
+        "500",
+        "int",
+        "With smtpd_per_request_deadline, the DATA deadline grows by bytes received divided "
+        "by this rate (bytes/s), up to smtpd_timeout.",
+    ),
+    _p(
+        "smtpd_client_connection_rate_limit",
+        "0",
+        "int",
+        "Connections a client address may open per anvil_rate_time_unit (0 = no limit).",
+    ),
+    _p(
+        "smtpd_client_message_rate_limit",
+        "0",
+        "int",
+        "MAIL commands a client address may send per anvil_rate_time_unit (0 = no limit).",
+    ),
+    _p(
+        "smtpd_client_recipient_rate_limit",
+        "0",
+        "int",
+        "RCPT and VRFY commands a client address may send per anvil_rate_time_unit (0 = no limit).",
+    ),
+    _p(
+        "anvil_rate_time_unit",
+        "60s",
+        "time",
+        "The time window of the smtpd_client_*_rate_limit counters.",
+    ),
+    _p(
+        "smtpd_client_event_limit_exceptions",
+        "$mynetworks",
+        "list",
+        "Clients exempt from the connection count, rate and global connection limits.",
+    ),
+    _p(
+        "smtpd_forbid_unauth_pipelining",
+        "yes",
+        "bool",
+        "Answer 554 5.5.0 Error: SMTP protocol synchronization and disconnect when a client "
+        "sends commands ahead of time where RFC 2920 does not allow it.",
+    ),
+    _p(
+        "smtpd_forbidden_commands",
+        "CONNECT GET POST regexp:{{/^[^A-Z]/ Bogus}}",
+        "list",
+        "Unknown commands (and any header-like line) answered 221 2.7.0 and disconnected.",
+    ),
+    ParamSpec(
+        "smtpgate_connection_limit",
+        "1000",
+        "int",
+        "Simultaneous client connections over all addresses; beyond it new clients get "
+        "421 4.7.0 and are disconnected (0 = no limit).",
+        "smtpgate only (Postfix: the smtpd process limit in master.cf).",
+    ),
+    ParamSpec(
+        "smtpgate_greet_pause",
+        "0s",
+        "time",
+        "How long to wait for input before the 220 greeting; a client that talks first gets "
+        "554 5.5.0 with smtpd_forbid_unauth_pipelining (0: only input already there counts).",
+        "smtpgate only (Postfix: postscreen_greet_wait, in postscreen).",
+    ),
+    ParamSpec(
+        "smtpgate_data_memory_limit",
+        "268435456",
+        "int",
+        "Message bytes all sessions together may hold in memory; DATA beyond it gets "
+        "451 4.3.1 Insufficient system resources (0 = no limit).",
+        "smtpgate only (Postfix spools messages to disk instead).",
     ),
     _p(
         "smtpd_forbid_bare_newline",

@@ -38,6 +38,7 @@ from smtpgate.policy.model import (
     Step,
 )
 from smtpgate.policy.plan import Compiled, Plan, compile_runtime_list
+from smtpgate.policy.ports import DnsAnswer, Resolver, no_resolver_answer
 from smtpgate.policy.registry import call
 from smtpgate.reply import Reply
 from smtpgate.tables import Table
@@ -53,12 +54,23 @@ class _Abort(Exception):
 class Checker:
     """Runs restriction lists against a session; implements the registry's ``Ctx``."""
 
-    def __init__(self, plan: Plan, state: SessionState) -> None:
+    def __init__(self, plan: Plan, state: SessionState, resolver: Resolver | None = None) -> None:
         self.plan = plan
         self.state = state
+        self.resolver = resolver
+        self.found = False
         self.stage = Stage.CONNECT
         self.steps: list[Step] = []
         self.logs: list[LogRecord] = []
+
+    async def dns(self, name: str, rdtype: str) -> DnsAnswer:
+        """One DNS lookup, noted in the trail; no resolver means a temporary failure."""
+        if self.resolver is None:
+            answer = no_resolver_answer(name, rdtype)
+        else:
+            answer = await self.resolver.lookup(name, rdtype)
+        self.note("dns", f"{rdtype} {name}", answer.summary())
+        return answer
 
     # -- trail and logs ------------------------------------------------------------
 
@@ -145,6 +157,7 @@ class Checker:
     ) -> Status:
         """Try ``keys`` in order; the first hit decides (Postfix check_*_access)."""
         label = f"{table.type}:{table.name}"
+        self.found = False
         for key, partial in keys:
             if partial and table.is_pattern:
                 continue
@@ -172,6 +185,7 @@ class Checker:
                 self.note(label, key, "not found")
                 continue
             self.note(label, key, f"found: {value}")
+            self.found = True
             try:
                 status = self.check_table_result(label, value, datum, reply_name, reply_class)
             except _Nested as nested:

@@ -12,8 +12,10 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from smtpgate.policy.model import ClientInfo, Decision, Stage
+from smtpgate.policy.model import ClientInfo, Decision, LogRecord, Stage, Step
+from smtpgate.policy.peer import lookup_client
 from smtpgate.policy.plan import Plan
+from smtpgate.policy.ports import Resolver
 from smtpgate.policy.session import ACCEPT_REPLIES, PolicySession
 from smtpgate.reply import Reply
 
@@ -59,11 +61,31 @@ async def run_dialogue(
     recipients: Sequence[str],
     esmtp: bool = False,
     data: bool = False,
+    resolver: Resolver | None = None,
+    lookup_client_name: bool = False,
 ) -> list[Exchange]:
-    """The exchanges of one connection, stopping where the server would disconnect."""
-    session = PolicySession(plan, client)
+    """The exchanges of one connection, stopping where the server would disconnect.
+
+    With a ``resolver`` the DNS restrictions look things up (every lookup is a step of
+    the trail); without one, every lookup is a temporary failure.  With
+    ``lookup_client_name`` the client's name is found as ``serve`` finds it at connect
+    (PTR, then A/AAAA), and those lookups open the trail.
+    """
+    peer_steps: list[Step] = []
+    peer_logs: list[LogRecord] = []
+    if lookup_client_name:
+        found = await lookup_client(
+            resolver,
+            client.address,
+            client.port,
+            peername_lookup=bool(plan.settings.as_bool("smtpd_peername_lookup")),
+        )
+        client, peer_steps, peer_logs = found.client, found.steps, found.logs
+    session = PolicySession(plan, client, resolver)
     exchanges: list[Exchange] = []
     greeting = await session.connect()
+    greeting.steps[:0] = peer_steps
+    greeting.logs[:0] = peer_logs
     banner = Reply(220, "", plan.settings.get("smtpd_banner") or plan.myhostname)
     exchanges.append(Exchange(GREETING, greeting.reply or banner, greeting))
     if exchanges[0].reply.disconnect:

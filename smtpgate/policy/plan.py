@@ -24,6 +24,7 @@ from smtpgate.errors import ConfigError, SmtpgateError
 from smtpgate.policy import restrictions as _restrictions  # noqa: F401  (fills the registry)
 from smtpgate.policy.actions import lint_action
 from smtpgate.policy.address import Resolver
+from smtpgate.policy.dnsbl import ZoneError, parse_zone, unescape
 from smtpgate.policy.registry import RestrictionSpec, lookup
 from smtpgate.tables import AddressList, DomainList, Maps, SurrogateTable, Table, open_table
 
@@ -68,7 +69,14 @@ CODE_PARAMETERS = {
     "unknown_client_reject_code": 450,
     "unknown_hostname_reject_code": 450,
     "multi_recipient_bounce_reject_code": 550,
+    "maps_rbl_reject_code": 554,
 }
+
+TEMPFAIL_ACTIONS = ("defer", "defer_if_permit")
+DEFAULT_RBL_REPLY = (
+    "$rbl_code Service unavailable; $rbl_class [$rbl_what] blocked using "
+    "$rbl_domain${rbl_reason?; $rbl_reason}"
+)
 
 RESTRICTION_SEPARATORS = re.compile(r"[,\s]+")
 
@@ -83,6 +91,20 @@ class Compiled:
     arg: Any = None
     class_name: str | None = None
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class DnsPolicy:
+    """What the DNS restrictions need besides the reply codes."""
+
+    default_rbl_reply: str = DEFAULT_RBL_REPLY
+    rbl_reply_maps: Maps | None = None
+    expansion_filter: str | None = None
+    """smtpd_expansion_filter, unescaped; None: no filtering."""
+    unknown_address_tempfail_action: str = "defer_if_permit"
+    unknown_helo_hostname_tempfail_action: str = "defer_if_permit"
+    rbl_tempfail_action: str = "defer_if_permit"
+    """smtpgate's own: defer_if_permit, defer or dunno (Postfix 3.7: dunno)."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +133,7 @@ class Plan:
     reject_unlisted_sender: bool
     reject_unlisted_recipient: bool
     allow_untrusted_routing: bool
+    dns: DnsPolicy = field(default_factory=DnsPolicy)
     runtime_cache: dict[str, tuple[Compiled, ...]] = field(default_factory=dict, compare=False)
 
     def stage_list(self, parameter: str) -> tuple[Compiled, ...]:
@@ -220,11 +243,21 @@ class _Builder:
                 arg = self.open(bare_table, parameter) if spec.arg == "table" else bare_table
                 if arg is None:
                     continue
+                if spec.arg == "zone" and not self._zone_ok(parameter, token, bare_table, loc):
+                    continue
                 if spec.arg == "table":
                     self.access_tables.add(bare_table)
                 label = f"{spec.name} {bare_table}"
             items.append(Compiled(spec.name, label, spec, arg))
         return tuple(items)
+
+    def _zone_ok(self, parameter: str, token: str, zone: str, loc: Location | None) -> bool:
+        try:
+            parse_zone(zone)
+        except ZoneError as exc:
+            self.error(f'{parameter}: restriction "{token}": {exc}', loc)
+            return False
+        return True
 
     def _class_or_unknown(self, parameter: str, token: str, loc: Location | None) -> Compiled:
         if token in self.class_names:
@@ -262,6 +295,30 @@ def _codes(settings: Settings, b: _Builder) -> dict[str, int]:
         else:
             codes[name] = int(raw)
     return codes
+
+
+def _tempfail_action(settings: Settings, b: _Builder, name: str, extra: tuple[str, ...]) -> str:
+    value = (settings.get(name) or "defer_if_permit").strip().lower()
+    allowed = TEMPFAIL_ACTIONS + extra
+    if value not in allowed:
+        b.error(f"{name}: bad value {value!r} (expected {' or '.join(allowed)})", b.where(name))
+        return "defer_if_permit"
+    return value
+
+
+def _dns_policy(settings: Settings, b: _Builder) -> DnsPolicy:
+    return DnsPolicy(
+        default_rbl_reply=settings.get("default_rbl_reply") or DEFAULT_RBL_REPLY,
+        rbl_reply_maps=b.maps("rbl_reply_maps"),
+        expansion_filter=unescape(settings.get("smtpd_expansion_filter") or ""),
+        unknown_address_tempfail_action=_tempfail_action(
+            settings, b, "unknown_address_tempfail_action", ()
+        ),
+        unknown_helo_hostname_tempfail_action=_tempfail_action(
+            settings, b, "unknown_helo_hostname_tempfail_action", ()
+        ),
+        rbl_tempfail_action=_tempfail_action(settings, b, "rbl_tempfail_action", ("dunno",)),
+    )
 
 
 def build_plan(
@@ -317,6 +374,7 @@ def build_plan(
     relay_recipient_maps = b.maps("relay_recipient_maps")
     local_recipient_maps = b.maps("local_recipient_maps")
     codes = _codes(settings, b)
+    dns = _dns_policy(settings, b)
     _lint_tables(b, classes)
     if any(d.severity == "error" for d in b.diagnostics):
         return None, b.diagnostics
@@ -350,6 +408,7 @@ def build_plan(
         reject_unlisted_sender=_bool(settings, "smtpd_reject_unlisted_sender", False),
         reject_unlisted_recipient=_bool(settings, "smtpd_reject_unlisted_recipient", True),
         allow_untrusted_routing=_bool(settings, "allow_untrusted_routing", False),
+        dns=dns,
     )
     return plan, b.diagnostics
 

@@ -17,6 +17,7 @@ from smtpgate.policy.model import ErrorClass, SessionState, Status
 
 if TYPE_CHECKING:
     from smtpgate.policy.plan import Plan
+    from smtpgate.policy.ports import DnsAnswer, Resolver
     from smtpgate.tables import Table
 
 ArgKind = Literal["none", "table", "zone"]
@@ -27,6 +28,13 @@ class Ctx(Protocol):
 
     plan: Plan
     state: SessionState
+    resolver: Resolver | None
+    found: bool
+    """Whether the last ``check_access`` found a key (a DUNNO value also stops a search)."""
+
+    async def dns(self, name: str, rdtype: str) -> DnsAnswer: ...
+
+    def log_whatsup(self, whatsup: str, text: str) -> None: ...
 
     def reject(self, error_class: ErrorClass, code: int, dsn: str, text: str) -> Status: ...
 

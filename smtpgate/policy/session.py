@@ -24,6 +24,7 @@ from smtpgate.policy.model import (
     Status,
 )
 from smtpgate.policy.plan import Plan
+from smtpgate.policy.ports import Resolver
 from smtpgate.reply import Reply
 
 ACCEPT_REPLIES = {
@@ -36,14 +37,15 @@ ACCEPT_REPLIES = {
 class PolicySession:
     """The restriction state of one client connection."""
 
-    def __init__(self, plan: Plan, client: ClientInfo) -> None:
+    def __init__(self, plan: Plan, client: ClientInfo, resolver: Resolver | None = None) -> None:
         self.plan = plan
         self.state = SessionState(client=client)
+        self.resolver = resolver
 
     # -- helpers ---------------------------------------------------------------------
 
     def _checker(self, stage: Stage) -> Checker:
-        checker = Checker(self.plan, self.state)
+        checker = Checker(self.plan, self.state, self.resolver)
         checker.stage = stage
         self.state.where = stage.value
         self.state.error = None

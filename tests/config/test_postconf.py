@@ -29,6 +29,8 @@ SKIP = OWN | {
     "local_recipient_maps",
     "smtpd_forbid_bare_newline",
     "smtpd_forbid_bare_newline_exclusions",  # $mynetworks differs
+    "smtpd_forbid_unauth_pipelining",
+    "smtpd_client_event_limit_exceptions",  # $mynetworks differs
 }
 # Where smtpgate's default text deliberately differs from `postconf -d` (see postfix_difference).
 COMPUTED = OWN | {
@@ -39,6 +41,9 @@ COMPUTED = OWN | {
     "compatibility_level",
     "local_recipient_maps",
     "smtpd_forbid_bare_newline",
+    "smtpd_forbid_unauth_pipelining",
+    "smtpd_per_request_deadline",
+    "smtpd_client_event_limit_exceptions",
 }
 
 

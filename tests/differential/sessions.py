@@ -31,16 +31,33 @@ smtpd_peername_lookup = no
 smtpd_sender_restrictions = check_sender_access inline:{ blocked.example=REJECT }
 """
 
-#: Postfix-only lines. No error sleep and error/junk limits out of reach: no script is about
-#: them (smtpgate does not count errors yet), and many scripts make several errors. ETRN and
-#: CHUNKING are not offered, as smtpgate offers neither: the EHLO replies then compare whole,
-#: and BDAT gets Postfix's answer for a server without CHUNKING.
+#: Postfix-only lines. ETRN and CHUNKING are not offered, as smtpgate offers neither: the EHLO
+#: replies then compare whole, and BDAT gets Postfix's answer for a server without CHUNKING.
 POSTFIX_ONLY = """\
+smtpd_discard_ehlo_keywords = etrn, chunking
+"""
+
+#: Limits for both servers (after BASE) unless a config sets its own: no error sleep and
+#: error/junk limits out of reach, because many scripts make several errors and none of them
+#: is about the limits; Postfix 3.9's smtpd_forbid_unauth_pipelining = yes (smtpgate's
+#: default; Postfix 3.7.11 has the parameter, default no).
+RELAXED = """\
 smtpd_error_sleep_time = 0
 smtpd_soft_error_limit = 1000
 smtpd_hard_error_limit = 1000
 smtpd_junk_command_limit = 1000
-smtpd_discard_ehlo_keywords = etrn, chunking
+smtpd_forbid_unauth_pipelining = yes
+"""
+
+#: Tiny limits, for the scripts about them (LIMITS).
+TINY = """\
+smtpd_error_sleep_time = 0
+smtpd_soft_error_limit = 2
+smtpd_hard_error_limit = 4
+smtpd_junk_command_limit = 2
+smtpd_recipient_limit = 2
+smtpd_recipient_overshoot_limit = 1
+smtpd_forbid_unauth_pipelining = yes
 """
 
 
@@ -51,10 +68,11 @@ class SessionConfig:
     name: str
     main_cf: str = ""
     tables: tuple[tuple[str, str], ...] = ()
+    limits: str = RELAXED
 
     @property
     def main_cf_text(self) -> str:
-        return BASE + self.main_cf
+        return BASE + self.limits + self.main_cf
 
 
 SEED_MAIN_CF = """\
@@ -422,6 +440,104 @@ PIPELINED = [
     ),
 ]
 
+TINY_LIMITS = SessionConfig("tiny_limits", limits=TINY)
+RCPT_RATE = SessionConfig("rcpt_rate", "smtpd_client_recipient_rate_limit = 3\n", limits=TINY)
+MAIL_RATE = SessionConfig("mail_rate", "smtpd_client_message_rate_limit = 2\n", limits=TINY)
+OTHER_RCPT = "RCPT TO:<x@other.org>"
+
+#: smtpd_hard_error_limit 4, smtpd_junk_command_limit 2, smtpd_recipient_limit 2 with
+#: overshoot 1, the client rate limits, and RFC 2920 synchronisation (Postfix 3.9's rules).
+LIMITS = [
+    s("limits/hard-errors", "FOO", "FOO", "FOO", "FOO", "FOO", config=TINY_LIMITS),
+    s("limits/junk-noop", *["NOOP"] * 8, config=TINY_LIMITS),
+    s("limits/junk-rset", EHLO, *["RSET"] * 7, config=TINY_LIMITS),
+    s("limits/junk-helo", *["HELO a.example"] * 6, "NOOP", config=TINY_LIMITS),
+    s("limits/rejected-rcpts", EHLO, MAIL, *[OTHER_RCPT] * 5, config=TINY_LIMITS),
+    s(
+        "limits/too-many-recipients",
+        EHLO,
+        MAIL,
+        RCPT,
+        "RCPT TO:<carol@bar.org>",
+        "RCPT TO:<dave@bar.org>",
+        "RCPT TO:<erin@bar.org>",
+        "RCPT TO:<frank@bar.org>",
+        "DATA",
+        MESSAGE,
+        "NOOP",
+        config=TINY_LIMITS,
+        note="the 452s beyond the overshoot are errors; the delivered message forgives them",
+    ),
+    s(
+        "limits/errors-forgiven-after-message",
+        EHLO,
+        MAIL,
+        RCPT,
+        "FOO",
+        "FOO",
+        "FOO",
+        "DATA",
+        MESSAGE,
+        "FOO",
+        "FOO",
+        "FOO",
+        "NOOP",
+        config=TINY_LIMITS,
+    ),
+    s("limits/errors-after-rset", EHLO, "FOO", "FOO", "RSET", "FOO", "FOO", config=TINY_LIMITS),
+    s(
+        "limits/rcpt-rate",
+        EHLO,
+        MAIL,
+        RCPT,
+        "RCPT TO:<c@bar.org>",
+        "RCPT TO:<d@bar.org>",
+        "RCPT TO:<e@bar.org>",
+        "VRFY bob@bar.org",
+        config=RCPT_RATE,
+    ),
+    s(
+        "limits/mail-rate",
+        EHLO,
+        MAIL,
+        "RSET",
+        MAIL,
+        "RSET",
+        "MAIL FROM:<bad",
+        MAIL,
+        config=MAIL_RATE,
+    ),
+    s("sync/helo-then-noop", b"HELO a.example\r\nNOOP\r\n"),
+    s("sync/helo-noarg-then-noop", b"HELO\r\nNOOP\r\n"),
+    s(
+        "sync/no-ehlo-mail-rcpt",
+        "HELO a.example",
+        b"MAIL FROM:<a@example.net>\r\n" + RCPT.encode() + b"\r\n",
+    ),
+    s("sync/no-hello-rset-noop", b"RSET\r\nNOOP\r\n"),
+    s("sync/ehlo-then-noop", b"EHLO a.example\r\nNOOP\r\n"),
+    s("sync/noop-noop", EHLO, b"NOOP\r\nNOOP\r\n"),
+    s("sync/vrfy-noop", EHLO, b"VRFY bob@bar.org\r\nNOOP\r\n"),
+    s("sync/rset-noop", EHLO, b"RSET\r\nNOOP\r\n"),
+    s("sync/quit-noop", EHLO, b"QUIT\r\nNOOP\r\n"),
+    s("sync/unknown-noop", EHLO, b"FOO\r\nNOOP\r\n"),
+    s("sync/empty-noop", EHLO, b"\r\nNOOP\r\n"),
+    s(
+        "sync/data-then-content",
+        EHLO,
+        b"MAIL FROM:<sender@example.net>\r\nRCPT TO:<bob@bar.org>\r\nDATA\r\nSubject: x\r\n",
+    ),
+    s("sync/after-dot", EHLO, MAIL, RCPT, "DATA", RawStep(b"x\r\n.\r\nNOOP\r\n", 2)),
+    s(
+        "sync/whole-transaction",
+        EHLO,
+        b"MAIL FROM:<sender@example.net>\r\nRCPT TO:<bob@bar.org>\r\nDATA\r\n",
+        RawStep(b"Subject: x\r\n\r\nhi\r\n.\r\nMAIL FROM:<a@example.net>\r\n", 2),
+        "QUIT",
+    ),
+    s("sync/helo-tiny-limits", b"HELO a.example\r\nNOOP\r\n", config=TINY_LIMITS),
+]
+
 SEED = [
     s(
         "seed/as-written",
@@ -461,6 +577,7 @@ SCRIPTS: list[Script] = [
     *OTHER,
     *BARE_LF,
     *PIPELINED,
+    *LIMITS,
     *SEED,
 ]
 

@@ -11,10 +11,12 @@ closed the connection must be the same. Normalised, because they must differ:
   not to offer ETRN and CHUNKING (smtpgate offers neither), so the capability lists agree;
   smtpgate's list is also asserted on its own (:data:`SMTPGATE_EHLO`).
 
-Postfix gets :data:`~tests.differential.sessions.POSTFIX_ONLY`: besides the EHLO keywords,
-no error sleep and error/junk limits out of reach, so that a script with many errors neither
-sleeps nor hits a limit; no script here is about those limits (smtpgate does not count
-errors yet: a later issue).
+Both servers get the config's limits (:data:`~tests.differential.sessions.RELAXED` unless a
+config sets its own): no error sleep and error/junk limits out of reach, so that a script with
+many errors neither sleeps nor hits a limit, and smtpd_forbid_unauth_pipelining = yes. The
+``limits/`` and ``sync/`` scripts are about the limits and RFC 2920 synchronisation, with tiny
+limits (:data:`~tests.differential.sessions.TINY`). Postfix alone gets
+:data:`~tests.differential.sessions.POSTFIX_ONLY` (the EHLO keywords it must not offer).
 
 Where smtpgate deliberately differs, the script is in :data:`KNOWN_DIFFERENCES` with the
 reason and smtpgate's own expected transcript, which is asserted (and Postfix must still

@@ -71,7 +71,9 @@ async def running_gate(
         (tmp_path / name).write_text(text)
     if relayhost is None:
         relayhost = backend.relayhost if backend is not None else "[127.0.0.1]:9"
-    text = f"{main_cf}\nlisten = 127.0.0.1:0\nrelayhost = {relayhost}\n"
+    # Tests never ask the machine's DNS server (a private address here) for anything:
+    # no client name lookups unless a test's main.cf turns them on (with dns_servers).
+    text = f"smtpd_peername_lookup = no\n{main_cf}\nlisten = 127.0.0.1:0\nrelayhost = {relayhost}\n"
     settings, _ = parse_settings(
         text, str(tmp_path / "main.cf"), overrides, hostname="mx.example.org"
     )
