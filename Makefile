@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 CONFIG ?= examples/main.cf
 
-.PHONY: install run test lint typecheck importcheck unit docs clean
+.PHONY: install run test lint typecheck importcheck unit docs clean bench bench-profile
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,8 +28,8 @@ run: install
 	echo "smtpgate stopped; log in var/maillog"
 
 lint: install
-	$(BIN)/ruff check smtpgate tests deploy
-	$(BIN)/ruff format --check smtpgate tests deploy
+	$(BIN)/ruff check smtpgate tests deploy bench
+	$(BIN)/ruff format --check smtpgate tests deploy bench
 
 typecheck: install
 	$(BIN)/mypy
@@ -41,6 +41,17 @@ unit: install
 	$(BIN)/pytest
 
 test: lint typecheck importcheck unit
+
+# smtpgate vs Postfix side by side on loopback (root; a few minutes); see bench/README.md.
+# BENCH_ARGS passes options, e.g. make bench BENCH_ARGS="--rounds 3 -o name=value".
+bench: install
+	bench/setup.sh
+	$(PY) -m bench $(BENCH_ARGS)
+
+# py-spy profile of smtpgate under the 1 KB relay workload.
+bench-profile: install
+	bench/setup.sh --profile
+	$(PY) -m bench --profile $(BENCH_ARGS)
 
 # Generated documentation (a test fails when it is stale).
 docs: install

@@ -1,0 +1,357 @@
+"""Run the workloads against smtpgate and Postfix, interleaved, and print the table.
+
+Usage (from the repository root, as root, with Debian's postfix installed)::
+
+    python -m bench                  # the full benchmark (a few minutes); make bench
+    python -m bench --quick          # tiny counts, one round (the smoke test runs this)
+    python -m bench -o name=value    # extra smtpgate options, e.g. a worker count
+    python -m bench --json out.json  # also write the raw samples
+    python -m bench --profile        # py-spy profile of smtpgate under the relay workload
+
+Each round runs every workload once against each side, alternating which side goes first
+(smtpgate, Postfix, Postfix, smtpgate, ...); the table gives per side the median and the
+min-max over the rounds, and the ratio smtpgate/Postfix of the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+from bench.harness import (
+    CLIENT_HELO,
+    GOOD_SENDER,
+    RECIPIENT,
+    BenchError,
+    Gate,
+    PostfixRef,
+    Sink,
+    cpu_seconds,
+    hold_sessions,
+    new_tmp,
+    pss_kib,
+    raise_fd_limit,
+    run_source,
+)
+
+Kind = Literal["sessions", "msgs", "bytes", "memory", "idle"]
+GATE, POSTFIX = "smtpgate", "Postfix"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One row of the table.
+
+    ``kind``: ``sessions`` (rejected sessions/s), ``msgs`` (relayed msgs/s), ``bytes``
+    (relayed MB/s), ``memory`` (summed PSS MiB at ``sessions`` concurrent sessions in the
+    middle of a transaction), ``idle`` (smtpgate's PSS MiB with ``sessions`` idle sessions).
+    """
+
+    key: str
+    label: str
+    kind: Kind
+    sessions: int
+    count: int = 0  # messages (or rejected sessions) per run
+    size: int = 0  # message payload bytes (smtp-source -l)
+    many: bool = False  # many messages per session (smtp-source -d)
+    target: str = ""  # the issue's goal for the ratio (or the absolute figure)
+
+    @property
+    def unit(self) -> str:
+        return {
+            "sessions": "sess/s",
+            "msgs": "msgs/s",
+            "bytes": "MB/s",
+            "memory": "MiB PSS",
+            "idle": "MiB PSS",
+        }[self.kind]
+
+    @property
+    def postfix_side(self) -> bool:
+        return self.kind != "idle"
+
+
+def workloads(quick: bool) -> list[Workload]:
+    """The table's rows; ``quick`` shrinks every count so that a round takes seconds."""
+
+    def n(full: int, small: int) -> int:
+        return small if quick else full
+
+    rej, one, many = n(3000, 60), n(2000, 60), n(3000, 60)
+    return [
+        Workload("reject-10", "reject at RCPT, 10 sessions", "sessions", 10, rej, target=">= 1.0"),
+        Workload("reject-20", "reject at RCPT, 20 sessions", "sessions", 20, rej, target=">= 1.0"),
+        Workload("reject-100", "reject at RCPT, 100 sessions", "sessions", 100, rej),
+        Workload("relay-1k-10-one", "relay 1 KB, 10 sess, 1 msg/sess", "msgs", 10, one, 1024,
+                 target=">= 1.0"),
+        Workload("relay-1k-100-one", "relay 1 KB, 100 sess, 1 msg/sess", "msgs", 100, one, 1024,
+                 target=">= 1.0"),
+        Workload("relay-1k-10-many", "relay 1 KB, 10 sess, many msgs/sess", "msgs", 10, many,
+                 1024, many=True, target=">= 1.0"),
+        Workload("relay-1k-100-many", "relay 1 KB, 100 sess, many msgs/sess", "msgs", 100, many,
+                 1024, many=True, target=">= 1.0"),
+        Workload("relay-100k-10", "relay 100 KB, 10 sess, many msgs/sess", "bytes", 10,
+                 n(600, 10), 100 * 1024, many=True, target=">= 1.0"),
+        Workload("memory-500", f"memory, {n(500, 20)} sessions in MAIL/RCPT", "memory",
+                 n(500, 20), target="<= 0.1"),
+        Workload("idle-10000", f"memory, {n(10000, 100)} idle sessions (smtpgate)", "idle",
+                 n(10000, 100), target="< 1024 MiB"),
+    ]  # fmt: skip
+
+
+class Side(Protocol):
+    name: str
+    port: int
+
+    @property
+    def root_pid(self) -> int: ...
+
+
+@dataclass
+class Results:
+    """Samples per (workload key, side), and what went wrong on the way."""
+
+    samples: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    cpu: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    def add(self, key: str, side: str, value: float, cpu: float | None = None) -> None:
+        self.samples.setdefault(key, {}).setdefault(side, []).append(value)
+        if cpu is not None:
+            self.cpu.setdefault(key, {}).setdefault(side, []).append(cpu)
+
+
+def measure(w: Workload, side: Side, results: Results) -> None:
+    """Run one workload once against one side and record the figure."""
+    if w.kind in ("memory", "idle"):
+        if w.kind == "memory":
+            commands = [
+                f"EHLO {CLIENT_HELO}",
+                f"MAIL FROM:<{GOOD_SENDER}>",
+                f"RCPT TO:<{RECIPIENT}>",
+            ]
+        else:
+            commands = [f"EHLO {CLIENT_HELO}"]
+        kib = asyncio.run(_pss_while_held(side, w.sessions, commands))
+        results.add(w.key, side.name, kib / 1024)
+        return
+    cpu_before = cpu_seconds(side.root_pid)
+    run = run_source(
+        side.port,
+        sessions=w.sessions,
+        count=w.count,
+        size=w.size,
+        many_per_session=w.many,
+        reject=w.kind == "sessions",
+    )
+    cpu = (cpu_seconds(side.root_pid) - cpu_before) / run.seconds
+    if run.problems:
+        shown = "; ".join(run.problems[:3])
+        results.problems.append(f"{w.key} {side.name}: {len(run.problems)} problem(s): {shown}")
+    value = w.count / run.seconds
+    if w.kind == "bytes":
+        value = w.count * w.size / run.seconds / 1e6
+    results.add(w.key, side.name, value, cpu)
+
+
+async def _pss_while_held(side: Side, sessions: int, commands: Sequence[str]) -> int:
+    async with hold_sessions(side.port, sessions, commands):
+        await asyncio.sleep(0.5)  # let the servers settle (Postfix's master, anvil, ...)
+        kib, _ = pss_kib(side.root_pid)
+    return kib
+
+
+def run_rounds(
+    rows: Sequence[Workload], gate: Gate, postfix: PostfixRef, rounds: int, results: Results
+) -> None:
+    """All workloads, ``rounds`` times; per round the side that goes first alternates."""
+    sides: list[Side] = [gate, postfix]
+    interleaved = [w for w in rows if w.kind != "idle"]
+    for r in range(rounds):
+        for w in interleaved:
+            for side in sides if r % 2 == 0 else reversed(sides):
+                measure(w, side, results)
+        _progress(f"round {r + 1}/{rounds} done")
+    # Idle sessions last: holding 10,000 sessions raises smtpgate's high-water mark, which
+    # would otherwise inflate the 500-session figure of the following rounds.
+    for w in rows:
+        if w.kind == "idle":
+            for _ in range(rounds):
+                measure(w, gate, results)
+
+
+def warm_up(gate: Gate, postfix: PostfixRef, quick: bool) -> None:
+    """A short unrecorded run per side: Postfix spawns its smtpd processes, caches fill."""
+    count = 20 if quick else 300
+    for side in (gate, postfix):
+        run_source(side.port, sessions=10, count=count, size=1024)
+        run_source(side.port, sessions=10, count=count, reject=True)
+
+
+def _fmt(value: float) -> str:
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _cell(values: Sequence[float] | None) -> tuple[str, str]:
+    if not values:
+        return "-", ""
+    return _fmt(statistics.median(values)), f"{_fmt(min(values))}-{_fmt(max(values))}"
+
+
+def table(rows: Sequence[Workload], results: Results) -> str:
+    """The results table (plain text, fixed columns)."""
+    head = ("workload", "unit", GATE, "min-max", POSTFIX, "min-max", "ratio", "target")
+    lines: list[tuple[str, ...]] = [head]
+    for w in rows:
+        per = results.samples.get(w.key, {})
+        g, gr = _cell(per.get(GATE))
+        p, pr = _cell(per.get(POSTFIX))
+        ratio = "-"
+        if per.get(GATE) and per.get(POSTFIX):
+            ratio = f"{statistics.median(per[GATE]) / statistics.median(per[POSTFIX]):.2f}"
+        lines.append((w.label, w.unit, g, gr, p, pr, ratio, w.target))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    right = {2, 3, 4, 5, 6}
+    out = []
+    for i, line in enumerate(lines):
+        cells = [
+            c.rjust(widths[j]) if j in right else c.ljust(widths[j]) for j, c in enumerate(line)
+        ]
+        out.append("  ".join(cells).rstrip())
+        if i == 0:
+            out.append("  ".join("-" * wd for wd in widths))
+    return "\n".join(out)
+
+
+def cpu_note(rows: Sequence[Workload], results: Results) -> str:
+    """Median CPU use (1.00 = one core busy) of each side during the rate workloads."""
+    out = [
+        "CPU during the rate workloads (median, 1.00 = one core busy; Postfix's is a lower "
+        "bound: processes that exit during a run are not counted):"
+    ]
+    for w in rows:
+        per = results.cpu.get(w.key)
+        if per:
+            cells = [f"{side} {statistics.median(v):.2f}" for side, v in per.items()]
+            out.append(f"  {w.label}: " + ", ".join(cells))
+    return "\n".join(out)
+
+
+def _progress(text: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def _header(args: argparse.Namespace, postfix_version: str, rounds: int) -> str:
+    uvloop = "yes" if _has_module("uvloop") else "no"
+    opts = " ".join(f"-o {o}" for o in args.option) or "(none)"
+    return (
+        f"smtpgate bench {time.strftime('%Y-%m-%d %H:%M')}  host {platform.node()}  "
+        f"{os.cpu_count()} CPUs  Python {platform.python_version()}  uvloop {uvloop}  "
+        f"Postfix {postfix_version}\n"
+        f"rounds {rounds}{' (quick)' if args.quick else ''}  smtpgate options {opts}\n"
+        "ratio = smtpgate median / Postfix median: above 1 is better for rates, below 1 for "
+        "memory"
+    )
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def bench(args: argparse.Namespace) -> int:
+    raise_fd_limit()
+    rows = workloads(args.quick)
+    if args.only:
+        rows = [w for w in rows if w.key in args.only]
+    rounds = 1 if args.quick else args.rounds
+    biggest = max((w.sessions for w in rows if w.postfix_side), default=100)
+    tmp = new_tmp()
+    results = Results()
+    sink = Sink(tmp)
+    gate: Gate | None = None
+    postfix: PostfixRef | None = None
+    try:
+        gate = Gate(tmp, sink.port, args.option)
+        postfix = PostfixRef(sink.port, process_limit=biggest + 100)
+        _progress(f"smtpgate :{gate.port}, Postfix :{postfix.port}, smtp-sink :{sink.port}")
+        warm_up(gate, postfix, args.quick)
+        run_rounds(rows, gate, postfix, rounds, results)
+        header = _header(args, postfix.version, rounds)
+    finally:
+        for proc in (gate, postfix, sink):
+            if proc is not None:
+                proc.stop()
+        if not args.keep:
+            subprocess.run(["rm", "-rf", str(tmp)], check=False)
+    print(header)
+    print()
+    print(table(rows, results))
+    print()
+    print(cpu_note(rows, results))
+    for problem in results.problems:
+        print(f"PROBLEM: {problem}")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "header": header,
+                    "rows": [{"key": w.key, "label": w.label, "unit": w.unit} for w in rows],
+                    "samples": results.samples,
+                    "cpu": results.cpu,
+                    "problems": results.problems,
+                },
+                indent=1,
+            )
+        )
+    return 1 if results.problems else 0
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny counts, one round (smoke test)")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of every workload (default 5)")
+    ap.add_argument("--only", nargs="+", metavar="KEY", help="run only these workloads")
+    ap.add_argument(
+        "-o", "--option", action="append", default=[], metavar="NAME=VALUE",
+        help="extra smtpgate serve -o option (repeatable)",
+    )  # fmt: skip
+    ap.add_argument("--json", metavar="FILE", help="also write the samples as JSON")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument(
+        "--profile", action="store_true",
+        help="instead of the table: profile smtpgate with py-spy under the relay workload",
+    )  # fmt: skip
+    ap.add_argument("--profile-seconds", type=float, default=30.0)
+    ap.add_argument("--profile-out", metavar="FILE", help="keep py-spy's collapsed stacks here")
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        sys.exit("bench: run as root (Postfix needs it; smtp-sink and smtpgate drop to nobody)")
+    try:
+        if args.profile:
+            from bench.profile import profile
+
+            sys.exit(profile(args))
+        sys.exit(bench(args))
+    except BenchError as exc:
+        sys.exit(f"bench: {exc}")
