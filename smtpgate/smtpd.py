@@ -34,6 +34,7 @@ from smtpgate.anvil import Anvil, DataBudget
 from smtpgate.config import Settings
 from smtpgate.errors import TableLookupError
 from smtpgate.logs import MailLog, new_queue_id
+from smtpgate.policy.address import dup_if_truncate, valid_hostname, valid_mailhost_addr
 from smtpgate.policy.model import ClientInfo, Decision, Stage
 from smtpgate.policy.peer import lookup_client
 from smtpgate.policy.plan import Plan
@@ -656,7 +657,7 @@ class GateProtocol(SMTP):
         if problem is not None:
             return await self._fail(problem)
         address = parse_address(args[1].text, allow_empty=True)
-        if address is None:
+        if address is None or not _acceptable_address(address):
             return await self._fail(BAD_SENDER)
         if self.config.size_limit and size > self.config.size_limit:
             return await self._fail(TOO_BIG)
@@ -686,7 +687,7 @@ class GateProtocol(SMTP):
         if problem is not None:
             return await self._fail(problem)
         address = parse_address(args[1].text, allow_empty=False)
-        if address is None:
+        if address is None or not _acceptable_address(address):
             return await self._fail(BAD_RECIPIENT)
         if len(self.txn.recipients) >= self.config.recipient_limit:
             # The first smtpd_recipient_overshoot_limit of these are not errors.
@@ -868,6 +869,7 @@ class GateProtocol(SMTP):
     async def _finish_data(self, content: bytes) -> Reply:
         assert self.txn is not None and self.policy is not None and self.client is not None
         txn, st = self.txn, self.policy.state
+        content = _unstuff(content)
         reply = self._check_content(content)
         if reply is None:
             decision = await self.policy.end_of_data()
@@ -1265,6 +1267,35 @@ def _quoted(line: str, i: int, buf: list[str], start: str) -> tuple[int, bool]:
     return i, False
 
 
+def _unstuff(content: bytes) -> bytes:
+    """Remove SMTP's transparency dots (RFC 5321 4.5.2): ``..x`` is the line ``.x``."""
+    if content.startswith(b"."):
+        content = content[1:]
+    return content.replace(b"\n.", b"\n")
+
+
+def _acceptable_address(address: str) -> bool:
+    """No control characters, and a domain that is a host name or an address literal.
+
+    Postfix 3.7 answers 250 to some control characters inside addresses; smtpgate
+    refuses them at the command, so they never reach a table, a log line or the backend.
+    """
+    if _UNPRINTABLE.search(address):
+        return False
+    local, at, domain = address.rpartition("@")
+    if not at or not address:
+        return True  # the null sender, or an unqualified local name
+    if domain.startswith("[") and domain.endswith("]"):
+        return valid_mailhost_addr(domain[1:-1])
+    name = dup_if_truncate(domain)
+    if name.isascii():
+        return valid_hostname(name)
+    try:
+        return valid_hostname(name.encode("idna").decode("ascii"))
+    except UnicodeError:
+        return False
+
+
 def parse_address(text: str, *, allow_empty: bool, sloppy: bool = False) -> str | None:
     """Postfix's extract_addr(): the address in internal form, or None when it is bad.
 
@@ -1288,7 +1319,7 @@ def parse_address(text: str, *, allow_empty: bool, sloppy: bool = False) -> str 
         colon = address.find(":")
         if colon >= 0 and colon + 1 < len(address):
             address = address[colon + 1 :]
-    elif "," in address:
+    elif any("," in word for word, quoted in words if not quoted):
         return None
     if address == "@" or not address and not allow_empty:
         return None

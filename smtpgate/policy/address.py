@@ -212,8 +212,18 @@ class Resolver:
     swap_bangpath: bool = True
 
     def resolve(self, address: str) -> Resolved:
-        """Resolve as trivial-rewrite does for the SMTP server's checks."""
+        """Resolve as trivial-rewrite does for the SMTP server's checks.
+
+        One deliberate difference from Postfix: an address that reaches a relay domain
+        only after routing was unrolled (``user%relay.example@ourhost``,
+        ``relay.example!user``, ``user%relay.example``) is flagged ``routed``. smtpgate
+        forwards the address as the client wrote it, and the backend resolves that
+        itself (its own local domains, percent hack and bang path settings), so a relay
+        decision taken on the unrolled address would not be a decision on the address
+        that is forwarded. Postfix, which delivers the unrolled address, permits these.
+        """
         addr = address
+        unrolled = False
         for _ in range(64):
             local, domain = split_address(addr)
             if not domain:
@@ -221,17 +231,17 @@ class Resolver:
                 if rerouted is None:
                     addr = f"{local}@{self.myorigin}"
                     continue
-                addr = rerouted
+                addr, unrolled = rerouted, True
                 continue
             domain = dup_if_truncate(domain).lower()
             if self.is_local_domain(domain):
                 inner = self._unroute(local)
                 if inner is not None:
-                    addr = inner
+                    addr, unrolled = inner, True
                     continue
                 return Resolved(f"{local}@{domain}".lower(), domain, AddressClass.LOCAL, False)
-            routed = any(c in local for c in "@!%")
             klass = AddressClass.RELAY if self.is_relay_domain(domain) else AddressClass.DEFAULT
+            routed = any(c in local for c in "@!%") or (unrolled and klass is AddressClass.RELAY)
             return Resolved(f"{local}@{domain}".lower(), domain, klass, routed)
         local, domain = split_address(addr)
         return Resolved(addr.lower(), domain.lower(), AddressClass.DEFAULT, True)

@@ -135,16 +135,43 @@ KNOWN_DIFFERENCES: dict[str, tuple[str, list[str]]] = {
         ],
     ),
     "mail/route-only": (
-        "not smtpgate's choice: Postfix keeps the sender <@x.example:> as is; the test backend "
-        "(aiosmtpd) refuses it at MAIL, and smtpgate answers RCPT with the backend's reply",
+        "smtpgate refuses a sender that is only a source route (nothing after the colon); "
+        "Postfix keeps <@x.example:> as is",
         [
             *_AFTER_EHLO,
             "> MAIL FROM:<@x.example:>",
-            "< 250 2.1.0 Ok",
+            "< 501 5.1.7 Bad sender address syntax",
             "> RCPT TO:<bob@bar.org>",
-            "< 553 5.1.3 Error: malformed address",
+            "< 503 5.5.1 Error: need MAIL command",
         ],
     ),
+    **{
+        name: (
+            "control characters in an address are refused at the command (issue 3: strict "
+            "where safety needs it); Postfix 3.7 accepts them and prints them as spaces",
+            [*_AFTER_EHLO, *lines],
+        )
+        for name, lines in {
+            "mail/control-char": [
+                "> MAIL FROM:<a\x01b@blocked.example>",
+                "< 501 5.1.7 Bad sender address syntax",
+                "> RCPT TO:<bob@bar.org>",
+                "< 503 5.5.1 Error: need MAIL command",
+            ],
+            "mail/del": [
+                "> MAIL FROM:<a\x7fb@blocked.example>",
+                "< 501 5.1.7 Bad sender address syntax",
+                "> RCPT TO:<bob@bar.org>",
+                "< 503 5.5.1 Error: need MAIL command",
+            ],
+            "rcpt/control-char": [
+                "> MAIL FROM:<sender@example.net>",
+                "< 250 2.1.0 Ok",
+                "> RCPT TO:<x\x01y@other.org>",
+                "< 501 5.1.3 Bad recipient address syntax",
+            ],
+        }.items()
+    },
 }
 
 

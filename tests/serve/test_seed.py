@@ -50,7 +50,7 @@ async def test_good_sender_is_relayed_and_gets_the_backend_reply(
     assert await c.cmd("MAIL FROM:<friend@example.net>") == ["250 2.1.0 Ok"]
     assert await c.cmd("RCPT TO:<foo@bar.org>") == ["250 2.1.5 Ok"]
     assert await c.cmd("DATA") == ["354 End data with <CR><LF>.<CR><LF>"]
-    await c.send_raw(b"Subject: hi\r\n\r\n.starts with a dot\r\nbye\r\n.\r\n")
+    await c.send_raw(b"Subject: hi\r\n\r\n..starts with a dot\r\nbye\r\n.\r\n")
     final = await c.reply()
     assert final[0].startswith("250 ")
     assert await c.cmd("QUIT") == ["221 2.0.0 Bye"]
