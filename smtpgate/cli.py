@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Coroutine, Sequence
+from typing import Any, NoReturn
 
 import click
 
@@ -75,23 +75,28 @@ def main() -> None:
 @override_option
 def check(config: str, overrides: tuple[str, ...]) -> None:
     """Validate everything serve would load; print warnings and errors with file and line."""
-    from smtpgate.server import validate_service
+    from smtpgate.server import load_and_validate
 
     try:
-        plan, diagnostics = load_plan(config, overrides)
+        plan, diagnostics = load_and_validate(config, overrides)
     except ConfigError as exc:
         _fail(str(exc))
-    if plan is not None:
-        service = validate_service(plan.settings)
-        diagnostics.extend(service)
-        if any(d.severity == "error" for d in service):
-            plan = None
     _print_diagnostics(diagnostics)
     warnings = sum(1 for d in diagnostics if d.severity == "warning")
     errors = sum(1 for d in diagnostics if d.severity == "error")
     if plan is None:
         _fail(f"{config}: {errors} error(s), {warnings} warning(s): smtpgate would not start")
     click.echo(f"smtpgate: {config}: ok, {warnings} warning(s)")
+
+
+def _run_fast(main_coro: Coroutine[Any, Any, None]) -> None:
+    """Run the server on uvloop when it is installed (the ``uvloop`` extra), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main_coro)
+        return
+    uvloop.run(main_coro)
 
 
 @main.command()
@@ -129,7 +134,7 @@ def serve(config: str, overrides: tuple[str, ...]) -> None:
         await server.serve_forever()
 
     try:
-        asyncio.run(run())
+        _run_fast(run())
     except ConfigError as exc:
         _fail(str(exc))
     except ListenError as exc:
@@ -145,16 +150,14 @@ def reload(config: str, overrides: tuple[str, ...]) -> None:
     """Validate the configuration, then tell the running serve to re-read it (SIGHUP)."""
     import signal
 
-    from smtpgate.server import validate_service
+    from smtpgate.server import load_and_validate
 
     try:
-        plan, diagnostics = load_plan(config, overrides)
+        plan, diagnostics = load_and_validate(config, overrides)
     except ConfigError as exc:
         _fail(str(exc))
-    if plan is not None:
-        diagnostics.extend(validate_service(plan.settings))
     _print_diagnostics(diagnostics)
-    if plan is None or any(d.severity == "error" for d in diagnostics):
+    if plan is None:
         _fail(f"{config}: configuration errors: not reloading (the running server is unchanged)")
     pid_file = plan.settings.get("pid_file") or ""
     try:

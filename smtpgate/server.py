@@ -124,6 +124,27 @@ def validate_service(settings: Settings) -> list[Diagnostic]:
     return out
 
 
+def load_and_validate(
+    config_path: str, overrides: Sequence[str] = ()
+) -> tuple[Plan | None, list[Diagnostic]]:
+    """Read and check everything serve would load: the step check, reload and SIGHUP share.
+
+    The plan is None when any diagnostic is an error. Raises ConfigError when the file
+    cannot be read or parsed at all.
+    """
+    from smtpgate.config import load_settings
+    from smtpgate.policy.plan import build_plan
+
+    settings, diagnostics = load_settings(config_path, overrides)
+    plan, more = build_plan(settings)
+    diagnostics = [*diagnostics, *more]
+    if plan is not None:
+        diagnostics += validate_service(settings)
+    if any(d.severity == "error" for d in diagnostics):
+        plan = None
+    return plan, diagnostics
+
+
 class ListenError(Exception):
     """A listener could not be bound; ``str()`` says what to do about it."""
 
@@ -291,18 +312,11 @@ class Server:
 
     async def reload(self) -> bool:
         """Re-read config and tables; swap them in only when they validate completely."""
-        from smtpgate.config import load_settings
-        from smtpgate.policy.plan import build_plan
-
         if self.config_path is None:
             self.maillog.warning("reload: this server was not started from a file")
             return False
         try:
-            settings, diagnostics = load_settings(self.config_path, self.overrides)
-            plan, more = build_plan(settings)
-            diagnostics = [*diagnostics, *more]
-            if plan is not None:
-                diagnostics += validate_service(settings)
+            plan, diagnostics = load_and_validate(self.config_path, self.overrides)
         except ConfigError as exc:
             self.maillog.error(f"reload failed, keeping the running configuration: {exc}")
             return False
@@ -314,6 +328,7 @@ class Server:
                 f"reload failed ({len(errors)} error(s)), keeping the running configuration"
             )
             return False
+        settings = plan.settings
         if settings.as_list("listen") != self.settings.as_list("listen"):
             self.maillog.warning("reload: listen changed; restart smtpgate to rebind")
         old_relay = self.shared.relay
