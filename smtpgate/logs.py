@@ -16,6 +16,7 @@ upper-case hexadecimal characters, unique within the process.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -35,7 +36,8 @@ def new_queue_id() -> str:
 
 
 class MailLog:
-    """Writes Postfix-format lines; thread-safe, line-buffered."""
+    """Writes Postfix-format lines; thread-safe; in the server, written out once per turn
+    of the event loop (see _write)."""
 
     def __init__(
         self,
@@ -48,9 +50,14 @@ class MailLog:
         self.tag = f"{syslog_name}/smtpd"
         self.path = path
         self._lock = threading.Lock()
+        self._flush_pending = False
+        self._stamp_second = -1
+        self._stamp = ""
         self._stream: TextIO
         if path:
-            self._stream = open(path, "a", encoding="utf-8", errors="replace", buffering=1)
+            # Block-buffered: lines written within one turn of the event loop go out in one
+            # write(); see _write and flush.
+            self._stream = open(path, "a", encoding="utf-8", errors="replace")
             self._owned = True
         else:
             self._stream = stream or sys.stderr
@@ -66,14 +73,42 @@ class MailLog:
         )
 
     def _write(self, text: str) -> None:
-        stamp = time.strftime("%b %d %H:%M:%S", time.localtime())
-        line = f"{stamp} {self.hostname} {self.tag}[{os.getpid()}]: {text}\n"
+        now = int(time.time())
+        if now != self._stamp_second:  # strftime once per second, not once per line
+            self._stamp_second = now
+            self._stamp = time.strftime("%b %d %H:%M:%S", time.localtime(now))
+        line = f"{self._stamp} {self.hostname} {self.tag}[{os.getpid()}]: {text}\n"
         with self._lock:
             try:
                 self._stream.write(line)
-                self._stream.flush()
             except (OSError, ValueError):
-                pass  # logging must never take the server down
+                return  # logging must never take the server down
+            if self._flush_pending:
+                return
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is None:
+                self._flush_locked()
+            else:
+                # In the server: flushed at the end of this turn of the event loop (and
+                # before each reply to a client, see flush), one write() for all lines.
+                self._flush_pending = True
+                loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write out buffered lines (cheap when there are none)."""
+        if self._flush_pending:
+            with self._lock:
+                self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        self._flush_pending = False
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass  # logging must never take the server down
 
     def info(self, text: str) -> None:
         self._write(text)
@@ -85,6 +120,8 @@ class MailLog:
         self._write(f"error: {text}")
 
     def close(self) -> None:
+        with self._lock:
+            self._flush_locked()
         if self._owned:
             self._stream.close()
 

@@ -9,8 +9,10 @@ Theory of operation (Postfix ``smtpd_proxy_filter`` without ``speed_adjust``,
 2. The first :meth:`Transaction.rcpt` takes a pooled connection (probed with RSET) or opens
    one: connect (``smtp_connect_timeout``), greeting, EHLO ``$smtpd_proxy_ehlo``, STARTTLS
    per ``smtp_tls_security_level``, EHLO again; then XFORWARD with the attributes the
-   backend's EHLO lists, and MAIL FROM with the client's parameters. Every RCPT is
-   forwarded and the backend's reply is the client's reply.
+   backend's EHLO lists, and MAIL FROM with the client's parameters (when the backend
+   offers PIPELINING, the RSET probe, XFORWARD and MAIL go in one write and their replies
+   are judged in order, as in lock-step). Every RCPT is forwarded and the backend's reply
+   is the client's reply.
 3. :meth:`Transaction.data` sends DATA, then the content with CRLF line ends and
    dot-stuffing (built here, never raw client bytes: no bare CR or LF, no unstuffed dot
    can reach the backend, see :func:`frame_data`), then the final dot; the backend's reply
@@ -255,7 +257,15 @@ def frame_data(message: bytes) -> bytes:
     """
     if not message:
         return b".\r\n"
-    body = _LEADING_DOT.sub(b"..", _LINE_ENDINGS.sub(b"\r\n", message))
+    # Fast paths (counts and searches run at C speed; the regexes build a new message):
+    # every CR and LF already part of a CRLF, and no line that starts with a dot.
+    lf = message.count(b"\n")
+    if message.count(b"\r") == lf and message.count(b"\r\n") == lf:
+        body = message
+    else:
+        body = _LINE_ENDINGS.sub(b"\r\n", message)
+    if body.startswith(b".") or b"\n." in body:
+        body = _LEADING_DOT.sub(b"..", body)
     if not body.endswith(b"\r\n"):
         body += b"\r\n"
     return body + b".\r\n"
@@ -321,6 +331,75 @@ def _arg(text: str) -> bytes | None:
         return text.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
         return None
+
+
+# -- pipelining --------------------------------------------------------------------------------
+
+
+class _PipeliningProtocol(aiosmtplib.protocol.SMTPProtocol):
+    """aiosmtplib's protocol, able to read the replies to a pipelined group of commands.
+
+    aiosmtplib expects one reply per command written and drops reply bytes that arrive
+    while an earlier reply waits to be picked up. While ``pipelined`` is set (see
+    :func:`_send_group`) such bytes are kept for the next read instead.
+    """
+
+    pipelined = False
+
+    def data_received(self, data: bytes) -> None:
+        waiter = self._response_waiter
+        if self.pipelined and waiter is not None and (waiter.done() or not self._response_pending):
+            self._buffer.extend(data)
+            return
+        super().data_received(data)
+
+
+_SMTP_MODULE = vars(aiosmtplib.smtp)
+if _SMTP_MODULE.get("SMTPProtocol") is aiosmtplib.protocol.SMTPProtocol:
+    # aiosmtplib.SMTP has no protocol factory argument: it looks the class up here.
+    _SMTP_MODULE["SMTPProtocol"] = _PipeliningProtocol
+
+
+def _send_group(conn: _Connection, commands: Sequence[Sequence[bytes]]) -> None:
+    """Write a pipelined group of commands in one write (their arguments already checked)."""
+    protocol = conn.smtp.protocol
+    if protocol is None:
+        raise _Fault("lost connection before sending commands")
+    if isinstance(protocol, _PipeliningProtocol):
+        protocol.pipelined = True
+    protocol._response_pending = True
+    try:
+        protocol.write(b"".join(b" ".join(args) + b"\r\n" for args in commands))
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        raise _Fault(f"lost connection sending commands: {exc}") from None
+
+
+def _end_group(conn: _Connection) -> None:
+    protocol = conn.smtp.protocol
+    if isinstance(protocol, _PipeliningProtocol):
+        protocol.pipelined = False
+
+
+async def _group_reply(
+    conn: _Connection, verb: str, timeout: float, expect: int = 2, passthrough: bool = True
+) -> Reply:
+    """The next reply of a pipelined group, classified as :func:`_command` does."""
+    protocol = conn.smtp.protocol
+    try:
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        response = protocol._read_response_from_buffer() if protocol._buffer else None
+        if response is None:
+            response = await protocol.read_response(timeout=timeout)
+    except aiosmtplib.SMTPTimeoutError:
+        raise _Fault(f"timeout after {verb} ({timeout:g}s)") from None
+    except aiosmtplib.SMTPServerDisconnected:
+        raise _Fault(f"lost connection after {verb}") from None
+    except aiosmtplib.SMTPResponseException as exc:  # garbled or over-long reply
+        raise _Fault(f"bad reply to {verb}: {_printable(exc.message)[:200]!r}") from None
+    except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
+        raise _Fault(f"{verb}: {exc}") from None
+    return _classify(verb, response, expect, passthrough)
 
 
 # -- faults --------------------------------------------------------------------------------
@@ -659,13 +738,18 @@ class Relay:
             and conn.transactions < self.max_transactions
         )
 
-    async def acquire(self) -> _Connection:
-        """A ready backend connection (EHLO done, no transaction open); raises _Fault."""
+    def _take(self) -> _Connection | None:
+        """An idle connection that may be reused (not probed yet), or None."""
         while self._idle:
             conn = self._idle.pop()
-            if not self._reusable(conn):
-                conn.close()
-                continue
+            if self._reusable(conn):
+                return conn
+            conn.close()
+        return None
+
+    async def acquire(self) -> _Connection:
+        """A ready backend connection (EHLO done, no transaction open); raises _Fault."""
+        while (conn := self._take()) is not None:
             try:
                 await _command(conn, "RSET", [b"RSET"], self.command_timeout, passthrough=False)
             except _Fault as fault:
@@ -846,6 +930,12 @@ def _describe_peer(smtp: aiosmtplib.SMTP, relayhost: Relayhost) -> str:
 # -- the transaction -------------------------------------------------------------------------
 
 
+def _rcpt_args(conn: _Connection, address: bytes, params: list[bytes]) -> list[bytes]:
+    if not conn.dsn:
+        params = _without(params, _DSN_RCPT_PARAMS)
+    return [b"RCPT", b"TO:<" + address + b">", *params]
+
+
 class Transaction:
     """One mail transaction relayed in lock-step; see the module docstring.
 
@@ -940,16 +1030,17 @@ class Transaction:
         if address is None or any(o is None or not o for o in options):
             logger.warning("refusing recipient %r %r: control characters", recipient, params)
             return R501_BAD_RECIPIENT
+        rcpt_params = [o for o in options if o]
         try:
-            if self._conn is None and not await self._open():
-                assert self.reply is not None
-                return self.reply
-            assert self._conn is not None
-            rcpt_params = [o for o in options if o]
-            if not self._conn.dsn:
-                rcpt_params = _without(rcpt_params, _DSN_RCPT_PARAMS)
-            args = [b"RCPT", b"TO:<" + address + b">", *rcpt_params]
-            reply = await _command(self._conn, "RCPT TO", args, self.relay.command_timeout)
+            if self._conn is None:
+                opened = await self._open(address, rcpt_params)
+                if opened is None:
+                    assert self.reply is not None
+                    return self.reply
+                reply = opened
+            else:
+                args = _rcpt_args(self._conn, address, rcpt_params)
+                reply = await _command(self._conn, "RCPT TO", args, self.relay.command_timeout)
         except _Fault as fault:
             return self._fail("RCPT", fault)
         except BaseException:
@@ -959,23 +1050,71 @@ class Transaction:
             self._accepted += 1
         return self._record("RCPT", reply)
 
-    async def _open(self) -> bool:
-        """Connection, XFORWARD, MAIL FROM. False (and self.reply) when MAIL was refused."""
-        self._conn = conn = await self.relay.acquire()
-        self._peer = conn.peer
-        self._tls = conn.tls
-        timeout = self.relay.command_timeout
-        for line in xforward_commands(self.client, conn.xforward):
-            await _command(
-                conn, "XFORWARD", line.encode("ascii").split(b" "), timeout, passthrough=False
-            )
+    async def _open(self, address: bytes, rcpt_params: list[bytes]) -> Reply | None:
+        """Connection, XFORWARD, MAIL FROM and the first RCPT TO: the reply to the RCPT,
+        or None (and self.reply) when MAIL was refused.
+
+        A backend that offers PIPELINING gets the probe of a pooled connection (RSET),
+        XFORWARD and MAIL in one write; the replies are read and judged one by one, as in
+        lock-step. The RCPT follows once MAIL was accepted (none after a refused MAIL, as
+        in Postfix). A pooled connection whose RSET fails is replaced silently.
+        """
+        relay = self.relay
+        timeout = relay.command_timeout
+        while True:
+            conn = relay._take()
+            pooled = conn is not None
+            if conn is None:
+                conn = await relay._connect()
+            self._conn = conn
+            self._peer = conn.peer
+            self._tls = conn.tls
+            if not conn.smtp.supports_extension("pipelining"):
+                if pooled:
+                    try:
+                        await _command(conn, "RSET", [b"RSET"], timeout, passthrough=False)
+                    except _Fault as fault:
+                        logger.info("pooled connection to %s is stale: %s", conn.peer, fault.detail)
+                        self._drop()
+                        continue
+                return await self._open_lockstep(conn, address, rcpt_params)
+            xforward = [line.encode("ascii").split(b" ") for line in self._xforward(conn)]
+            mail = self._mail_args(conn)
+            group = [*([[b"RSET"]] if pooled else []), *xforward, mail]
+            _send_group(conn, group)
+            try:
+                if pooled:
+                    try:
+                        await _group_reply(conn, "RSET", timeout, passthrough=False)
+                    except _Fault as fault:
+                        logger.info("pooled connection to %s is stale: %s", conn.peer, fault.detail)
+                        self._drop()
+                        continue
+                for _ in xforward:
+                    await _group_reply(conn, "XFORWARD", timeout, passthrough=False)
+                reply = await _group_reply(conn, "MAIL FROM", timeout)
+            finally:
+                _end_group(conn)
+            # Not in the group: no RCPT may follow a refused MAIL (Postfix does not send it).
+            if not self._mail_done(conn, reply):
+                await relay.release(conn, rset=False)
+                return None
+            args = _rcpt_args(conn, address, rcpt_params)
+            return await _command(conn, "RCPT TO", args, timeout)
+
+    def _xforward(self, conn: _Connection) -> list[str]:
+        return xforward_commands(self.client, conn.xforward)
+
+    def _mail_args(self, conn: _Connection) -> list[bytes]:
         sender = _arg(quote_local(self.sender)) if self.sender else b""
         assert sender is not None  # checked in begin()
         params = [p.encode("utf-8", "surrogateescape") for p in self.mail_params]
         if not conn.dsn:
             params = _without(params, _DSN_MAIL_PARAMS)
-        args = [b"MAIL", b"FROM:<" + sender + b">", *params]
-        reply = await _command(conn, "MAIL FROM", args, timeout)
+        return [b"MAIL", b"FROM:<" + sender + b">", *params]
+
+    def _mail_done(self, conn: _Connection, reply: Reply) -> bool:
+        """Record the reply to MAIL; False (self.reply set, self._conn cleared) if refused."""
         self._record("MAIL", reply)
         conn.transactions += 1
         if reply.is_success:
@@ -990,8 +1129,23 @@ class Transaction:
         )
         self.reply = reply
         self._conn = None
-        await self.relay.release(conn, rset=False)
         return False
+
+    async def _open_lockstep(
+        self, conn: _Connection, address: bytes, rcpt_params: list[bytes]
+    ) -> Reply | None:
+        """XFORWARD, MAIL, RCPT one at a time, for a backend without PIPELINING."""
+        timeout = self.relay.command_timeout
+        for line in self._xforward(conn):
+            await _command(
+                conn, "XFORWARD", line.encode("ascii").split(b" "), timeout, passthrough=False
+            )
+        reply = await _command(conn, "MAIL FROM", self._mail_args(conn), timeout)
+        if not self._mail_done(conn, reply):
+            await self.relay.release(conn, rset=False)
+            return None
+        args = _rcpt_args(conn, address, rcpt_params)
+        return await _command(conn, "RCPT TO", args, timeout)
 
     async def data(self, message: bytes) -> Reply:
         """Send DATA, the framed content and the dot; the backend's reply to the dot."""
@@ -1031,7 +1185,8 @@ class Transaction:
                 raise aiosmtplib.SMTPServerDisconnected("Connection lost")
             for offset in range(0, len(body), CONTENT_CHUNK):
                 protocol.write(bytes(body[offset : offset + CONTENT_CHUNK]))
-                await asyncio.wait_for(protocol._drain_helper(), timeout)
+                if protocol._paused or protocol._connection_lost:  # else nothing to wait for
+                    await asyncio.wait_for(protocol._drain_helper(), timeout)
             self._dot_sent = True
             protocol.write(dot)
         except TimeoutError:

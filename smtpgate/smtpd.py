@@ -210,6 +210,9 @@ class _NoHooks:
     """aiosmtpd wants a handler object; every hook is handled in GateProtocol."""
 
 
+_NO_HOOKS = _NoHooks()
+
+
 @dataclass
 class _Transaction:
     sender: str
@@ -226,15 +229,9 @@ class GateProtocol(SMTP):
         self.shared = shared
         self.config = shared.config
         self.line_length_limit = self.config.line_limit + 2
-        super().__init__(
-            _NoHooks(),
-            hostname=self.config.hostname,
-            ident="",
-            data_size_limit=None,
-            enable_SMTPUTF8=True,
-            tls_context=self.config.tls_context,
-            timeout=10**9,  # smtpgate keeps its own timers (smtpd_timeout)
-        )
+        self._init_aiosmtpd()
+        self._out: list[bytes] = []  # replies not yet handed to the transport
+        self._out_size = 0
         self.policy: PolicySession | None = None
         self.client: ClientInfo | None = None
         self.txn: _Transaction | None = None
@@ -254,6 +251,50 @@ class GateProtocol(SMTP):
         self.data_held = 0  # bytes of this session in the shared DataBudget
         self.last_input = time.monotonic()
         self.input_seen = asyncio.Event()
+
+    def _init_aiosmtpd(self) -> None:
+        """aiosmtpd's SMTP.__init__ without its per-connection cost.
+
+        aiosmtpd builds tables of AUTH mechanisms, handler hooks and ``smtp_*`` methods
+        with ``inspect.getmembers``/``dir`` for every connection, and logs them; smtpgate
+        uses none of them (it has its own command loop).  This sets the attributes that
+        the inherited stream plumbing, ``connection_made`` (with its STARTTLS switch,
+        which clears plaintext left in the buffer) and ``_reset_timeout`` rely on.
+        """
+        self.__ident__ = ""
+        self.loop = asyncio.get_running_loop()
+        asyncio.StreamReaderProtocol.__init__(
+            self,
+            asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected,
+            loop=self.loop,
+        )
+        self.event_handler = _NO_HOOKS
+        self.data_size_limit = None
+        self.enable_SMTPUTF8 = True
+        self._decode_data = False
+        self.hostname = self.config.hostname
+        self.tls_context = self.config.tls_context
+        self.require_starttls = False
+        self._timeout_duration = 10**9  # smtpgate keeps its own timers (smtpd_timeout)
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = True
+        self._proxy_timeout = None
+        self._authenticator = None
+        self._auth_callback = None
+        self._auth_required = False
+        self._auth_methods = {}
+        self._handle_hooks = {}
+        self._ehlo_hook_ver = None
+        self._smtp_methods = {}
+        self._enforce_call_limit = False
 
     def data_received(self, data: bytes) -> None:
         self.last_input = time.monotonic()
@@ -287,26 +328,41 @@ class GateProtocol(SMTP):
         # client sent) goes out as a space.
         lines = (_UNPRINTABLE.sub(" ", line) for line in reply.lines())
         data = "".join(line + "\r\n" for line in lines).encode("utf-8", "replace")
-        self._writer.write(data)
+        self._out.append(data)
+        self._out_size += len(data)
+
+    def _push(self) -> None:
+        """Hand the buffered replies to the transport in one write (one send())."""
+        out = self._out
+        if not out:
+            return
+        self.shared.maillog.flush()  # log lines reach the file before the reply the client
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self._out_size = 0
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)  # type: ignore[attr-defined]
 
     async def _flush(self, force: bool = False) -> None:
         """Write out buffered replies when no more input waits (or when asked, or when
-        replies pile up); smtpd_timeout bounds the write, as in Postfix."""
+        replies pile up); smtpd_timeout bounds the wait for a slow reader, as in Postfix."""
         if self.closing:
             return
-        backlog = self.transport is not None and (
-            self.transport.get_write_buffer_size() > WRITE_BACKLOG  # type: ignore[attr-defined]
-        )
-        if force or backlog or not self._reader._buffer:  # type: ignore[attr-defined]
-            try:
-                await asyncio.wait_for(self._writer.drain(), self.config.timeout)
-            except TimeoutError:
-                self.shared.maillog.info(f"timeout after {self.where} from {self._namaddr}")
-                self.closing = True
-                if self.transport is not None:
-                    self.transport.abort()  # type: ignore[attr-defined]  # drop what is unsent
-            except (ConnectionError, OSError):
-                self.closing = True
+        if not (force or self._out_size > WRITE_BACKLOG or not self._reader._buffer):  # type: ignore[attr-defined]
+            return
+        self._push()
+        transport = self.transport
+        if transport is None or not transport.get_write_buffer_size():  # type: ignore[attr-defined]
+            return  # all of it went to the kernel: nothing to wait for
+        try:
+            await asyncio.wait_for(self._writer.drain(), self.config.timeout)
+        except TimeoutError:
+            self.shared.maillog.info(f"timeout after {self.where} from {self._namaddr}")
+            self.closing = True
+            transport.abort()  # type: ignore[attr-defined]  # drop what is unsent
+        except (ConnectionError, OSError):
+            self.closing = True
 
     async def _send(self, reply: Reply) -> None:
         """Send a reply; a disconnecting reply is flushed and the connection closed.
@@ -326,6 +382,7 @@ class GateProtocol(SMTP):
             self._close()
 
     def _close(self) -> None:
+        self._push()
         self.closing = True
         if self.transport is not None:
             self.transport.close()
@@ -499,7 +556,10 @@ class GateProtocol(SMTP):
                 await self._timed_out(self.where)
                 return None
             try:
-                line = await asyncio.wait_for(self._reader.readuntil(b"\n"), remaining)
+                if b"\n" in self._reader._buffer:  # type: ignore[attr-defined]
+                    line = await self._reader.readuntil(b"\n")  # there: no wait, no timer
+                else:
+                    line = await asyncio.wait_for(self._reader.readuntil(b"\n"), remaining)
             except TimeoutError:
                 continue
             except asyncio.LimitOverrunError as exc:
@@ -832,7 +892,10 @@ class GateProtocol(SMTP):
             searched = max(len(data) - len(_END_OF_DATA) + 1, 0)
             wait = deadline - now if cfg.per_request_deadline else cfg.timeout
             try:
-                chunk = await asyncio.wait_for(reader.read(65536), max(wait, 0))
+                if reader._buffer and wait > 0:  # type: ignore[attr-defined]
+                    chunk = await reader.read(65536)  # already there: no wait, no timer
+                else:
+                    chunk = await asyncio.wait_for(reader.read(65536), max(wait, 0))
             except TimeoutError:
                 await self._timed_out(f"DATA ({received} bytes)")
                 return None, None
@@ -1434,4 +1497,6 @@ def _escape(data: bytes) -> str:
 
 def _crlf(content: bytes) -> bytes:
     """Bare LF line ends become CRLF (smtpd_forbid_bare_newline = normalize)."""
+    if content.count(b"\n") == content.count(b"\r\n"):
+        return content  # no bare LF: the usual case, without a regex pass over the message
     return re.sub(rb"(?<!\r)\n", b"\r\n", content)
