@@ -62,13 +62,14 @@ none by default).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import re
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -385,20 +386,12 @@ async def _group_reply(
 ) -> Reply:
     """The next reply of a pipelined group, classified as :func:`_command` does."""
     protocol = conn.smtp.protocol
-    try:
+    with _transport_faults(verb, timeout):
         if protocol is None:
             raise aiosmtplib.SMTPServerDisconnected("Connection lost")
         response = protocol._read_response_from_buffer() if protocol._buffer else None
         if response is None:
             response = await protocol.read_response(timeout=timeout)
-    except aiosmtplib.SMTPTimeoutError:
-        raise _Fault(f"timeout after {verb} ({timeout:g}s)") from None
-    except aiosmtplib.SMTPServerDisconnected:
-        raise _Fault(f"lost connection after {verb}") from None
-    except aiosmtplib.SMTPResponseException as exc:  # garbled or over-long reply
-        raise _Fault(f"bad reply to {verb}: {_printable(exc.message)[:200]!r}") from None
-    except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
-        raise _Fault(f"{verb}: {exc}") from None
     return _classify(verb, response, expect, passthrough)
 
 
@@ -613,8 +606,16 @@ async def _command(
     passthrough: bool = True,
 ) -> Reply:
     """Send one command and classify its reply; transport failures are _Faults."""
-    try:
+    with _transport_faults(verb, timeout):
         response = await conn.smtp.execute_command(*args, timeout=timeout)
+    return _classify(verb, response, expect, passthrough)
+
+
+@contextlib.contextmanager
+def _transport_faults(verb: str, timeout: float) -> Iterator[None]:
+    """Turn aiosmtplib's transport errors during *verb* into _Faults (for the log)."""
+    try:
+        yield
     except aiosmtplib.SMTPTimeoutError:
         raise _Fault(f"timeout after {verb} ({timeout:g}s)") from None
     except aiosmtplib.SMTPServerDisconnected:
@@ -623,7 +624,6 @@ async def _command(
         raise _Fault(f"bad reply to {verb}: {_printable(exc.message)[:200]!r}") from None
     except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
         raise _Fault(f"{verb}: {exc}") from None
-    return _classify(verb, response, expect, passthrough)
 
 
 # -- the relay ---------------------------------------------------------------------------------
