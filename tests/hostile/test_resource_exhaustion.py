@@ -7,8 +7,6 @@ import asyncio
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.hostile.conftest import GO_AHEAD, Env, body, code, open_env, read_until_closed
 from tests.serve.client import LineClient
 
