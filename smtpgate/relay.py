@@ -673,11 +673,8 @@ class Relay:
         ehlo = settings["smtpd_proxy_ehlo"].strip()
         if not ehlo or any(c.isspace() for c in ehlo) or _CONTROL.search(ehlo):
             raise _config_error(settings, "smtpd_proxy_ehlo", f"bad EHLO name: {ehlo!r}")
-        if relayhost is None:
-            logger.warning(
-                "relayhost is empty: every transaction will be deferred with 451 4.3.0 "
-                "(set relayhost = [backend.example]:25)"
-            )
+        # An empty relayhost is reported by check (validate_service) and at serve start
+        # (Server.probe_relayhost); every transaction then gets 451 (begin()).
         return cls(
             relayhost,
             ehlo_name=ehlo,
