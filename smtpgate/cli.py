@@ -8,10 +8,11 @@ nothing (``query``, as ``postmap -q``), 2 a configuration error, 3 cannot start
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 from collections.abc import Coroutine, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -20,6 +21,9 @@ from smtpgate.config import Diagnostic, Settings, load_settings
 from smtpgate.errors import ConfigError, SmtpgateError, TableLookupError
 from smtpgate.policy.model import ClientInfo
 from smtpgate.policy.plan import Plan, build_plan
+
+if TYPE_CHECKING:
+    from smtpgate.logs import MailLog
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
@@ -99,13 +103,68 @@ def _run_fast(main_coro: Coroutine[Any, Any, None]) -> None:
     uvloop.run(main_coro)
 
 
+def _serve_workers(
+    config: str, overrides: Sequence[str], plan: Plan, maillog: MailLog, workers: int
+) -> int:
+    """``serve`` with ``smtpgate_workers`` > 1: the parent of the worker processes."""
+    from smtpgate.server import (
+        Server,
+        Supervisor,
+        bind_listeners,
+        drop_privileges,
+        parse_listen,
+        worker_ready,
+        write_pid_file,
+    )
+
+    settings = plan.settings
+    user = settings.get("smtpgate_user") or "smtpgate"
+
+    # The parent binds (the same errors as a single process), writes the pid file with
+    # its own pid, drops privileges, then forks the workers around the bound sockets.
+    sockets = bind_listeners(parse_listen(settings.as_list("listen")))
+    pid_file = settings.get("pid_file") or ""
+    wrote_pid = write_pid_file(pid_file, maillog)
+    drop_privileges(user)
+
+    def run_worker(slot: int, reload_first: bool) -> None:
+        async def work() -> None:
+            server = Server(settings, plan, maillog, config_path=config, overrides=overrides)
+            drop_privileges(user)  # already done by the parent: a no-op check
+            if reload_first:
+                await server.reload()
+            await server.start(sockets)
+            server.install_signal_handlers()
+            worker_ready()
+            if slot == 0:
+                await server.probe_relayhost()
+            await server.serve_forever()
+
+        _run_fast(work())
+
+    try:
+        return Supervisor(workers, run_worker, maillog).run()
+    finally:
+        for sock in sockets:
+            sock.close()
+        if wrote_pid:
+            with contextlib.suppress(OSError):
+                os.unlink(pid_file)
+
+
 @main.command()
 @config_option
 @override_option
 def serve(config: str, overrides: tuple[str, ...]) -> None:
     """Run the SMTP front end: listen, apply the restrictions, relay to relayhost."""
     from smtpgate.logs import MailLog
-    from smtpgate.server import ListenError, Server, drop_privileges, validate_service
+    from smtpgate.server import (
+        ListenError,
+        Server,
+        drop_privileges,
+        validate_service,
+        workers_from_settings,
+    )
 
     try:
         plan, diagnostics = load_plan(config, overrides, strict_tables=False)
@@ -123,18 +182,25 @@ def serve(config: str, overrides: tuple[str, ...]) -> None:
     except OSError as exc:
         _fail(f"maillog_file: {exc}")
     settings = plan.settings
+    workers = workers_from_settings(settings)
+    user = settings.get("smtpgate_user") or "smtpgate"
 
     async def run() -> None:
         server = Server(settings, plan, maillog, config_path=config, overrides=overrides)
         await server.start()
         server.write_pid_file(settings.get("pid_file") or "")
-        drop_privileges(settings.get("smtpgate_user") or "smtpgate")
+        drop_privileges(user)
         server.install_signal_handlers()
         await server.probe_relayhost()
         await server.serve_forever()
 
     try:
-        _run_fast(run())
+        if workers == 1:
+            _run_fast(run())
+        else:
+            status = _serve_workers(config, overrides, plan, maillog, workers)
+            if status:
+                sys.exit(status)
     except ConfigError as exc:
         _fail(str(exc))
     except ListenError as exc:

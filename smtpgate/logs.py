@@ -30,6 +30,15 @@ from smtpgate.config import Settings
 _counter = itertools.count(int(time.time() * 1000) & 0xFFFFFF)
 
 
+def _reseed_after_fork() -> None:
+    """Worker processes must not repeat each other's queue ids: a fresh start per process."""
+    global _counter
+    _counter = itertools.count(int.from_bytes(os.urandom(3), "big"))
+
+
+os.register_at_fork(after_in_child=_reseed_after_fork)
+
+
 def new_queue_id() -> str:
     """A Postfix-looking short queue id (hex), unique within this process."""
     return f"{(int(time.time()) & 0xFFFFF):05X}{next(_counter) & 0xFFFFF:05X}"
@@ -53,11 +62,14 @@ class MailLog:
         self._flush_pending = False
         self._stamp_second = -1
         self._stamp = ""
-        self._stream: TextIO
+        self._pending: list[str] = []
+        self._stream: TextIO | None = None
+        self._fd = -1
         if path:
-            # Block-buffered: lines written within one turn of the event loop go out in one
-            # write(); see _write and flush.
-            self._stream = open(path, "a", encoding="utf-8", errors="replace")
+            # Lines written within one turn of the event loop go out in one os.write() on an
+            # O_APPEND descriptor (see _write and flush): whole lines only, so the lines of
+            # several worker processes sharing the file never interleave mid-line.
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
             self._owned = True
         else:
             self._stream = stream or sys.stderr
@@ -79,10 +91,13 @@ class MailLog:
             self._stamp = time.strftime("%b %d %H:%M:%S", time.localtime(now))
         line = f"{self._stamp} {self.hostname} {self.tag}[{os.getpid()}]: {text}\n"
         with self._lock:
-            try:
-                self._stream.write(line)
-            except (OSError, ValueError):
-                return  # logging must never take the server down
+            if self._stream is not None:
+                try:
+                    self._stream.write(line)
+                except (OSError, ValueError):
+                    return  # logging must never take the server down
+            else:
+                self._pending.append(line)
             if self._flush_pending:
                 return
             try:
@@ -106,7 +121,19 @@ class MailLog:
     def _flush_locked(self) -> None:
         self._flush_pending = False
         try:
-            self._stream.flush()
+            if self._stream is not None:
+                self._stream.flush()
+                return
+            if not self._pending:
+                return
+            text = "".join(self._pending)
+            self._pending.clear()
+            if self._fd < 0:
+                return
+            data = text.encode("utf-8", "replace")
+            while data:  # one write() for a regular file; a loop only for the rare short one
+                written = os.write(self._fd, data)
+                data = data[written:]
         except (OSError, ValueError):
             pass  # logging must never take the server down
 
@@ -122,8 +149,12 @@ class MailLog:
     def close(self) -> None:
         with self._lock:
             self._flush_locked()
-        if self._owned:
-            self._stream.close()
+        if self._owned and self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 class _MailLogHandler(logging.Handler):

@@ -13,8 +13,10 @@ import contextlib
 import errno
 import os
 import signal
+import socket
 import ssl
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from smtpgate.config import Diagnostic, Settings
@@ -60,6 +62,18 @@ def parse_listen(entries: Sequence[str]) -> list[ListenAddress]:
     return out
 
 
+def workers_from_settings(settings: Settings) -> int:
+    """``smtpgate_workers``: ``auto`` (one per CPU core) or a whole number, at least 1."""
+    text = (settings.get("smtpgate_workers") or "auto").strip().lower()
+    if text == "auto":
+        return max(1, os.cpu_count() or 1)
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise ConfigError(
+        f"smtpgate_workers = {text}: use auto (one process per CPU core) or a number, 1 or more"
+    )
+
+
 def validate_service(settings: Settings) -> list[Diagnostic]:
     """Check what ``serve`` builds besides the Plan: listeners, TLS files, the relay.
 
@@ -76,6 +90,10 @@ def validate_service(settings: Settings) -> list[Diagnostic]:
         parse_listen(settings.as_list("listen"))
     except ConfigError as exc:
         error(exc, "listen")
+    try:
+        workers_from_settings(settings)
+    except ConfigError as exc:
+        error(exc, "smtpgate_workers")
     try:
         GateConfig.from_settings(settings)
     except (OSError, ssl.SSLError) as exc:
@@ -171,6 +189,59 @@ class ListenError(Exception):
         return f"{where}: {self.error.strerror or self.error}"
 
 
+def bind_listeners(addresses: Sequence[ListenAddress]) -> list[socket.socket]:
+    """Bind and listen on every address, as ``Server.start`` does (for worker processes).
+
+    Raises ListenError (closing what was already bound) when one cannot be bound.
+    """
+    out: list[socket.socket] = []
+    try:
+        for address in addresses:
+            try:
+                infos = socket.getaddrinfo(
+                    address.host,
+                    address.port,
+                    type=socket.SOCK_STREAM,
+                    flags=socket.AI_PASSIVE,
+                )
+                seen = set()
+                for family, kind, proto, _, sockaddr in infos:
+                    if (family, sockaddr) in seen:
+                        continue
+                    seen.add((family, sockaddr))
+                    sock = socket.socket(family, kind, proto)
+                    out.append(sock)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    sock.bind(sockaddr)
+                    sock.listen(1024)
+                    sock.setblocking(False)
+            except OSError as exc:
+                raise ListenError(address, exc) from None
+    except ListenError:
+        for sock in out:
+            sock.close()
+        raise
+    return out
+
+
+def write_pid_file(path: str, maillog: MailLog) -> bool:
+    """Record this process id for ``smtpgate reload``; a failure is only a warning."""
+    if not path:
+        return False
+    try:
+        with open(path, "w", encoding="ascii") as f:
+            f.write(f"{os.getpid()}\n")
+    except OSError as exc:
+        maillog.warning(
+            f"pid_file {path}: {exc.strerror}: smtpgate reload cannot find this process "
+            "(send SIGHUP instead, or set pid_file)"
+        )
+        return False
+    return True
+
+
 def drop_privileges(user: str) -> None:
     """Become ``user`` (its uid, gid, no supplementary groups); refuse to stay root."""
     import pwd
@@ -243,11 +314,19 @@ class Server:
                 out.append((str(name[0]), int(name[1])))
         return out
 
-    async def start(self) -> None:
-        """Bind every listener (a clear ListenError when one cannot be bound)."""
+    async def start(self, sockets: Sequence[socket.socket] | None = None) -> None:
+        """Bind every listener (a clear ListenError when one cannot be bound).
+
+        With ``sockets`` (already bound by ``bind_listeners``, in a worker process) serve
+        those instead of binding.
+        """
         loop = asyncio.get_running_loop()
         route_python_logging(self.maillog)
-        for address in self.addresses:
+        for sock in sockets or ():
+            self.servers.append(
+                await loop.create_server(lambda: GateProtocol(self.shared), sock=sock, backlog=1024)
+            )
+        for address in self.addresses if sockets is None else ():
             try:
                 server = await loop.create_server(
                     lambda: GateProtocol(self.shared),
@@ -297,18 +376,8 @@ class Server:
 
     def write_pid_file(self, path: str) -> None:
         """Record the process id for ``smtpgate reload``; a failure is only a warning."""
-        if not path:
-            return
-        try:
-            with open(path, "w", encoding="ascii") as f:
-                f.write(f"{os.getpid()}\n")
-        except OSError as exc:
-            self.maillog.warning(
-                f"pid_file {path}: {exc.strerror}: smtpgate reload cannot find this process "
-                "(send SIGHUP instead, or set pid_file)"
-            )
-            return
-        self.pid_file = path
+        if write_pid_file(path, self.maillog):
+            self.pid_file = path
 
     async def reload(self) -> bool:
         """Re-read config and tables; swap them in only when they validate completely."""
@@ -380,3 +449,123 @@ class Server:
                 os.unlink(self.pid_file)
         self.maillog.info("stopped")
         self.stopped.set()
+
+
+RESTART_LIMIT = 5
+"""A worker that dies this many times within RESTART_WINDOW seconds stops the service."""
+RESTART_WINDOW = 60.0
+
+
+class Supervisor:
+    """The parent of ``smtpgate_workers`` worker processes sharing the bound sockets.
+
+    It forks the workers (before any event loop exists), forwards SIGTERM/SIGINT (each
+    worker drains; the parent waits for all) and SIGHUP (each worker reloads itself), and
+    replaces a worker that dies, up to RESTART_LIMIT deaths within RESTART_WINDOW.
+    """
+
+    SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD})
+    WORKER_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+    """Blocked in a new worker until it has its handlers (``worker_ready``)."""
+
+    def __init__(
+        self, count: int, run_worker: Callable[[int, bool], None], maillog: MailLog
+    ) -> None:
+        self.count = count
+        self.run_worker = run_worker
+        self.maillog = maillog
+        self.workers: dict[int, int] = {}  # pid -> slot
+        self._deaths: list[float] = []
+        self._old_mask: set[int | signal.Signals] = set()
+        self._reloaded = False
+
+    def _spawn(self, slot: int) -> None:
+        self.maillog.flush()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            status = 1
+            try:
+                # SIGTERM, SIGINT and SIGHUP stay blocked (pending, not lost) until the
+                # worker's event loop handles them: see worker_ready.
+                signal.pthread_sigmask(signal.SIG_SETMASK, self._old_mask | self.WORKER_SIGNALS)
+                # A worker started after a SIGHUP reloads first, like the others did.
+                self.run_worker(slot, self._reloaded)
+                status = 0
+            except BaseException as exc:  # the worker must never return to the caller
+                with contextlib.suppress(BaseException):
+                    self.maillog.error(f"worker {slot} failed: {exc}")
+            finally:
+                with contextlib.suppress(BaseException):
+                    self.maillog.close()
+                os._exit(status)
+        self.workers[pid] = slot
+
+    def _signal_all(self, signum: int) -> None:
+        for pid in list(self.workers):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def _reap(self, stopping: bool) -> bool:
+        """Collect dead workers and replace them; True when they die too often."""
+        give_up = False
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.workers.clear()
+                break
+            if pid == 0:
+                break
+            if pid not in self.workers:
+                continue
+            slot = self.workers.pop(pid)
+            if stopping:
+                continue
+            if os.WIFSIGNALED(status):
+                how = f"killed by signal {os.WTERMSIG(status)}"
+            else:
+                how = f"exit status {os.waitstatus_to_exitcode(status)}"
+            now = time.monotonic()
+            self._deaths = [t for t in self._deaths if now - t < RESTART_WINDOW] + [now]
+            if len(self._deaths) >= RESTART_LIMIT:
+                self.maillog.error(
+                    f"worker {pid} died ({how}); {len(self._deaths)} worker deaths within "
+                    f"{RESTART_WINDOW:.0f}s: stopping smtpgate"
+                )
+                stopping = give_up = True
+                self._signal_all(signal.SIGTERM)
+                continue
+            self.maillog.warning(f"worker {pid} died ({how}); starting a new one")
+            self._spawn(slot)
+        return give_up
+
+    def run(self) -> int:
+        """Fork the workers and supervise them until they have all stopped; the exit code."""
+        self._old_mask = set(signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS))
+        stopping = False
+        failed = False
+        for number in range(self.count):
+            self._spawn(number)
+        self.maillog.info(f"smtpgate started {self.count} worker processes")
+        while True:
+            info = signal.sigtimedwait(self.SIGNALS, 1.0)
+            if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
+                if not stopping:
+                    self.maillog.info("stopping: telling the workers to drain")
+                stopping = True
+                self._signal_all(signal.SIGTERM)
+            elif info is not None and info.si_signo == signal.SIGHUP and not stopping:
+                self.maillog.info("reload: telling the workers to reload")
+                self._reloaded = True
+                self._signal_all(signal.SIGHUP)
+            if self._reap(stopping):
+                stopping = failed = True
+            if stopping and not self.workers:
+                break
+        self.maillog.info("stopped")
+        return 1 if failed else 0
+
+
+def worker_ready() -> None:
+    """In a worker, once its signal handlers are installed: let the signals in."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, Supervisor.WORKER_SIGNALS)

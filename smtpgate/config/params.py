@@ -751,6 +751,15 @@ _SPECS = [
         "smtpgate only; Postfix takes listen addresses from master.cf.",
     ),
     ParamSpec(
+        "smtpgate_workers",
+        "auto",
+        "str",
+        "How many worker processes serve answers from: auto (one per CPU core) or a number; "
+        "the listening sockets are bound once and shared, a worker that dies is replaced, "
+        "SIGHUP and SIGTERM reach every worker. 1: a single process, no workers.",
+        "smtpgate only (Postfix: the smtpd process limit in master.cf).",
+    ),
+    ParamSpec(
         "smtpgate_user",
         "smtpgate",
         "str",

@@ -220,6 +220,8 @@ async def test_serve_sigterm_drains_and_exits_0(tmp_path: Path):
             "serve",
             "-c",
             str(config),
+            "-o",
+            "smtpgate_workers=1",  # one process: every line carries its pid (see test_workers)
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )

@@ -1,0 +1,191 @@
+"""`smtpgate serve` with worker processes: shared sockets, reload, stop, and a replaced worker.
+
+Real processes: the CLI in a subprocess with ``smtpgate_workers = 2``.  Which worker takes
+which connection is the kernel's business and is never asserted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.test_newcomer import SMTPGATE, free_port, wait_for_port, write_config
+
+Serving = tuple[subprocess.Popen[str], int, Path]
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (from /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(entry))
+    return out
+
+
+def wait_until(check: Callable[[], bool], deadline: float = 15.0) -> bool:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()
+
+
+def session(port: int, sender: str = "someone@example.com") -> str:
+    """HELO, MAIL, RCPT to a relayed domain; the RCPT reply's first line."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        stream = sock.makefile("rwb")
+
+        def reply() -> str:
+            while True:
+                line = stream.readline().decode()
+                assert line, "connection closed"
+                if line[3:4] != "-":
+                    return line.rstrip("\r\n")
+
+        assert reply().startswith("220")
+        for command in ("HELO client.example", f"MAIL FROM:<{sender}>", "RCPT TO:<foo@bar.org>"):
+            stream.write(command.encode() + b"\r\n")
+            stream.flush()
+            answer = reply()
+        stream.write(b"QUIT\r\n")
+        stream.flush()
+        return answer
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A folder nobody (the dropped user) can read, unlike pytest's tmp_path."""
+    folder = Path(tempfile.mkdtemp(prefix="smtpgate-test-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def workers(public_dir: Path) -> Iterator[Serving]:
+    port = free_port()
+    folder = public_dir / "etc"
+    cf = write_config(folder)
+    proc = subprocess.Popen(
+        [
+            *SMTPGATE,
+            "serve",
+            "-c",
+            str(cf),
+            "-o",
+            f"listen=127.0.0.1:{port}",
+            "-o",
+            f"pid_file={folder / 'smtpgate.pid'}",
+            "-o",
+            f"maillog_file={folder / 'maillog'}",
+            "-o",
+            "smtpd_peername_lookup=no",
+            "-o",
+            "smtpgate_user=nobody",
+            "-o",
+            "smtpgate_workers=2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_port(port)
+        assert wait_until(lambda: len(children(proc.pid)) == 2)
+        yield proc, port, folder
+    finally:
+        kids = children(proc.pid)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        for pid in kids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+
+
+def test_workers_answer_sessions(workers: Serving):
+    proc, port, folder = workers
+    assert Path(folder / "smtpgate.pid").read_text().strip() == str(proc.pid)
+    answers = [session(port, "someone@qq.com") for _ in range(12)]
+    assert all(a.startswith("554") and "Access denied" in a for a in answers), answers
+    log = folder / "maillog"
+    assert wait_until(lambda: log.read_text().count("NOQUEUE: reject: RCPT") >= 12)
+    lines = log.read_text().splitlines()
+    line_form = re.compile(r"^\w{3} [ \d]\d \d\d:\d\d:\d\d mx postfix/smtpd\[(\d+)\]: ")
+    assert all(line_form.match(line) for line in lines), lines
+    worker_pids = {str(pid) for pid in children(proc.pid)}
+    rejecting = {
+        line_form.match(line).group(1)  # type: ignore[union-attr]
+        for line in lines
+        if "NOQUEUE: reject" in line
+    }
+    assert rejecting and rejecting <= worker_pids
+    assert "smtpgate started 2 worker processes" in log.read_text()
+
+
+def test_sighup_reload_reaches_every_worker(workers: Serving):
+    proc, port, folder = workers
+    assert "554" in session(port, "someone@qq.com")
+    (folder / "senders").write_text("qq.com 521 go away\n")
+    proc.send_signal(signal.SIGHUP)
+    log = folder / "maillog"
+    assert wait_until(lambda: log.read_text().count("reloaded") >= 2), log.read_text()
+    answers = [session(port, "someone@qq.com") for _ in range(8)]
+    assert all(a.startswith("521") for a in answers), answers
+
+
+def test_sigterm_stops_parent_and_workers(workers: Serving):
+    proc, port, folder = workers
+    kids = children(proc.pid)
+    assert len(kids) == 2
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    for pid in kids:
+        assert wait_until(lambda pid=pid: not Path(f"/proc/{pid}").exists(), 5)
+    assert "stopped" in (folder / "maillog").read_text()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_killed_worker_is_replaced(workers: Serving):
+    proc, port, folder = workers
+    victim = children(proc.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    assert wait_until(lambda: victim not in children(proc.pid) and len(children(proc.pid)) == 2), (
+        children(proc.pid)
+    )
+    log = (folder / "maillog").read_text()
+    assert f"worker {victim} died (killed by signal 9); starting a new one" in log
+    assert all("554" in session(port, "someone@qq.com") for _ in range(6))
+    assert proc.poll() is None
+
+
+def test_workers_dying_too_often_stop_the_service(workers: Serving):
+    proc, _, folder = workers
+    for _ in range(5):
+        assert wait_until(lambda: len(children(proc.pid)) == 2 or proc.poll() is not None)
+        if proc.poll() is not None:
+            break
+        os.kill(children(proc.pid)[0], signal.SIGKILL)
+        time.sleep(0.2)
+    assert proc.wait(timeout=30) == 1
+    assert "worker deaths within 60s: stopping smtpgate" in (folder / "maillog").read_text()
