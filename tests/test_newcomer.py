@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,15 +71,6 @@ def wait_for_port(port: int, deadline: float = 15.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise AssertionError(f"nothing listens on {port} after {deadline}s")
-
-
-@pytest.fixture
-def public_dir() -> Iterator[Path]:
-    """A folder another user (nobody) can read, unlike pytest's tmp_path."""
-    folder = Path(tempfile.mkdtemp(prefix="smtpgate-test-"))
-    folder.chmod(0o755)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

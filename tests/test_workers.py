@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -69,15 +67,6 @@ def session(port: int, sender: str = "someone@example.com") -> str:
         stream.write(b"QUIT\r\n")
         stream.flush()
         return answer
-
-
-@pytest.fixture
-def public_dir() -> Iterator[Path]:
-    """A folder nobody (the dropped user) can read, unlike pytest's tmp_path."""
-    folder = Path(tempfile.mkdtemp(prefix="smtpgate-test-"))
-    folder.chmod(0o755)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
