@@ -122,18 +122,25 @@ def _serve_workers(
 
     # The parent binds (the same errors as a single process), writes the pid file with
     # its own pid, drops privileges, then forks the workers around the bound sockets.
-    sockets = bind_listeners(parse_listen(settings.as_list("listen")))
+    # One set of sockets per worker (SO_REUSEPORT), or one set they all share.
+    socket_sets = bind_listeners(parse_listen(settings.as_list("listen")), copies=workers)
     pid_file = settings.get("pid_file") or ""
     wrote_pid = write_pid_file(pid_file, maillog)
     drop_privileges(user)
 
     def run_worker(slot: int, reload_first: bool) -> None:
+        mine = socket_sets[slot % len(socket_sets)]
+        for sockets in socket_sets:
+            if sockets is not mine:
+                for sock in sockets:
+                    sock.close()  # the parent keeps them for that slot's next worker
+
         async def work() -> None:
             server = Server(settings, plan, maillog, config_path=config, overrides=overrides)
             drop_privileges(user)  # already done by the parent: a no-op check
             if reload_first:
                 await server.reload()
-            await server.start(sockets)
+            await server.start(mine)
             server.install_signal_handlers()
             worker_ready()
             if slot == 0:
@@ -142,11 +149,15 @@ def _serve_workers(
 
         _run_fast(work())
 
+    # Whatever the workers would import, import it once here: the pages stay shared.
+    with contextlib.suppress(ImportError):
+        import uvloop  # noqa: F401
     try:
         return Supervisor(workers, run_worker, maillog).run()
     finally:
-        for sock in sockets:
-            sock.close()
+        for sockets in socket_sets:
+            for sock in sockets:
+                sock.close()
         if wrote_pid:
             with contextlib.suppress(OSError):
                 os.unlink(pid_file)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import os
 import signal
 import socket
@@ -189,12 +190,20 @@ class ListenError(Exception):
         return f"{where}: {self.error.strerror or self.error}"
 
 
-def bind_listeners(addresses: Sequence[ListenAddress]) -> list[socket.socket]:
-    """Bind and listen on every address, as ``Server.start`` does (for worker processes).
+def bind_listeners(
+    addresses: Sequence[ListenAddress], copies: int = 1
+) -> list[list[socket.socket]]:
+    """Bind and listen on every address, ``copies`` times (one set per worker process).
 
-    Raises ListenError (closing what was already bound) when one cannot be bound.
+    With ``copies`` > 1 every socket has SO_REUSEPORT, so each worker has its own accept
+    queue and the kernel spreads new connections over them (a shared queue lets whichever
+    worker wakes first take a whole burst).  Without SO_REUSEPORT (not Linux) there is
+    one set, shared by all workers.  Port 0 is bound once; the copies take the same port.
+    Returns one list of sockets per copy.  Raises ListenError (closing what was already
+    bound) when one cannot be bound.
     """
-    out: list[socket.socket] = []
+    reuseport = copies > 1 and hasattr(socket, "SO_REUSEPORT")
+    sets: list[list[socket.socket]] = [[] for _ in range(copies if reuseport else 1)]
     try:
         for address in addresses:
             try:
@@ -209,21 +218,27 @@ def bind_listeners(addresses: Sequence[ListenAddress]) -> list[socket.socket]:
                     if (family, sockaddr) in seen:
                         continue
                     seen.add((family, sockaddr))
-                    sock = socket.socket(family, kind, proto)
-                    out.append(sock)
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
-                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                    sock.bind(sockaddr)
-                    sock.listen(1024)
-                    sock.setblocking(False)
+                    for copy in sets:
+                        sock = socket.socket(family, kind, proto)
+                        copy.append(sock)
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                        if reuseport:
+                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                        if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                        sock.bind(sockaddr)
+                        sock.listen(1024)
+                        sock.setblocking(False)
+                        # listen = host:0: the first copy picked the port, the rest follow.
+                        sockaddr = (sockaddr[0], sock.getsockname()[1], *sockaddr[2:])
             except OSError as exc:
                 raise ListenError(address, exc) from None
     except ListenError:
-        for sock in out:
-            sock.close()
+        for copy in sets:
+            for sock in copy:
+                sock.close()
         raise
-    return out
+    return sets
 
 
 def write_pid_file(path: str, maillog: MailLog) -> bool:
@@ -481,6 +496,9 @@ class Supervisor:
 
     def _spawn(self, slot: int) -> None:
         self.maillog.flush()
+        # Objects alive now (modules, the plan, tables) are never collected in a worker:
+        # the collector leaves them alone, so their pages stay shared with the parent.
+        gc.freeze()
         pid = os.fork()
         if pid == 0:  # the worker
             status = 1

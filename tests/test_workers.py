@@ -1,7 +1,8 @@
-"""`smtpgate serve` with worker processes: shared sockets, reload, stop, and a replaced worker.
+"""`smtpgate serve` with worker processes: own sockets, reload, stop, and a replaced worker.
 
 Real processes: the CLI in a subprocess with ``smtpgate_workers = 2``.  Which worker takes
-which connection is the kernel's business and is never asserted.
+which connection is the kernel's business (SO_REUSEPORT hashes the client's address and
+port); only that every worker gets some of many connections is asserted.
 """
 
 from __future__ import annotations
@@ -129,6 +130,30 @@ def test_workers_answer_sessions(workers: Serving):
     }
     assert rejecting and rejecting <= worker_pids
     assert "smtpgate started 2 worker processes" in log.read_text()
+
+
+def listening_sockets(port: int) -> int:
+    """How many sockets listen on 127.0.0.1:port (from /proc/net/tcp)."""
+    local = f"0100007F:{port:04X}"
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for row in rows if row.split()[1] == local and row.split()[3] == "0A")
+
+
+def test_each_worker_has_its_own_socket(workers: Serving):
+    """SO_REUSEPORT: one accept queue per worker, so a burst is spread over both."""
+    proc, port, folder = workers
+    assert listening_sockets(port) == 2
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(40)]
+    try:
+        for sock in clients:
+            assert sock.makefile("rb").readline().startswith(b"220")
+    finally:
+        for sock in clients:
+            sock.close()
+    log = folder / "maillog"
+    assert wait_until(lambda: log.read_text().count("connect from") >= 40)
+    serving = set(re.findall(r"smtpd\[(\d+)\]: connect from", log.read_text()))
+    assert serving == {str(pid) for pid in children(proc.pid)}
 
 
 def test_sighup_reload_reaches_every_worker(workers: Serving):
