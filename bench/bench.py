@@ -241,8 +241,8 @@ def table(rows: Sequence[Workload], results: Results) -> str:
 def cpu_note(rows: Sequence[Workload], results: Results) -> str:
     """Median CPU use (1.00 = one core busy) of each side during the rate workloads."""
     out = [
-        "CPU during the rate workloads (median, 1.00 = one core busy; Postfix's is a lower "
-        "bound: processes that exit during a run are not counted):"
+        "CPU during the rate workloads (median, 1.00 = one core busy; exited and reaped "
+        "processes such as Postfix's smtpds count):"
     ]
     for w in rows:
         per = results.cpu.get(w.key)
@@ -336,7 +336,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument(
         "--profile", action="store_true",
-        help="instead of the table: profile smtpgate with py-spy under the relay workload",
+        help="instead of the table: profile smtpgate with py-spy under one workload",
+    )  # fmt: skip
+    ap.add_argument(
+        "--profile-workload", default="relay-1k-10-one", metavar="KEY",
+        help="the rate workload to profile (a row key; default relay-1k-10-one)",
     )  # fmt: skip
     ap.add_argument("--profile-seconds", type=float, default=30.0)
     ap.add_argument("--profile-out", metavar="FILE", help="keep py-spy's collapsed stacks here")

@@ -159,7 +159,12 @@ def pss_kib(root: int) -> tuple[int, int]:
 
 
 def cpu_seconds(root: int) -> float:
-    """User + system CPU time consumed so far by ``root`` and its live descendants."""
+    """User + system CPU time consumed so far by ``root`` and its descendants.
+
+    Live processes count their own time plus that of their children that have exited and
+    been waited for (cutime, cstime): Postfix's master reaps smtpd processes that reach
+    max_use or max_idle, and their time stays counted.
+    """
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0.0
     for pid in descendants(root):
@@ -167,7 +172,7 @@ def cpu_seconds(root: int) -> float:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += (int(fields[11]) + int(fields[12])) / ticks
+        total += sum(int(f) for f in fields[11:15]) / ticks  # utime stime cutime cstime
     return total
 
 

@@ -1,4 +1,4 @@
-"""Profile smtpgate with py-spy while smtp-source drives the relay workload.
+"""Profile smtpgate with py-spy while smtp-source drives one of the rate workloads.
 
 py-spy samples the running ``smtpgate serve`` (and its worker processes, if any) from the
 outside; its collapsed stacks (``--format raw``) are summed here into the functions with the
@@ -68,36 +68,55 @@ def summarise(collapsed: str, top: int = 25) -> str:
 
 
 def profile(args: argparse.Namespace) -> int:
-    """Run the 1 KB relay workload (10 sessions, one message each) under py-spy."""
+    """Run one rate workload (``--profile-workload``) under py-spy, over and over."""
+    from bench.bench import workloads
+
+    rows = {w.key: w for w in workloads(quick=False) if w.kind in ("sessions", "msgs", "bytes")}
+    if args.profile_workload not in rows:
+        raise BenchError(f"--profile-workload: one of {', '.join(rows)}")
+    work = rows[args.profile_workload]
     raise_fd_limit()
     spy = py_spy()
     tmp = new_tmp()
     sink = Sink(tmp)
     gate: Gate | None = None
     out = Path(args.profile_out) if args.profile_out else tmp / "profile.txt"
+
+    def drive(count: int) -> None:
+        run = run_source(
+            gate.port,  # type: ignore[union-attr]
+            sessions=work.sessions,
+            count=count,
+            size=work.size,
+            many_per_session=work.many,
+            reject=work.kind == "sessions",
+        )
+        if run.problems:
+            raise BenchError(f"{work.key} failed under the profiler: {run.problems[:3]}")
+
     try:
         gate = Gate(tmp, sink.port, args.option)
-        run_source(gate.port, sessions=10, count=200, size=1024)  # warm up
+        batch = max(10, work.count // 4)
+        drive(batch)  # warm up
         argv = [spy, "record", "--pid", str(gate.root_pid), "--subprocesses"]
         argv += ["--rate", "100", "--format", "raw", "--nolineno", "-o", str(out)]
         spy_proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(1.0)  # let py-spy attach
         end = time.monotonic() + args.profile_seconds
-        msgs, start, cpu0 = 0, time.perf_counter(), cpu_seconds(gate.root_pid)
+        done, start, cpu0 = 0, time.perf_counter(), cpu_seconds(gate.root_pid)
         while time.monotonic() < end:
-            run = run_source(gate.port, sessions=10, count=500, size=1024)
-            if run.problems:
-                raise BenchError(f"relay workload failed: {run.problems[:3]}")
-            msgs += 500
+            drive(batch)
+            done += batch
         elapsed = time.perf_counter() - start
         cpu = (cpu_seconds(gate.root_pid) - cpu0) / elapsed
         spy_proc.send_signal(2)  # SIGINT: py-spy writes its output and exits
         _, err = spy_proc.communicate(timeout=60)
         if not out.exists():
             raise BenchError(f"py-spy wrote no profile: {err.decode(errors='replace')}")
+        unit = "sessions" if work.kind == "sessions" else "msgs"
         print(
-            f"py-spy profile of smtpgate serve: relay 1 KB, 10 sessions, 1 msg/session, "
-            f"{elapsed:.0f} s, {msgs / elapsed:.0f} msgs/s, smtpgate CPU {cpu:.2f} cores"
+            f"py-spy profile of smtpgate serve: {work.label}, {elapsed:.0f} s, "
+            f"{done / elapsed:.0f} {unit}/s, smtpgate CPU {cpu:.2f} cores"
         )
         print(summarise(out.read_text()))
     finally:

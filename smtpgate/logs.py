@@ -28,12 +28,14 @@ from typing import TextIO
 from smtpgate.config import Settings
 
 _counter = itertools.count(int(time.time() * 1000) & 0xFFFFFF)
+_pid = os.getpid()  # for every log line: getpid() is a system call
 
 
 def _reseed_after_fork() -> None:
     """Worker processes must not repeat each other's queue ids: a fresh start per process."""
-    global _counter
+    global _counter, _pid
     _counter = itertools.count(int.from_bytes(os.urandom(3), "big"))
+    _pid = os.getpid()
 
 
 os.register_at_fork(after_in_child=_reseed_after_fork)
@@ -89,7 +91,7 @@ class MailLog:
         if now != self._stamp_second:  # strftime once per second, not once per line
             self._stamp_second = now
             self._stamp = time.strftime("%b %d %H:%M:%S", time.localtime(now))
-        line = f"{self._stamp} {self.hostname} {self.tag}[{os.getpid()}]: {text}\n"
+        line = f"{self._stamp} {self.hostname} {self.tag}[{_pid}]: {text}\n"
         with self._lock:
             if self._stream is not None:
                 try:

@@ -605,9 +605,28 @@ async def _command(
     expect: int = 2,
     passthrough: bool = True,
 ) -> Reply:
-    """Send one command and classify its reply; transport failures are _Faults."""
-    with _transport_faults(verb, timeout):
-        response = await conn.smtp.execute_command(*args, timeout=timeout)
+    """Send one command and classify its reply; transport failures are _Faults.
+
+    Written straight to aiosmtplib's protocol: the arguments were checked by the relay
+    (no control characters) and one transaction owns a connection at a time, so
+    ``SMTP.execute_command``'s lock and argument scan are not needed.  As there, a fault
+    closes the connection (its replies could no longer be paired with commands) and so
+    does a 421.
+    """
+    smtp = conn.smtp
+    try:
+        with _transport_faults(verb, timeout):
+            protocol = smtp.protocol
+            if protocol is None:
+                raise aiosmtplib.SMTPServerDisconnected("Server not connected")
+            protocol._response_pending = True
+            protocol.write(b" ".join(args) + b"\r\n")
+            response = await protocol.read_response(timeout=timeout)
+    except _Fault:
+        smtp.close()
+        raise
+    if response.code == 421:
+        smtp.close()
     return _classify(verb, response, expect, passthrough)
 
 
@@ -1173,19 +1192,21 @@ class Transaction:
         return self._record("END-OF-DATA", reply)
 
     async def _send_content(self, conn: _Connection, payload: bytes) -> None:
-        """Write the content with flow control (each wait bounded), the dot last."""
+        """Write the content with flow control (each wait bounded); the dot goes with the
+        last chunk (a small message is one write)."""
         timeout = self.relay.command_timeout
         protocol = conn.smtp.protocol
-        body, dot = memoryview(payload)[:-3], payload[-3:]
+        view = memoryview(payload)
+        size = len(payload)
         try:
             if protocol is None:
                 raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-            for offset in range(0, len(body), CONTENT_CHUNK):
-                protocol.write(bytes(body[offset : offset + CONTENT_CHUNK]))
+            for offset in range(0, size, CONTENT_CHUNK):
+                if offset + CONTENT_CHUNK >= size:
+                    self._dot_sent = True  # this write ends with the dot
+                protocol.write(view[offset : offset + CONTENT_CHUNK])  # type: ignore[arg-type]
                 if protocol._paused or protocol._connection_lost:  # else nothing to wait for
                     await asyncio.wait_for(protocol._drain_helper(), timeout)
-            self._dot_sent = True
-            protocol.write(dot)
         except TimeoutError:
             raise _Fault(f"timeout sending message content ({timeout:g}s)") from None
         except (aiosmtplib.SMTPException, OSError) as exc:

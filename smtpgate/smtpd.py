@@ -19,6 +19,7 @@ whenever no more input is waiting, so a client that waits for each reply gets it
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import ssl
@@ -324,10 +325,7 @@ class GateProtocol(SMTP):
     def _write(self, reply: Reply) -> None:
         if self.closing or self._writer is None:
             return
-        # Postfix's printable(): a control character in a reply (say, from an address the
-        # client sent) goes out as a space.
-        lines = (_UNPRINTABLE.sub(" ", line) for line in reply.lines())
-        data = "".join(line + "\r\n" for line in lines).encode("utf-8", "replace")
+        data = _wire(reply)
         self._out.append(data)
         self._out_size += len(data)
 
@@ -405,7 +403,7 @@ class GateProtocol(SMTP):
                 shared.maillog.warning(record.text)
             client = found.client
             self.client = client
-            self.policy = PolicySession(shared.plan, client, shared.resolver)
+            self.policy = PolicySession(shared.plan, client, shared.resolver, trace=False)
             shared.maillog.info(f"connect from {client.namaddr}")
             if await self._admit():
                 await self._greet()
@@ -559,7 +557,9 @@ class GateProtocol(SMTP):
                 if b"\n" in self._reader._buffer:  # type: ignore[attr-defined]
                     line = await self._reader.readuntil(b"\n")  # there: no wait, no timer
                 else:
-                    line = await asyncio.wait_for(self._reader.readuntil(b"\n"), remaining)
+                    # asyncio.timeout: a timer handle, not wait_for's extra task per read
+                    async with asyncio.timeout(remaining):
+                        line = await self._reader.readuntil(b"\n")
             except TimeoutError:
                 continue
             except asyncio.LimitOverrunError as exc:
@@ -895,7 +895,8 @@ class GateProtocol(SMTP):
                 if reader._buffer and wait > 0:  # type: ignore[attr-defined]
                     chunk = await reader.read(65536)  # already there: no wait, no timer
                 else:
-                    chunk = await asyncio.wait_for(reader.read(65536), max(wait, 0))
+                    async with asyncio.timeout(max(wait, 0)):
+                        chunk = await reader.read(65536)
             except TimeoutError:
                 await self._timed_out(f"DATA ({received} bytes)")
                 return None, None
@@ -1479,6 +1480,17 @@ class Forbidden:
             except TableLookupError:
                 continue
         return False
+
+
+@functools.lru_cache(maxsize=1024)
+def _wire(reply: Reply) -> bytes:
+    """A reply's bytes on the wire (cached: most replies are the same few texts).
+
+    Postfix's printable(): a control character in a reply (say, from an address the
+    client sent) goes out as a space.
+    """
+    lines = (_UNPRINTABLE.sub(" ", line) for line in reply.lines())
+    return "".join(line + "\r\n" for line in lines).encode("utf-8", "replace")
 
 
 def _escape(data: bytes) -> str:

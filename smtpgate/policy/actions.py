@@ -8,6 +8,7 @@ not do what they look like, for ``smtpgate check``.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -52,7 +53,9 @@ def split_command(value: str) -> tuple[str, str]:
     return m.group(1), m.group(2)
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_action(value: str) -> Action:
+    """The action a table value names (cached: a table has few distinct values)."""
     word, text = split_command(value)
     upper = word.upper()
     if upper in KEYWORDS:

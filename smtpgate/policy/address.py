@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 VALID_LABEL_LEN = 63
@@ -201,6 +201,9 @@ class Resolved:
         return self.klass is AddressClass.LOCAL
 
 
+RESOLVE_CACHE_SIZE = 4096
+
+
 @dataclass(frozen=True, slots=True)
 class Resolver:
     """What address resolution needs from the configuration."""
@@ -210,8 +213,21 @@ class Resolver:
     is_relay_domain: Callable[[str], bool]
     allow_percent_hack: bool = True
     swap_bangpath: bool = True
+    # Answers so far: a plan's tables do not change (a reload builds a new Resolver).
+    _cache: dict[str, Resolved] = field(default_factory=dict, compare=False, repr=False)
 
     def resolve(self, address: str) -> Resolved:
+        """:meth:`resolve_uncached`, remembered for the next few thousand addresses."""
+        cache = self._cache
+        found = cache.get(address)
+        if found is None:
+            found = self.resolve_uncached(address)
+            if len(cache) >= RESOLVE_CACHE_SIZE:
+                cache.clear()
+            cache[address] = found
+        return found
+
+    def resolve_uncached(self, address: str) -> Resolved:
         """Resolve as trivial-rewrite does for the SMTP server's checks.
 
         One deliberate difference from Postfix: an address that reaches a relay domain

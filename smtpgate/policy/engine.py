@@ -39,7 +39,6 @@ from smtpgate.policy.model import (
 )
 from smtpgate.policy.plan import Compiled, Plan, compile_runtime_list
 from smtpgate.policy.ports import DnsAnswer, Resolver, no_resolver_answer
-from smtpgate.policy.registry import call
 from smtpgate.reply import Reply
 from smtpgate.tables import Table
 
@@ -54,10 +53,17 @@ class _Abort(Exception):
 class Checker:
     """Runs restriction lists against a session; implements the registry's ``Ctx``."""
 
-    def __init__(self, plan: Plan, state: SessionState, resolver: Resolver | None = None) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        state: SessionState,
+        resolver: Resolver | None = None,
+        trace: bool = True,
+    ) -> None:
         self.plan = plan
         self.state = state
         self.resolver = resolver
+        self.trace = trace  # keep the trail (explain); serve only needs replies and logs
         self.found = False
         self.stage = Stage.CONNECT
         self.steps: list[Step] = []
@@ -75,7 +81,8 @@ class Checker:
     # -- trail and logs ------------------------------------------------------------
 
     def note(self, what: str, detail: str, result: str) -> None:
-        self.steps.append(Step(self.stage.value, self.state.recursion, what, detail, result))
+        if self.trace:
+            self.steps.append(Step(self.stage.value, self.state.recursion, what, detail, result))
 
     def warn(self, text: str) -> None:
         self.logs.append(LogRecord("warning", text))
@@ -251,31 +258,43 @@ class Checker:
         return status
 
     async def _run_item(self, item: Compiled, reply_name: str, reply_class: str) -> Status:
+        trace = self.trace
         if item.class_name is not None:
             slot = len(self.steps)
-            self.note(item.label, "restriction class", "...")
+            if trace:
+                self.note(item.label, "restriction class", "...")
             class_items = self.plan.classes[item.class_name]
             status = await self.generic_checks(class_items, reply_name, reply_class)
-            self.steps[slot] = Step(
-                self.stage.value, self.state.recursion, item.label, "restriction class", status.name
-            )
+            if trace:
+                self.steps[slot] = Step(
+                    self.stage.value,
+                    self.state.recursion,
+                    item.label,
+                    "restriction class",
+                    status.name,
+                )
             return status
         if item.error:
             return self.config_error(item.error)
-        assert item.spec is not None
+        spec = item.spec
+        assert spec is not None and spec.fn is not None
         slot = len(self.steps)
-        self.note(item.label, "", "...")
+        if trace:
+            self.note(item.label, "", "...")
         try:
-            result = call(item.spec, self, item.arg, reply_name, reply_class)
-            if inspect.isawaitable(result):
+            result = spec.fn(self, item.arg, reply_name, reply_class)
+            if result.__class__ is not Status and inspect.isawaitable(result):
                 result = await result
         except _Nested as nested:
             result = await self.generic_checks(nested.items, reply_name, reply_class)
-            if result == Status.OK and nested.suspicious:
+            if result is Status.OK and nested.suspicious:
                 self.note(item.label, "", "OK ignored: source-routed recipient")
                 result = Status.DUNNO
-        status = Status(result)
-        self.steps[slot] = Step(self.stage.value, self.state.recursion, item.label, "", status.name)
+        status = result if result.__class__ is Status else Status(result)
+        if trace:
+            self.steps[slot] = Step(
+                self.stage.value, self.state.recursion, item.label, "", status.name
+            )
         return status
 
     async def run_list(
@@ -304,6 +323,8 @@ class _Nested(Exception):
 
 
 def _printable(text: str) -> str:
+    if text.isprintable():
+        return text
     return "".join(ch if ch.isprintable() else " " for ch in text)
 
 

@@ -63,13 +63,15 @@ async def run_dialogue(
     data: bool = False,
     resolver: Resolver | None = None,
     lookup_client_name: bool = False,
+    trace: bool = True,
 ) -> list[Exchange]:
     """The exchanges of one connection, stopping where the server would disconnect.
 
     With a ``resolver`` the DNS restrictions look things up (every lookup is a step of
     the trail); without one, every lookup is a temporary failure.  With
     ``lookup_client_name`` the client's name is found as ``serve`` finds it at connect
-    (PTR, then A/AAAA), and those lookups open the trail.
+    (PTR, then A/AAAA), and those lookups open the trail.  ``trace=False`` leaves the
+    trail out, as ``serve`` does (same replies and log lines, no steps).
     """
     peer_steps: list[Step] = []
     peer_logs: list[LogRecord] = []
@@ -81,7 +83,7 @@ async def run_dialogue(
             peername_lookup=bool(plan.settings.as_bool("smtpd_peername_lookup")),
         )
         client, peer_steps, peer_logs = found.client, found.steps, found.logs
-    session = PolicySession(plan, client, resolver)
+    session = PolicySession(plan, client, resolver, trace=trace)
     exchanges: list[Exchange] = []
     greeting = await session.connect()
     greeting.steps[:0] = peer_steps

@@ -37,15 +37,23 @@ ACCEPT_REPLIES = {
 class PolicySession:
     """The restriction state of one client connection."""
 
-    def __init__(self, plan: Plan, client: ClientInfo, resolver: Resolver | None = None) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        client: ClientInfo,
+        resolver: Resolver | None = None,
+        *,
+        trace: bool = True,
+    ) -> None:
         self.plan = plan
         self.state = SessionState(client=client)
         self.resolver = resolver
+        self.trace = trace  # decisions carry the trail of steps (explain); serve needs none
 
     # -- helpers ---------------------------------------------------------------------
 
     def _checker(self, stage: Stage) -> Checker:
-        checker = Checker(self.plan, self.state, self.resolver)
+        checker = Checker(self.plan, self.state, self.resolver, self.trace)
         checker.stage = stage
         self.state.where = stage.value
         self.state.error = None

@@ -25,6 +25,7 @@ a TableOpenError.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -39,8 +40,12 @@ class PatternError(ValueError):
     """A cidr pattern that does not parse; ``str()`` is Postfix's reason."""
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_address(text: str) -> Address | None:
-    """``inet_pton()``: the family follows from a ``:``; anything else is ``None``."""
+    """``inet_pton()``: the family follows from a ``:``; anything else is ``None``.
+
+    Cached: the same client address is parsed at every RCPT of every session.
+    """
     if "%" in text:
         return None
     try:

@@ -102,6 +102,23 @@ def test_session_matches_postfix(config: dict[str, Any], case: dict[str, Any], t
     assert ours == expected
     assert [line for e in exchanges for line in e.log_lines] == _action_logs(case["log"])
 
+    # serve runs the same checks without the trail: the same replies and log lines.
+    untraced = asyncio.run(
+        run_dialogue(
+            plan,
+            ClientInfo(address=case["client"]),
+            helo=case["helo"],
+            sender=case["mail_from"],
+            recipients=case["rcpts"],
+            esmtp=case["ehlo"],
+            trace=False,
+        )
+    )
+    assert [(e.command, e.reply, e.log_lines) for e in untraced] == [
+        (e.command, e.reply, e.log_lines) for e in exchanges
+    ]
+    assert not any(e.decision.steps for e in untraced if e.decision is not None)
+
 
 @pytest.mark.parametrize("name", sorted(DELIBERATE))
 def test_deliberate_differences(name: str, tmp_path: Path):
