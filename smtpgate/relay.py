@@ -191,11 +191,16 @@ def _parse_port(text: str, whole: str) -> int:
         raise ValueError(f"unknown service name: {text}") from None
 
 
+_XTEXT_PLAIN = re.compile(r"[!-*,-<>-~]*")  # "!".."~" without "+" and "="
+
+
 def xtext(value: str, limit: int = XFORWARD_VALUE_LIMIT) -> str:
     """RFC 3461 xtext (``+HH`` for octets outside ``!``..``~`` and for ``+``/``=``).
 
     The result is cut at a character boundary so that it is at most *limit* octets.
     """
+    if len(value) <= limit and _XTEXT_PLAIN.fullmatch(value):
+        return value  # the usual case: nothing to encode
     out: list[str] = []
     size = 0
     for char in value:
@@ -346,6 +351,23 @@ class _PipeliningProtocol(aiosmtplib.protocol.SMTPProtocol):
     """
 
     pipelined = False
+
+    async def read_response(self, timeout: float | None = None) -> SMTPResponse:
+        """aiosmtplib's read_response with ``asyncio.timeout`` (a timer) instead of
+        ``wait_for`` (a waiter future and callbacks per reply); the same errors."""
+        waiter = self._response_waiter
+        if waiter is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        self._response_pending = True
+        try:
+            async with asyncio.timeout(timeout):
+                result: SMTPResponse = await waiter
+        except TimeoutError as exc:
+            raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from exc
+        finally:
+            self._response_pending = False
+            self._response_waiter = None if self.transport is None else self._loop.create_future()
+        return result
 
     def data_received(self, data: bytes) -> None:
         waiter = self._response_waiter
