@@ -191,6 +191,7 @@ def _parse_port(text: str, whole: str) -> int:
         raise ValueError(f"unknown service name: {text}") from None
 
 
+_DOT_LINE = re.compile(rb"\n\.")  # a regex search beats bytes.find for a 2-byte needle
 _XTEXT_PLAIN = re.compile(r"[!-*,-<>-~]*")  # "!".."~" without "+" and "="
 
 
@@ -255,23 +256,43 @@ def xforward_commands(client: ClientFacts, offered: Collection[str]) -> list[str
     return commands
 
 
-def frame_data(message: bytes) -> bytes:
+def plain_content(data: bytes) -> bool:
+    """Every CR and LF is part of a CRLF and no line starts with a dot: such content is
+    its own wire form (nothing to unstuff, normalise or stuff again).
+
+    Counting runs at C speed and is cheaper than the copies it avoids; the cheapest
+    tests come first, so content that is not plain fails fast.
+    """
+    lf = data.count(b"\n")
+    return (
+        data.count(b"\r") == lf
+        and not data.startswith(b".")
+        and _DOT_LINE.search(data) is None
+        and data.count(b"\r\n") == lf
+    )
+
+
+def frame_data(message: bytes, plain: bool = False) -> bytes:
     """The wire form of *message* after DATA: CRLF line ends, dot-stuffed, then ``.`` CRLF.
 
     Every CR, LF or CRLF becomes CRLF, so no bare CR or LF survives (SMTP smuggling), and
     every line that starts with a dot gets a second one (RFC 5321 section 4.5.2).
+    ``plain`` says the caller found :func:`plain_content` true: only the end is added.
     """
     if not message:
         return b".\r\n"
     # Fast paths (counts and searches run at C speed; the regexes build a new message):
     # every CR and LF already part of a CRLF, and no line that starts with a dot.
-    lf = message.count(b"\n")
-    if message.count(b"\r") == lf and message.count(b"\r\n") == lf:
+    if plain:
         body = message
     else:
-        body = _LINE_ENDINGS.sub(b"\r\n", message)
-    if body.startswith(b".") or b"\n." in body:
-        body = _LEADING_DOT.sub(b"..", body)
+        lf = message.count(b"\n")
+        if message.count(b"\r") == lf and message.count(b"\r\n") == lf:
+            body = message
+        else:
+            body = _LINE_ENDINGS.sub(b"\r\n", message)
+        if body.startswith(b".") or _DOT_LINE.search(body) is not None:
+            body = _LEADING_DOT.sub(b"..", body)
     if not body.endswith(b"\r\n"):
         body += b"\r\n"
     return body + b".\r\n"
@@ -1185,8 +1206,11 @@ class Transaction:
         args = _rcpt_args(conn, address, rcpt_params)
         return await _command(conn, "RCPT TO", args, timeout)
 
-    async def data(self, message: bytes) -> Reply:
-        """Send DATA, the framed content and the dot; the backend's reply to the dot."""
+    async def data(self, message: bytes, plain: bool = False) -> Reply:
+        """Send DATA, the framed content and the dot; the backend's reply to the dot.
+
+        ``plain``: the caller checked :func:`plain_content` (no framing work to do).
+        """
         if self._finished:
             return R503_NO_TRANSACTION
         self._finished = True
@@ -1201,7 +1225,7 @@ class Transaction:
             if not start.is_success:
                 await self._give_back(rset=True)
                 return self._record("DATA", start)
-            await self._send_content(conn, frame_data(message))
+            await self._send_content(conn, frame_data(message, plain))
             reply = await self._end_of_data(conn)
         except _Fault as fault:
             return self._fail("END-OF-DATA" if self._dot_sent else "DATA", fault)

@@ -41,7 +41,7 @@ from smtpgate.policy.peer import lookup_client
 from smtpgate.policy.plan import Plan
 from smtpgate.policy.ports import Resolver
 from smtpgate.policy.session import PolicySession
-from smtpgate.relay import ClientFacts, Relay, Transaction
+from smtpgate.relay import ClientFacts, Relay, Transaction, plain_content
 from smtpgate.reply import R451_LOCAL_ERROR, Reply
 from smtpgate.tables import AddressList, Table, open_table
 
@@ -933,8 +933,12 @@ class GateProtocol(SMTP):
     async def _finish_data(self, content: bytes) -> Reply:
         assert self.txn is not None and self.policy is not None and self.client is not None
         txn, st = self.txn, self.policy.state
-        content = _unstuff(content)
-        reply = self._check_content(content)
+        # Plain content (CRLF only, no line starting with a dot; the usual message) is
+        # already in its wire form: no unstuffing, normalising or restuffing copies.
+        plain = plain_content(content)
+        if not plain:
+            content = _unstuff(content)
+        reply = self._check_content(content, plain)
         if reply is None:
             decision = await self.policy.end_of_data()
             self._log_decision(decision)
@@ -947,12 +951,10 @@ class GateProtocol(SMTP):
             self._log_proxy("discard", "END-OF-MESSAGE", reply)
             await self._end_transaction(completed=True)
             return reply
-        message = (
-            self._received_header()
-            + "".join(f"{h}\r\n" for h in st.prepend).encode("utf-8")
-            + _crlf(content)
-        )
-        reply = await asyncio.shield(txn.relay.data(message))
+        head = self._received_header() + "".join(f"{h}\r\n" for h in st.prepend).encode("utf-8")
+        plain = plain and plain_content(head)
+        message = head + (content if plain else _crlf(content))
+        reply = await asyncio.shield(txn.relay.data(message, plain))
         whatsup = "proxy-accept" if reply.code // 100 == 2 else "proxy-reject"
         self._log_proxy(whatsup, "END-OF-MESSAGE", reply)
         if getattr(txn.relay, "outcome_unknown", False):
@@ -963,12 +965,12 @@ class GateProtocol(SMTP):
         await self._end_transaction(completed=True)
         return reply
 
-    def _check_content(self, content: bytes) -> Reply | None:
+    def _check_content(self, content: bytes, plain: bool = False) -> Reply | None:
         if self.config.size_limit and len(content) > self.config.size_limit:
             return TOO_BIG
         if b"\x00" in content:
             return NUL_IN_DATA
-        if self._bare_newline_rejected() and re.search(rb"(?<!\r)\n", content):
+        if not plain and self._bare_newline_rejected() and re.search(rb"(?<!\r)\n", content):
             return self._bare_newline_reply()
         return None
 

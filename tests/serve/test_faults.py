@@ -392,7 +392,7 @@ async def test_exception_inside_the_server_is_a_451_without_details(
 ):
     original = Transaction.data
 
-    async def explode(self: Transaction, message: bytes) -> object:
+    async def explode(self: Transaction, message: bytes, plain: bool = False) -> object:
         raise RuntimeError("secret internal detail /etc/passwd")
 
     monkeypatch.setattr(Transaction, "data", explode)
