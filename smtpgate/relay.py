@@ -10,9 +10,10 @@ Theory of operation (Postfix ``smtpd_proxy_filter`` without ``speed_adjust``,
    one: connect (``smtp_connect_timeout``), greeting, EHLO ``$smtpd_proxy_ehlo``, STARTTLS
    per ``smtp_tls_security_level``, EHLO again; then XFORWARD with the attributes the
    backend's EHLO lists, and MAIL FROM with the client's parameters (when the backend
-   offers PIPELINING, the RSET probe, XFORWARD and MAIL go in one write and their replies
-   are judged in order, as in lock-step). Every RCPT is forwarded and the backend's reply
-   is the client's reply.
+   offers PIPELINING, the RSET probe, XFORWARD, MAIL and the first RCPT go in one write
+   and their replies are judged in order, as in lock-step; after a refused MAIL the
+   RCPT's reply, a 503, is read and dropped, as Postfix's own smtp client does). Every
+   RCPT is forwarded and the backend's reply is the client's reply.
 3. :meth:`Transaction.data` sends DATA, then the content with CRLF line ends and
    dot-stuffing (built here, never raw client bytes: no bare CR or LF, no unstuffed dot
    can reach the backend, see :func:`frame_data`), then the final dot; the backend's reply
@@ -1114,9 +1115,10 @@ class Transaction:
         or None (and self.reply) when MAIL was refused.
 
         A backend that offers PIPELINING gets the probe of a pooled connection (RSET),
-        XFORWARD and MAIL in one write; the replies are read and judged one by one, as in
-        lock-step. The RCPT follows once MAIL was accepted (none after a refused MAIL, as
-        in Postfix). A pooled connection whose RSET fails is replaced silently.
+        XFORWARD, MAIL and the RCPT in one write (RFC 2920; one round trip instead of
+        two); the replies are read and judged one by one, as in lock-step. After a
+        refused MAIL the RCPT's reply (a 503) is read and dropped, so that the connection
+        stays in step. A pooled connection whose RSET fails is replaced silently.
         """
         relay = self.relay
         timeout = relay.command_timeout
@@ -1139,7 +1141,8 @@ class Transaction:
                 return await self._open_lockstep(conn, address, rcpt_params)
             xforward = [line.encode("ascii").split(b" ") for line in self._xforward(conn)]
             mail = self._mail_args(conn)
-            group = [*([[b"RSET"]] if pooled else []), *xforward, mail]
+            rcpt = _rcpt_args(conn, address, rcpt_params)
+            group = [*([[b"RSET"]] if pooled else []), *xforward, mail, rcpt]
             _send_group(conn, group)
             try:
                 if pooled:
@@ -1152,14 +1155,18 @@ class Transaction:
                 for _ in xforward:
                     await _group_reply(conn, "XFORWARD", timeout, passthrough=False)
                 reply = await _group_reply(conn, "MAIL FROM", timeout)
+                if self._mail_done(conn, reply):
+                    return await _group_reply(conn, "RCPT TO", timeout)
+                # MAIL refused (self.reply is the client's answer): the RCPT got a 503.
+                try:
+                    await _group_reply(conn, "RCPT TO", timeout)
+                except _Fault:
+                    conn.close()  # out of step: not for the pool
             finally:
                 _end_group(conn)
-            # Not in the group: no RCPT may follow a refused MAIL (Postfix does not send it).
-            if not self._mail_done(conn, reply):
+            if conn.alive:
                 await relay.release(conn, rset=False)
-                return None
-            args = _rcpt_args(conn, address, rcpt_params)
-            return await _command(conn, "RCPT TO", args, timeout)
+            return None
 
     def _xforward(self, conn: _Connection) -> list[str]:
         return xforward_commands(self.client, conn.xforward)
