@@ -24,12 +24,12 @@ import logging
 import re
 import ssl
 import time
-from collections import Counter
+from collections import defaultdict
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any, NamedTuple
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, Session
 
 from smtpgate.anvil import Anvil, DataBudget
 from smtpgate.config import Settings
@@ -236,8 +236,8 @@ class GateProtocol(SMTP):
         self.policy: PolicySession | None = None
         self.client: ClientInfo | None = None
         self.txn: _Transaction | None = None
-        self.counts: Counter[str] = Counter()
-        self.successes: Counter[str] = Counter()
+        self.counts: defaultdict[str, int] = defaultdict(int)
+        self.successes: defaultdict[str, int] = defaultdict(int)
         self.esmtp = False
         self.tls_active = False
         self.closing = False
@@ -251,7 +251,7 @@ class GateProtocol(SMTP):
         self.anvil_address: str | None = None
         self.data_held = 0  # bytes of this session in the shared DataBudget
         self.last_input = time.monotonic()
-        self.input_seen = asyncio.Event()
+        self.input_seen: asyncio.Event | None = None  # made only for a greet pause
 
     def _init_aiosmtpd(self) -> None:
         """aiosmtpd's SMTP.__init__ without its per-connection cost.
@@ -299,10 +299,23 @@ class GateProtocol(SMTP):
 
     def data_received(self, data: bytes) -> None:
         self.last_input = time.monotonic()
-        self.input_seen.set()
+        if self.input_seen is not None:
+            self.input_seen.set()
         super().data_received(data)
 
     # -- connection events ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._original_transport is not None:  # the STARTTLS switch: aiosmtpd's work
+            super().connection_made(transport)
+            return
+        # A new connection: the part of aiosmtpd's connection_made that smtpgate uses
+        # (not its idle timer, log line or envelope: smtpgate keeps its own).
+        self.session = Session(self.loop)
+        self.session.peer = transport.get_extra_info("peername")
+        asyncio.StreamReaderProtocol.connection_made(self, transport)
+        self.transport = transport
+        self._handler_coroutine = self.loop.create_task(self._handle_client())
 
     def eof_received(self) -> bool | None:
         # aiosmtpd cancels the command loop here; let the reader see EOF instead, so a
@@ -508,8 +521,11 @@ class GateProtocol(SMTP):
             return
         # Input before the greeting (Postfix 3.9: "after CONNECT"), within the greet pause.
         if self.config.greet_pause > 0:
+            self.input_seen = seen = asyncio.Event()
+            if self._reader._buffer:  # type: ignore[attr-defined]
+                seen.set()
             try:
-                await asyncio.wait_for(self.input_seen.wait(), self.config.greet_pause)
+                await asyncio.wait_for(seen.wait(), self.config.greet_pause)
             except TimeoutError:
                 pass
         else:
@@ -1268,6 +1284,17 @@ Args = list[Token]
 _WHITE = " \t\n\v\f\r"
 
 
+# The usual command lines, split without the character loop (smtpd_tokens gives the
+# same words; tests/property checks that): words of printable ASCII other than <>"\:,
+# and MAIL FROM:/RCPT TO: with a <...> address free of those and of white space.
+_PLAIN_WORD = r"[!#-9;=?-\[\]-~]+"
+_PLAIN_COMMAND = re.compile(rf"[ \t]*({_PLAIN_WORD}(?:[ \t]+{_PLAIN_WORD})*)?[ \t]*")
+_PLAIN_MAIL_RCPT = re.compile(
+    rf"[ \t]*({_PLAIN_WORD})[ \t]+((?i:from|to):)[ \t]*(<[!#-9;=?-\[\]-~]*>)"
+    rf"((?:[ \t]+{_PLAIN_WORD})*)[ \t]*"
+)
+
+
 def smtpd_tokens(line: str) -> list[Token]:
     """Postfix's smtpd_token(): split a command line as smtpd does.
 
@@ -1275,6 +1302,18 @@ def smtpd_tokens(line: str) -> list[Token]:
     a backslash protects the next character; ``FROM:`` and ``TO:`` end a word, so
     ``MAIL FROM:<a@b>`` and ``mail from: a@b`` both give ``MAIL``, ``FROM:``, the address.
     """
+    plain = _PLAIN_COMMAND.fullmatch(line)
+    if plain is not None:
+        return [Token(word) for word in line.split()]
+    plain = _PLAIN_MAIL_RCPT.fullmatch(line)
+    if plain is not None:
+        verb, keyword, address, params = plain.groups()
+        return [Token(verb), Token(keyword), Token(address), *map(Token, params.split())]
+    return _smtpd_tokens(line)
+
+
+def _smtpd_tokens(line: str) -> list[Token]:
+    """smtpd_tokens for any line: the character loop."""
     tokens: list[Token] = []
     i, n = 0, len(line)
     while True:
@@ -1375,21 +1414,30 @@ def parse_address(text: str, *, allow_empty: bool, sloppy: bool = False) -> str 
         s = s[1:-1]
     if sloppy:
         s = s.removeprefix("<").removesuffix(">")
-    words = _address_words(s)
-    if words is None:
-        return None
-    address = _join_words(words)
-    if address is None:
-        return None
+    if _ADDRESS_SPECIAL.search(s) is None:
+        address = s  # one plain word (the usual address): nothing to unquote or join
+    else:
+        words = _address_words(s)
+        if words is None:
+            return None
+        joined = _join_words(words)
+        if joined is None:
+            return None
+        address = joined
+        if not address.startswith("@") and any("," in w for w, quoted in words if not quoted):
+            return None
     if address.startswith("@"):
         colon = address.find(":")
         if colon >= 0 and colon + 1 < len(address):
             address = address[colon + 1 :]
-    elif any("," in word for word, quoted in words if not quoted):
-        return None
     if address == "@" or not address and not allow_empty:
         return None
     return address
+
+
+# What makes an address more than one plain word: quoting, comments, white space,
+# brackets, separators (the set _address_words treats specially).
+_ADDRESS_SPECIAL = re.compile(r'[\\"()<>;,\s]')
 
 
 def _address_words(s: str) -> list[tuple[str, bool]] | None:

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,8 +57,12 @@ def valid_mailhost_addr(addr: str) -> bool:
     return valid_ipv4_hostaddr(addr)
 
 
+@functools.lru_cache(maxsize=4096)
 def valid_hostname(name: str) -> bool:
-    """Postfix's host name syntax: letters, digits, ``_`` and inner ``-``; not all-numeric."""
+    """Postfix's host name syntax: letters, digits, ``_`` and inner ``-``; not all-numeric.
+
+    Cached: the same few domains come back in every session.
+    """
     if not name or len(name) > VALID_HOSTNAME_LEN:
         return False
     label_length = 0

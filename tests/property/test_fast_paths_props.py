@@ -1,0 +1,69 @@
+"""The command-line fast paths give what the character loops give.
+
+``smtpd_tokens`` and ``parse_address`` split the usual lines (``MAIL FROM:<a@b>``,
+``HELO name``, a plain address) with a regex; anything else goes through Postfix's
+character-by-character rules. On arbitrary lines made of the characters that matter,
+both ways must agree.
+"""
+
+from __future__ import annotations
+
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from smtpgate import smtpd
+from smtpgate.smtpd import _address_words, _join_words, _smtpd_tokens, parse_address, smtpd_tokens
+
+PIECES = st.sampled_from(
+    ["MAIL", "rcpt", " ", "\t", "  ", "FROM:", "from:", "TO:", "to:", ":", "<", ">", '"', "\\",
+     "a", "b@c.d", "@", ",", ";", "(", ")", "SIZE=10", "\x0b", "\x1c", "é", ".", "="]
+)  # fmt: skip
+LINES = st.lists(PIECES, max_size=12).map("".join)
+
+
+@given(LINES)
+@example("MAIL FROM:<someone@qq.com>")
+@example("RCPT TO: <foo@bar.org> NOTIFY=NEVER")
+@example("mail from:<>")
+@example("HELO client.example")
+@example("MAIL FROM:<a@b>SIZE=1")
+@example("MAIL FROM:<a b@c>")
+def test_tokens_fast_path_equals_the_loop(line: str) -> None:
+    assert smtpd_tokens(line) == _smtpd_tokens(line)
+
+
+def _slow_parse(text: str, allow_empty: bool) -> str | None:
+    s = text
+    while len(s) >= 2 and s[0] == "<" and s[-1] == ">":
+        s = s[1:-1]
+    words = _address_words(s)
+    if words is None:
+        return None
+    address = _join_words(words)
+    if address is None:
+        return None
+    if address.startswith("@"):
+        colon = address.find(":")
+        if colon >= 0 and colon + 1 < len(address):
+            address = address[colon + 1 :]
+    elif any("," in word for word, quoted in words if not quoted):
+        return None
+    if address == "@" or not address and not allow_empty:
+        return None
+    return address
+
+
+@given(LINES, st.booleans())
+@example("<someone@qq.com>", False)
+@example("<>", True)
+@example("<@a,@b:c@d>", False)
+@example("<a,b@c>", False)
+def test_address_fast_path_equals_the_loop(text: str, allow_empty: bool) -> None:
+    assert parse_address(text, allow_empty=allow_empty) == _slow_parse(text, allow_empty)
+
+
+def test_the_fast_paths_are_taken() -> None:
+    """The usual lines do match the fast patterns (else the fast path is dead code)."""
+    assert smtpd._PLAIN_COMMAND.fullmatch("HELO client.example")
+    assert smtpd._PLAIN_MAIL_RCPT.fullmatch("MAIL FROM:<someone@qq.com> SIZE=100")
+    assert smtpd._ADDRESS_SPECIAL.search("someone@qq.com") is None
