@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -163,11 +163,12 @@ def ip_keys(address: str) -> list[Key]:
     return keys
 
 
-def address_keys(address: str, delimiters: str, parent_style: bool) -> list[Key]:
+@functools.lru_cache(maxsize=4096)
+def address_keys(address: str, delimiters: str, parent_style: bool) -> Sequence[Key]:
     """access(5) keys for a mail address, in Postfix's order.
 
     ``user+ext@domain``, ``user@domain``, ``domain`` and its parents, ``user+ext@``,
-    ``user@``.  Only the first key is a full key.
+    ``user@``.  Only the first key is a full key.  Cached, so read-only.
     """
     low = address.lower()
     local, domain = split_address(low)
@@ -181,7 +182,7 @@ def address_keys(address: str, delimiters: str, parent_style: bool) -> list[Key]
     keys.append((f"{local}@", True))
     if bare is not None:
         keys.append((f"{bare}@", True))
-    return keys
+    return tuple(keys)
 
 
 class AddressClass(StrEnum):

@@ -24,6 +24,7 @@ Rules kept from Postfix, in the order a reader meets them:
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 
 from smtpgate.errors import TableLookupError, TableUnavailableError
 from smtpgate.policy import model, restrictions  # noqa: F401  (registers restrictions)
@@ -156,7 +157,7 @@ class Checker:
     def check_access(
         self,
         table: Table,
-        keys: list[tuple[str, bool]],
+        keys: Sequence[tuple[str, bool]],
         datum: str,
         reply_name: str,
         reply_class: str,

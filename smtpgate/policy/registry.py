@@ -9,7 +9,7 @@ a known-but-unimplemented restriction work; until then ``check`` says so.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -49,7 +49,7 @@ class Ctx(Protocol):
     def check_access(
         self,
         table: Table,
-        keys: list[tuple[str, bool]],
+        keys: Sequence[tuple[str, bool]],
         datum: str,
         reply_name: str,
         reply_class: str,

@@ -64,7 +64,7 @@ from smtpgate.policy.address import (
     ],
 )
 def test_address_keys(address, delim, parent, expected):
-    assert address_keys(address, delim, parent) == expected
+    assert list(address_keys(address, delim, parent)) == expected
 
 
 def test_domain_keys_stop_at_numeric_hosts():
