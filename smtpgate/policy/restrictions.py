@@ -43,7 +43,9 @@ from smtpgate.policy.dnsbl import (
 from smtpgate.policy.dsn import smtpd_dsn_fix
 from smtpgate.policy.model import (
     CLIENT,
+    DUNNO,
     HELO,
+    OK,
     RECIPIENT,
     REV_CLIENT,
     SENDER,
@@ -61,7 +63,7 @@ if TYPE_CHECKING:
 
 @restriction("permit")
 def permit(ctx: Ctx, arg: None, reply_name: str, reply_class: str) -> Status:
-    return Status.OK
+    return OK
 
 
 @restriction("reject")
@@ -92,7 +94,7 @@ def defer_if_permit(ctx: Ctx, arg: None, reply_name: str, reply_class: str) -> S
         "4.7.0",
         f"<{reply_name}>: {reply_class} rejected: defer_if_permit requested",
     )
-    return Status.DUNNO
+    return DUNNO
 
 
 @restriction("defer_if_reject")
@@ -103,7 +105,7 @@ def defer_if_reject(ctx: Ctx, arg: None, reply_name: str, reply_class: str) -> S
         "4.7.0",
         f"<{reply_name}>: {reply_class} rejected: defer_if_reject requested",
     )
-    return Status.DUNNO
+    return DUNNO
 
 
 @restriction("reject_unauth_pipelining")
@@ -116,13 +118,13 @@ def reject_unauth_pipelining(ctx: Ctx, arg: None, reply_name: str, reply_class: 
             "5.5.0",
             f"<{reply_name}>: {reply_class} rejected: Improper use of SMTP command pipelining",
         )
-    return Status.DUNNO
+    return DUNNO
 
 
 @restriction("permit_sasl_authenticated")
 def permit_sasl_authenticated(ctx: Ctx, arg: None, reply_name: str, reply_class: str) -> Status:
     # smtpgate offers no AUTH (smtpd_sasl_auth_enable = no): nobody is authenticated.
-    return Status.DUNNO
+    return DUNNO
 
 
 # -- client ----------------------------------------------------------------------------
@@ -134,7 +136,7 @@ def permit_mynetworks(ctx: Ctx, arg: None, reply_name: str, reply_class: str) ->
         matched = ctx.plan.mynetworks.match(ctx.state.client.address)
     except TableLookupError:
         return ctx.lookup_failed(ctx.state.client.namaddr)
-    return Status.OK if matched else Status.DUNNO
+    return OK if matched else DUNNO
 
 
 def _namadr_access(ctx: Ctx, table: Table, name: str, reply_class: str) -> Status:
@@ -162,14 +164,14 @@ def check_reverse_client_hostname_access(
 def check_helo_access(ctx: Ctx, table: Table, reply_name: str, reply_class: str) -> Status:
     helo = ctx.state.helo_name
     if helo is None:
-        return Status.DUNNO
+        return DUNNO
     return ctx.check_access(table, domain_keys(helo, ctx.plan.parent_style), helo, helo, HELO)
 
 
 def _reject_invalid_hostaddr(ctx: Ctx, addr: str, reply_name: str, reply_class: str) -> Status:
     inner = addr[1:-1] if len(addr) > 2 and addr[0] == "[" and addr[-1] == "]" else addr
     if valid_mailhost_addr(inner):
-        return Status.DUNNO
+        return DUNNO
     return ctx.reject(
         ErrorClass.POLICY,
         ctx.plan.codes["invalid_hostname_reject_code"],
@@ -182,12 +184,12 @@ def _reject_invalid_hostaddr(ctx: Ctx, addr: str, reply_name: str, reply_class: 
 def reject_invalid_helo_hostname(ctx: Ctx, arg: None, reply_name: str, reply_class: str) -> Status:
     helo = ctx.state.helo_name
     if helo is None:
-        return Status.DUNNO
+        return DUNNO
     if helo.startswith("["):
         return _reject_invalid_hostaddr(ctx, helo, helo, HELO)
     name = dup_if_truncate(helo)
     if valid_hostname(name) or valid_hostaddr(name):
-        return Status.DUNNO
+        return DUNNO
     return ctx.reject(
         ErrorClass.POLICY,
         ctx.plan.codes["invalid_hostname_reject_code"],
@@ -200,12 +202,12 @@ def reject_invalid_helo_hostname(ctx: Ctx, arg: None, reply_name: str, reply_cla
 def reject_non_fqdn_helo_hostname(ctx: Ctx, arg: None, reply_name: str, reply_class: str) -> Status:
     helo = ctx.state.helo_name
     if helo is None:
-        return Status.DUNNO
+        return DUNNO
     if helo.startswith("["):
         return _reject_invalid_hostaddr(ctx, helo, helo, HELO)
     name = dup_if_truncate(helo)
     if valid_hostname(name) and "." in name:
-        return Status.DUNNO
+        return DUNNO
     return ctx.reject(
         ErrorClass.POLICY,
         ctx.plan.codes["non_fqdn_reject_code"],
@@ -222,7 +224,7 @@ def _mail_access(ctx: Ctx, table: Table, addr: str, reply_class: str) -> Status:
     plan = ctx.plan
     resolved = plan.resolver.resolve(addr)
     if "@" not in resolved.address:
-        return Status.DUNNO
+        return DUNNO
     keys = address_keys(resolved.address, plan.recipient_delimiter, plan.parent_style)
     suspicious = not plan.allow_untrusted_routing and resolved.routed and reply_class == RECIPIENT
     return ctx.check_access(table, keys, resolved.address, addr, reply_class, suspicious)
@@ -232,7 +234,7 @@ def _mail_access(ctx: Ctx, table: Table, addr: str, reply_class: str) -> Status:
 def check_sender_access(ctx: Ctx, table: Table, reply_name: str, reply_class: str) -> Status:
     sender = ctx.state.sender
     if sender is None:
-        return Status.DUNNO
+        return DUNNO
     if sender:
         return _mail_access(ctx, table, sender, SENDER)
     key = ctx.plan.null_access_lookup_key
@@ -243,7 +245,7 @@ def check_sender_access(ctx: Ctx, table: Table, reply_name: str, reply_class: st
 def check_recipient_access(ctx: Ctx, table: Table, reply_name: str, reply_class: str) -> Status:
     rcpt = ctx.state.recipient
     if rcpt is None:
-        return Status.DUNNO
+        return DUNNO
     return _mail_access(ctx, table, rcpt, RECIPIENT)
 
 
@@ -252,10 +254,10 @@ def _reject_non_fqdn_address(ctx: Ctx, addr: str, reply_class: str) -> Status:
     if "@" not in addr:
         domain = ""
     if domain.startswith("[") and domain.endswith("]"):
-        return Status.DUNNO
+        return DUNNO
     test = dup_if_truncate(domain)
     if test and valid_hostname(test) and "." in test:
-        return Status.DUNNO
+        return DUNNO
     return ctx.reject(
         ErrorClass.POLICY,
         ctx.plan.codes["non_fqdn_reject_code"],
@@ -268,7 +270,7 @@ def _reject_non_fqdn_address(ctx: Ctx, addr: str, reply_class: str) -> Status:
 def reject_non_fqdn_sender(ctx: Ctx, arg: None, reply_name: str, reply_class: str) -> Status:
     sender = ctx.state.sender
     if not sender:
-        return Status.DUNNO
+        return DUNNO
     return _reject_non_fqdn_address(ctx, sender, SENDER)
 
 
@@ -276,7 +278,7 @@ def reject_non_fqdn_sender(ctx: Ctx, arg: None, reply_name: str, reply_class: st
 def reject_non_fqdn_recipient(ctx: Ctx, arg: None, reply_name: str, reply_class: str) -> Status:
     rcpt = ctx.state.recipient
     if rcpt is None:
-        return Status.DUNNO
+        return DUNNO
     return _reject_non_fqdn_address(ctx, rcpt, RECIPIENT)
 
 
@@ -302,20 +304,20 @@ def check_rcpt_maps(ctx: Ctx, addr: str, reply_class: str) -> Status:
     """Reject an address of a local or relay domain that its recipient tables lack."""
     plan = ctx.plan
     resolved = plan.resolver.resolve(addr)
-    local = resolved.klass.value == "local"
+    local = resolved.klass == "local"  # a StrEnum: no .value (a descriptor call in 3.11)
     maps = plan.local_recipient_maps if local else plan.relay_recipient_maps
-    if resolved.klass.value not in ("local", "relay") or maps is None:
-        return Status.DUNNO
+    if resolved.klass not in ("local", "relay") or maps is None:
+        return DUNNO
     localpart = split_address(resolved.address)[0]
     if local and localpart.lower() in _NEVER_UNKNOWN:
-        return Status.DUNNO
+        return DUNNO
     title = "local recipient table" if local else "relay recipient table"
     try:
         for i, key in enumerate(_rcpt_map_keys(resolved.address, plan.recipient_delimiter, local)):
             value = maps.find(key, partial=i > 0)
             ctx.note(maps.title, key, "not found" if value is None else "found")
             if value is not None:
-                return Status.DUNNO
+                return DUNNO
     except TableLookupError:
         return ctx.lookup_failed(addr)
     code = plan.codes[
@@ -334,7 +336,7 @@ def check_rcpt_maps(ctx: Ctx, addr: str, reply_class: str) -> Status:
 def reject_unlisted_sender(ctx: Ctx, arg: None, reply_name: str, reply_class: str) -> Status:
     st = ctx.state
     if not st.sender or st.sender_rcptmap_checked:
-        return Status.DUNNO
+        return DUNNO
     st.sender_rcptmap_checked = True
     return check_rcpt_maps(ctx, st.sender, SENDER)
 
@@ -343,7 +345,7 @@ def reject_unlisted_sender(ctx: Ctx, arg: None, reply_name: str, reply_class: st
 def reject_unlisted_recipient(ctx: Ctx, arg: None, reply_name: str, reply_class: str) -> Status:
     st = ctx.state
     if not st.recipient or st.recipient_rcptmap_checked:
-        return Status.DUNNO
+        return DUNNO
     st.recipient_rcptmap_checked = True
     return check_rcpt_maps(ctx, st.recipient, RECIPIENT)
 
@@ -364,22 +366,22 @@ def _auth_destination(ctx: Ctx, recipient: str) -> bool:
     if not plan.allow_untrusted_routing and resolved.routed:
         ctx.note("resolve", resolved.address, "source-routed: not an authorized destination")
         return False
-    ctx.note("resolve", resolved.address, f"class {resolved.klass.value}")
-    return resolved.klass.value in ("local", "relay")
+    ctx.note("resolve", resolved.address, f"class {resolved.klass}")
+    return resolved.klass in ("local", "relay")
 
 
 @restriction("permit_auth_destination")
 def permit_auth_destination(ctx: Ctx, arg: None, reply_name: str, reply_class: str) -> Status:
     rcpt = ctx.state.recipient
     if rcpt is None:
-        return Status.DUNNO
-    return Status.OK if _auth_destination(ctx, rcpt) else Status.DUNNO
+        return DUNNO
+    return OK if _auth_destination(ctx, rcpt) else DUNNO
 
 
 def _unauth_destination(ctx: Ctx, code: int, dsn: str) -> Status:
     rcpt = ctx.state.recipient
     if rcpt is None or _auth_destination(ctx, rcpt):
-        return Status.DUNNO
+        return DUNNO
     return ctx.reject(ErrorClass.POLICY, code, dsn, f"<{rcpt}>: Relay access denied")
 
 
@@ -404,7 +406,7 @@ def reject_multi_recipient_bounce(ctx: Ctx, arg: None, reply_name: str, reply_cl
             "5.5.3",
             f"<{reply_name}>: {reply_class} rejected: Multi-recipient bounce",
         )
-    return Status.DUNNO
+    return DUNNO
 
 
 # -- DNS (issue 6) ------------------------------------------------------------------------
@@ -476,7 +478,7 @@ def _tempfail(ctx: Ctx, action: str, code: int, dsn: str, text: str) -> Status:
     """Postfix DEFER_IF_PERMIT2(action, ...): a saved deferral, or an immediate one."""
     if action == "defer_if_permit":
         ctx.defer_if_permit(ErrorClass.POLICY, code, dsn, text)
-        return Status.DUNNO
+        return DUNNO
     return ctx.reject(ErrorClass.POLICY, code, dsn, text)
 
 
@@ -489,7 +491,7 @@ def reject_unknown_client_hostname(
 ) -> Status:
     client = ctx.state.client
     if client.name_status == "ok":
-        return Status.DUNNO
+        return DUNNO
     code = 450 if client.name_status == "temp" else ctx.plan.codes["unknown_client_reject_code"]
     return ctx.reject(
         ErrorClass.POLICY,
@@ -505,7 +507,7 @@ def reject_unknown_reverse_client_hostname(
 ) -> Status:
     client = ctx.state.client
     if client.reverse_name_status == "ok":
-        return Status.DUNNO
+        return DUNNO
     perm = client.reverse_name_status != "temp"
     return ctx.reject(
         ErrorClass.POLICY,
@@ -521,7 +523,7 @@ def reject_unknown_reverse_client_hostname(
 async def _reject_unknown_hostname(ctx: Ctx, name: str, reply_name: str, klass: str) -> Status:
     status = await _dns_lookup_l(ctx, name, ("A", "AAAA", "MX"), {_Dns.OK})
     if status in (_Dns.OK, _Dns.NULLMX):  # MTA names may have a null MX
-        return Status.DUNNO
+        return DUNNO
     if status is not _Dns.RETRY:
         why = "Malformed DNS server reply" if status is _Dns.INVAL else "Host not found"
         return ctx.reject(
@@ -545,7 +547,7 @@ async def reject_unknown_helo_hostname(
 ) -> Status:
     helo = ctx.state.helo_name
     if helo is None:
-        return Status.DUNNO
+        return DUNNO
     if helo.startswith("["):
         return _reject_invalid_hostaddr(ctx, helo, helo, HELO)
     return await _reject_unknown_hostname(ctx, helo, helo, HELO)
@@ -556,7 +558,7 @@ async def _reject_unknown_mailhost(ctx: Ctx, name: str, reply_name: str, klass: 
     stop = {_Dns.OK, _Dns.INVAL, _Dns.NULLMX}
     status = await _dns_lookup_l(ctx, name, ("MX", "A", "AAAA"), stop)
     if status is _Dns.OK:
-        return Status.DUNNO
+        return DUNNO
     sender = klass == SENDER
     if status is _Dns.NULLMX:
         return ctx.reject(
@@ -590,10 +592,10 @@ async def _reject_unknown_address(ctx: Ctx, addr: str, klass: str) -> Status:
     except TableLookupError:
         return ctx.lookup_failed(addr)
     if "@" not in resolved.address:
-        return Status.DUNNO
+        return DUNNO
     domain = resolved.address.rpartition("@")[2]
     if resolved.final or (domain.startswith("[") and domain.endswith("]")):
-        return Status.DUNNO
+        return DUNNO
     return await _reject_unknown_mailhost(ctx, domain, addr, klass)
 
 
@@ -603,7 +605,7 @@ async def reject_unknown_sender_domain(
 ) -> Status:
     sender = ctx.state.sender
     if not sender:
-        return Status.DUNNO
+        return DUNNO
     return await _reject_unknown_address(ctx, sender, SENDER)
 
 
@@ -613,7 +615,7 @@ async def reject_unknown_recipient_domain(
 ) -> Status:
     rcpt = ctx.state.recipient
     if rcpt is None:
-        return Status.DUNNO
+        return DUNNO
     return await _reject_unknown_address(ctx, rcpt, RECIPIENT)
 
 
@@ -665,7 +667,7 @@ def _zone(ctx: Ctx, text: str) -> Zone:
 def _rbl_tempfail(ctx: Ctx, what: str, reply_class: str) -> Status:
     action = ctx.plan.dns.rbl_tempfail_action
     if action == "dunno":
-        return Status.DUNNO
+        return DUNNO
     return _tempfail(
         ctx, action, 450, "4.7.1", f"<{what}>: {reply_class} rejected: Service unavailable"
     )
@@ -754,7 +756,7 @@ async def _reject_rbl_addr(ctx: Ctx, zone_text: str, addr: str, reply_class: str
     if listing.kind == "soft":
         return _rbl_tempfail(ctx, addr, reply_class)
     if listing.kind == "none":
-        return Status.DUNNO
+        return DUNNO
     return _rbl_reject_reply(ctx, zone, addr, reply_class, listing.reason)
 
 
@@ -764,7 +766,7 @@ async def _reject_rbl_domain(ctx: Ctx, zone_text: str, what: str, reply_class: s
     if listing.kind == "soft":
         return _rbl_tempfail(ctx, what, reply_class)
     if listing.kind == "none":
-        return Status.DUNNO
+        return DUNNO
     return _rbl_reject_reply(ctx, zone, what, reply_class, listing.reason)
 
 
@@ -772,14 +774,14 @@ async def _permit_dnswl(ctx: Ctx, zone: Zone, query: str | None, what: str, klas
     st = ctx.state
     # Safety: never allowlist a recipient we would not relay for.
     if st.where == "RCPT" and st.recipient is not None and not _auth_destination(ctx, st.recipient):
-        return Status.DUNNO
+        return DUNNO
     listing = await _find_dnsxl(ctx, zone, query)
     if listing.kind == "soft":
         ctx.defer_if_reject(
             ErrorClass.POLICY, 450, "4.7.1", f"<{what}>: {klass} rejected: Service unavailable"
         )
-        return Status.DUNNO
-    return Status.OK if listing.kind == "listed" else Status.DUNNO
+        return DUNNO
+    return OK if listing.kind == "listed" else DUNNO
 
 
 @restriction("reject_rbl_client", "reject_rbl", arg="zone")
@@ -798,7 +800,7 @@ async def permit_dnswl_client(ctx: Ctx, zone: str, reply_name: str, reply_class:
 async def reject_rhsbl_client(ctx: Ctx, zone: str, reply_name: str, reply_class: str) -> Status:
     name = ctx.state.client.name
     if name.lower() == "unknown":
-        return Status.DUNNO
+        return DUNNO
     return await _reject_rbl_domain(ctx, zone, name, CLIENT)
 
 
@@ -806,7 +808,7 @@ async def reject_rhsbl_client(ctx: Ctx, zone: str, reply_name: str, reply_class:
 async def permit_rhswl_client(ctx: Ctx, zone: str, reply_name: str, reply_class: str) -> Status:
     name = ctx.state.client.name
     if name.lower() == "unknown":
-        return Status.DUNNO
+        return DUNNO
     parsed = _zone(ctx, zone)
     return await _permit_dnswl(ctx, parsed, domain_query(name, parsed), name, CLIENT)
 
@@ -817,7 +819,7 @@ async def reject_rhsbl_reverse_client(
 ) -> Status:
     name = ctx.state.client.reverse_name
     if name.lower() == "unknown":
-        return Status.DUNNO
+        return DUNNO
     return await _reject_rbl_domain(ctx, zone, name, REV_CLIENT)
 
 
@@ -825,7 +827,7 @@ async def reject_rhsbl_reverse_client(
 async def reject_rhsbl_helo(ctx: Ctx, zone: str, reply_name: str, reply_class: str) -> Status:
     helo = ctx.state.helo_name
     if helo is None:
-        return Status.DUNNO
+        return DUNNO
     return await _reject_rbl_domain(ctx, zone, helo, HELO)
 
 
@@ -833,7 +835,7 @@ async def reject_rhsbl_helo(ctx: Ctx, zone: str, reply_name: str, reply_class: s
 async def reject_rhsbl_sender(ctx: Ctx, zone: str, reply_name: str, reply_class: str) -> Status:
     sender = ctx.state.sender
     if not sender:
-        return Status.DUNNO
+        return DUNNO
     return await _reject_rbl_domain(ctx, zone, sender, SENDER)
 
 
@@ -841,7 +843,7 @@ async def reject_rhsbl_sender(ctx: Ctx, zone: str, reply_name: str, reply_class:
 async def reject_rhsbl_recipient(ctx: Ctx, zone: str, reply_name: str, reply_class: str) -> Status:
     rcpt = ctx.state.recipient
     if rcpt is None:
-        return Status.DUNNO
+        return DUNNO
     return await _reject_rbl_domain(ctx, zone, rcpt, RECIPIENT)
 
 
@@ -904,10 +906,10 @@ async def _check_server_access(
         domain = name
     if domain.startswith("["):
         if rdtype not in ("A", "MX") or not domain.endswith("]"):
-            return Status.DUNNO
+            return DUNNO
         inner = domain[1:-1]
         if not valid_mailhost_addr(inner):
-            return Status.DUNNO
+            return DUNNO
         bare = inner[5:] if inner[:5].lower() == "ipv6:" else inner
         return ctx.check_access(table, ip_keys(bare), bare, reply_name, reply_class)
     domain = _ascii(domain)
@@ -915,13 +917,13 @@ async def _check_server_access(
     for server in servers or ():
         if valid_hostaddr(server):
             status = ctx.check_access(table, ip_keys(server), server, reply_name, reply_class)
-            if status is not Status.DUNNO or ctx.found:
+            if status is not DUNNO or ctx.found:
                 return status
             continue
         if rdtype != "A":
             keys = domain_keys(server, ctx.plan.parent_style)
             status = ctx.check_access(table, keys, server, reply_name, reply_class)
-            if status is not Status.DUNNO or ctx.found:
+            if status is not DUNNO or ctx.found:
                 return status
         addrs, why = await _host_addresses(ctx, server)
         if not addrs and rdtype != "A":
@@ -930,14 +932,14 @@ async def _check_server_access(
             )
         for addr in addrs:
             status = ctx.check_access(table, ip_keys(addr), addr, reply_name, reply_class)
-            if status is not Status.DUNNO or ctx.found:
+            if status is not DUNNO or ctx.found:
                 return status
-    return Status.DUNNO
+    return DUNNO
 
 
 def _forbid_allowlist(ctx: Ctx, name: str, status: Status, target: str) -> Status:
     """Postfix forbid_allowlist(): these checks may reject, never permit."""
-    if not ctx.state.discard and status is Status.OK:
+    if not ctx.state.discard and status is OK:
         ctx.warn(f"restriction {name} returns OK for {target}")
         ctx.warn("this is not allowed for security reasons")
         return ctx.config_error("use DUNNO instead of OK if you want to make an exception")
@@ -970,7 +972,7 @@ def _register_server_check(subject: str, kind: str) -> None:
     async def check(ctx: Ctx, table: Table, reply_name: str, reply_class: str) -> Status:
         facts = _server_subject(ctx, subject)
         if facts is None:
-            return Status.DUNNO
+            return DUNNO
         name, rname, klass = facts
         status = await _check_server_access(ctx, table, name, rdtype, rname, klass)
         target = name if subject != "client" else ctx.state.client.name

@@ -13,9 +13,11 @@ from smtpgate.policy.engine import Checker
 from smtpgate.policy.model import (
     CLIENT,
     DATA,
+    DUNNO,
     EOD,
     HELO,
     RECIPIENT,
+    REJECT,
     SENDER,
     ClientInfo,
     Decision,
@@ -32,6 +34,9 @@ ACCEPT_REPLIES = {
     Stage.RCPT: Reply(250, "2.1.5", "Ok"),
     Stage.DATA: Reply(354, "", "End data with <CR><LF>.<CR><LF>"),
 }
+
+
+_WHERE = {stage: stage.value for stage in Stage}  # without a descriptor call per command
 
 
 class PolicySession:
@@ -55,12 +60,12 @@ class PolicySession:
     def _checker(self, stage: Stage) -> Checker:
         checker = Checker(self.plan, self.state, self.resolver, self.trace)
         checker.stage = stage
-        self.state.where = stage.value
+        self.state.where = _WHERE[stage]
         self.state.error = None
         return checker
 
     def _decision(self, checker: Checker, stage: Stage, status: Status) -> Decision:
-        reply = self.state.error if status is Status.REJECT else None
+        reply = self.state.error if status is REJECT else None
         return Decision(stage, reply, checker.steps, checker.logs)
 
     def _denied(self, stage: Stage) -> Decision | None:
@@ -82,7 +87,7 @@ class PolicySession:
     async def _check_helo(self, c: Checker, helo: str | None) -> Status:
         st = self.state
         if helo is None:
-            return Status.DUNNO
+            return DUNNO
         saved, st.helo_name = st.helo_name, helo
         try:
             st.defer_if_permit.active = st.defer_if_permit_client
@@ -97,7 +102,7 @@ class PolicySession:
     async def _check_mail(self, c: Checker, sender: str | None) -> Status:
         st = self.state
         if sender is None:
-            return Status.DUNNO
+            return DUNNO
         saved, st.sender = st.sender, sender
         try:
             st.defer_if_permit.active = st.defer_if_permit_client or st.defer_if_permit_helo
@@ -108,7 +113,7 @@ class PolicySession:
             st.defer_if_permit_sender = st.defer_if_permit.active
             if (
                 self.plan.reject_unlisted_sender
-                and status is not Status.REJECT
+                and status is not REJECT
                 and not st.sender_rcptmap_checked
                 and not st.discard
                 and sender
@@ -144,7 +149,7 @@ class PolicySession:
         self.reset()
         if not self.plan.delay_reject:
             status = await self._check_helo(c, name)
-            if status is Status.REJECT:
+            if status is REJECT:
                 return self._decision(c, Stage.HELO, status)
         self.state.helo_name = name
         return Decision(Stage.HELO, None, c.steps, c.logs)
@@ -160,7 +165,7 @@ class PolicySession:
         c = self._checker(Stage.MAIL)
         if not self.plan.delay_reject:
             status = await self._check_mail(c, sender)
-            if status is Status.REJECT:
+            if status is REJECT:
                 return self._decision(c, Stage.MAIL, status)
         self.state.sender = sender
         return Decision(Stage.MAIL, None, c.steps, c.logs)
@@ -185,7 +190,7 @@ class PolicySession:
             status = await self._rcpt_checks(c, recipient)
         finally:
             st.recipient = None
-        if status is Status.REJECT:
+        if status is REJECT:
             return self._decision(c, Stage.RCPT, status)
         return self._accept_rcpt(c, recipient)
 
@@ -204,27 +209,27 @@ class PolicySession:
         plan = self.plan
         if plan.delay_reject:
             if (
-                await self._check_client(c) is Status.REJECT
-                or await self._check_helo(c, st.helo_name) is Status.REJECT
-                or await self._check_mail(c, st.sender) is Status.REJECT
+                await self._check_client(c) is REJECT
+                or await self._check_helo(c, st.helo_name) is REJECT
+                or await self._check_mail(c, st.sender) is REJECT
             ):
-                return Status.REJECT
+                return REJECT
         st.defer_if_permit.active = st.defer_if_permit_sender
         order = ["smtpd_relay_restrictions", "smtpd_recipient_restrictions"]
         if not plan.relay_before_recipient:
             order.reverse()
-        status = Status.DUNNO
+        status = DUNNO
         for parameter in order:
             c.note(parameter, recipient, "evaluate")
             status = await c.run_list(plan.stage_list(parameter), recipient, RECIPIENT)
-            if status is Status.REJECT:
+            if status is REJECT:
                 break
-        if status is not Status.REJECT and st.defer_if_permit.active:
+        if status is not REJECT and st.defer_if_permit.active:
             saved = st.defer_if_permit
             status = c.reject(saved.error_class, saved.code, saved.dsn, saved.text)
         if (
             plan.reject_unlisted_recipient
-            and status is not Status.REJECT
+            and status is not REJECT
             and not st.recipient_rcptmap_checked
             and not st.discard
         ):
@@ -243,7 +248,7 @@ class PolicySession:
             st.defer_if_permit.active = False
             c.note(parameter, name, "evaluate")
             status = await c.run_list(self.plan.stage_list(parameter), name, klass)
-            if status is not Status.REJECT and st.defer_if_permit.active:
+            if status is not REJECT and st.defer_if_permit.active:
                 saved = st.defer_if_permit
                 status = c.reject(saved.error_class, saved.code, saved.dsn, saved.text)
         finally:
