@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import re
@@ -306,8 +307,12 @@ def _printable(text: str) -> str:
 def reply_from_response(response: SMTPResponse) -> Reply:
     """A backend reply as a :class:`Reply`: code, enhanced code (when every line has the
     same one), text with non-printable characters censored to ``?``; lines kept."""
-    code = response.code
-    lines = [_printable(line) for line in response.message.split("\n")]
+    return _reply(response.code, response.message)
+
+
+@functools.lru_cache(maxsize=1024)  # backends say "250 2.1.5 Ok" again and again
+def _reply(code: int, message: str) -> Reply:
+    lines = [_printable(line) for line in message.split("\n")]
     first = lines[0].split(" ", 1)[0]
     if (
         _DSN.fullmatch(first)
