@@ -19,10 +19,13 @@ whenever no more input is waiting, so a client that waits for each reply gets it
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import logging
 import re
 import ssl
+import sys
+import termios
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -528,13 +531,25 @@ class GateProtocol(SMTP):
                 await asyncio.wait_for(seen.wait(), self.config.greet_pause)
             except TimeoutError:
                 pass
-        else:
-            await asyncio.sleep(0)
+        elif not self._reader._buffer and self._unread_input():  # type: ignore[attr-defined]
+            await asyncio.sleep(0)  # let the loop read it, to log it as Postfix does
         if self._improper_pipelining("CONNECT") and self.config.forbid_unauth_pipelining:
             await self._send(SYNC_ERROR)
             return
         await self._send(decision.reply or Reply(220, "", self.config.banner))
         await self._flush(force=True)
+
+    def _unread_input(self) -> bool:
+        """Whether the client sent bytes the event loop has not read yet (Postfix peeks at
+        the socket the same way before its greeting: FIONREAD, no waiting)."""
+        sock = self.transport.get_extra_info("socket") if self.transport else None
+        if sock is None:
+            return False
+        try:
+            count = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        except (OSError, ValueError):
+            return False
+        return int.from_bytes(count, sys.byteorder) > 0
 
     def _improper_pipelining(self, command: str) -> bool:
         """Log the first input sent ahead of time, as smtpd_proto() does; True if pending.
