@@ -474,12 +474,11 @@ class GateProtocol(SMTP):
         """
         cfg, shared, client = self.config, self.shared, self.client
         assert client is not None
-        refuse = Reply(
-            421,
-            "4.7.0",
-            f"{cfg.hostname} Error: too many connections from {client.address}",
-            disconnect=True,
-        )
+
+        def refuse() -> Reply:
+            text = f"{cfg.hostname} Error: too many connections from {client.address}"
+            return Reply(421, "4.7.0", text, disconnect=True)
+
         try:
             exceptions = cfg.limit_exceptions
             self.excepted = exceptions is not None and exceptions.match(client.address)
@@ -493,7 +492,7 @@ class GateProtocol(SMTP):
                 f"Connection limit exceeded: {total} (smtpgate_connection_limit) from "
                 f"{self._namaddr} for service {self._service()}"
             )
-            await self._send(refuse)
+            await self._send(refuse())
             return False
         self.anvil_address = client.address
         count, rate = shared.anvil.connect(client.address, cfg.rate_time_unit)
@@ -502,14 +501,14 @@ class GateProtocol(SMTP):
                 f"Connection concurrency limit exceeded: {count} from {self._namaddr} "
                 f"for service {self._service()}"
             )
-            await self._send(refuse)
+            await self._send(refuse())
             return False
         if cfg.connection_rate_limit and rate > cfg.connection_rate_limit:
             shared.maillog.warning(
                 f"Connection rate limit exceeded: {rate} from {self._namaddr} "
                 f"for service {self._service()}"
             )
-            await self._send(refuse)
+            await self._send(refuse())
             return False
         return True
 
@@ -1023,7 +1022,7 @@ class GateProtocol(SMTP):
             f"Received: from {helo} ({self.client.name} [{self.client.address}])",
             f"\tby {self.config.hostname} (smtpgate) with {proto} id {st.queue_id}",
         ]
-        date = formatdate(localtime=False, usegmt=False)
+        date = _header_date(int(time.time()))
         if len(self.txn.recipients) == 1:
             lines.append(f"\tfor <{self.txn.recipients[0]}>; {date}")
         else:
@@ -1545,6 +1544,12 @@ class Forbidden:
             except TableLookupError:
                 continue
         return False
+
+
+@functools.lru_cache(maxsize=2)
+def _header_date(second: int) -> str:
+    """The Received header's date, formatted once per second."""
+    return formatdate(second, localtime=False, usegmt=False)
 
 
 @functools.lru_cache(maxsize=1024)
