@@ -380,18 +380,19 @@ class _PipeliningProtocol(aiosmtplib.protocol.SMTPProtocol):
     pipelined = False
 
     async def read_response(self, timeout: float | None = None) -> SMTPResponse:
-        """aiosmtplib's read_response with ``asyncio.timeout`` (a timer) instead of
-        ``wait_for`` (a waiter future and callbacks per reply); the same errors."""
+        """aiosmtplib's read_response with a plain timer that fails the reply's future
+        instead of ``wait_for`` (a waiter future, a task cancellation and callbacks per
+        reply); the same errors."""
         waiter = self._response_waiter
         if waiter is None:
             raise aiosmtplib.SMTPServerDisconnected("Connection lost")
         self._response_pending = True
+        timer = None if timeout is None else self._loop.call_later(timeout, _expire, waiter)
         try:
-            async with asyncio.timeout(timeout):
-                result: SMTPResponse = await waiter
-        except TimeoutError as exc:
-            raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from exc
+            result: SMTPResponse = await waiter
         finally:
+            if timer is not None:
+                timer.cancel()
             self._response_pending = False
             self._response_waiter = None if self.transport is None else self._loop.create_future()
         return result
@@ -402,6 +403,13 @@ class _PipeliningProtocol(aiosmtplib.protocol.SMTPProtocol):
             self._buffer.extend(data)
             return
         super().data_received(data)
+
+
+def _expire(waiter: asyncio.Future[SMTPResponse]) -> None:
+    if not waiter.done():
+        waiter.set_exception(
+            aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response")
+        )
 
 
 _SMTP_MODULE = vars(aiosmtplib.smtp)
