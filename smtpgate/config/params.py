@@ -755,7 +755,8 @@ _SPECS = [
         "auto",
         "str",
         "How many worker processes serve answers from: auto (one per CPU core) or a number; "
-        "the listening sockets are bound once and shared, a worker that dies is replaced, "
+        "the parent binds one listening socket per worker on each address (SO_REUSEPORT: "
+        "the kernel spreads connections), a worker that dies is replaced on its socket, "
         "SIGHUP and SIGTERM reach every worker. 1: a single process, no workers.",
         "smtpgate only (Postfix: the smtpd process limit in master.cf).",
     ),
