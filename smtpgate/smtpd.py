@@ -51,6 +51,8 @@ from smtpgate.tables import AddressList, Table, open_table
 log = logging.getLogger("smtpgate.smtpd")
 
 OK = Reply(250, "2.0.0", "Ok")
+SENDER_OK = Reply(250, "2.1.0", "Ok")
+RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
 BYE = Reply(221, "2.0.0", "Bye")
 UNKNOWN_COMMAND = Reply(500, "5.5.2", "Error: command not recognized")
 NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
@@ -653,7 +655,7 @@ class GateProtocol(SMTP):
             await self._send(UNKNOWN_COMMAND)
             self.error_count += 1
             return
-        name = handler.__name__.removeprefix("cmd_")
+        name = _COUNTER_NAMES[upper]
         self.counts[name] += 1
         if self.config.tls_required and not self.tls_active and upper not in ALLOWED_BEFORE_TLS:
             await self._send(NEED_STARTTLS)
@@ -771,7 +773,7 @@ class GateProtocol(SMTP):
         # AUTH= from a client that did not authenticate is ignored, as Postfix does.
         forwarded = [p for p in params if not p.upper().startswith("AUTH=")]
         self.txn = _Transaction(address, forwarded)
-        await self._send(Reply(250, "2.1.0", "Ok"))
+        await self._send(SENDER_OK)
         return True
 
     async def cmd_rcpt(self, args: Args) -> bool:
@@ -840,7 +842,7 @@ class GateProtocol(SMTP):
             st.queue_id = new_queue_id()
             self.shared.maillog.info(f"{st.queue_id}: client={self.client.namaddr}")
         if st.discard:
-            return Reply(250, "2.1.5", "Ok")
+            return RECIPIENT_OK
         if self.txn.relay is None:
             facts = ClientFacts(
                 name=self.client.name,
@@ -1238,6 +1240,9 @@ GateProtocol._commands = {
     "BDAT": GateProtocol.cmd_bdat,
     "XCLIENT": GateProtocol.cmd_xclient,
     "XFORWARD": GateProtocol.cmd_xforward,
+}
+_COUNTER_NAMES = {
+    verb: handler.__name__.removeprefix("cmd_") for verb, handler in GateProtocol._commands.items()
 }
 
 
