@@ -930,7 +930,7 @@ class GateProtocol(SMTP):
                 rest = bytes(data[end + len(_END_OF_DATA) :])
                 if rest:
                     reader._buffer[0:0] = rest  # type: ignore[attr-defined]
-                return (b"", problem) if problem else (bytes(data[2 : end + 2]), None)
+                return (b"", problem) if problem else (bytes(memoryview(data)[2 : end + 2]), None)
             if problem is not None:
                 del data[:-4]  # keep only what the end of data may begin with
             searched = max(len(data) - len(_END_OF_DATA) + 1, 0)
