@@ -14,7 +14,10 @@ Theory of operation (Postfix ``smtpd_proxy_filter`` without ``speed_adjust``,
    and their replies are judged in order, as in lock-step; after a refused MAIL the
    RCPT's reply, a 503, is read and dropped, as Postfix's own smtp client does). Every
    RCPT is forwarded and the backend's reply is the client's reply.
-3. :meth:`Transaction.data` sends DATA, then the content with CRLF line ends and
+3. :meth:`Transaction.start_data` sends DATA when the client says DATA (as Postfix's
+   proxy does; a transaction that then ends without the client's dot closes the backend
+   connection, so nothing is delivered), and :meth:`Transaction.data` reads its reply
+   (or sends DATA itself), then the content with CRLF line ends and
    dot-stuffing (built here, never raw client bytes: no bare CR or LF, no unstuffed dot
    can reach the backend, see :func:`frame_data`), then the final dot; the backend's reply
    to the dot is the client's reply.
@@ -1034,6 +1037,7 @@ class Transaction:
         self._conn: _Connection | None = None
         self._accepted = 0
         self._finished = False
+        self._data_started = False  # DATA written ahead by start_data()
         self._dot_sent = False
         self._peer = ""
         self._tls = False
@@ -1226,6 +1230,25 @@ class Transaction:
         args = _rcpt_args(conn, address, rcpt_params)
         return await _command(conn, "RCPT TO", args, timeout)
 
+    def start_data(self) -> None:
+        """Send DATA now, while the client sends the content: its reply is read by
+        :meth:`data`, so the backend's 354 costs no round trip once the client's dot
+        is in (Postfix's before-queue proxy forwards DATA when the client says it too).
+
+        A transaction that ends without :meth:`data` after this closes the backend
+        connection (a backend in DATA mode takes no RSET), so nothing is delivered.
+        """
+        conn = self._conn
+        if self._finished or self.reply is not None or conn is None or self._accepted == 0:
+            return
+        if self._data_started:
+            return
+        try:
+            _send_group(conn, [[b"DATA"]])
+        except _Fault:
+            return  # data() finds the connection dead and answers 451
+        self._data_started = True
+
     async def data(self, message: bytes, plain: bool = False) -> Reply:
         """Send DATA, the framed content and the dot; the backend's reply to the dot.
 
@@ -1241,7 +1264,14 @@ class Transaction:
             await self._give_back(rset=True)
             return R554_NO_RECIPIENTS
         try:
-            start = await _command(conn, "DATA", [b"DATA"], self.relay.command_timeout, expect=3)
+            if self._data_started:
+                try:
+                    start = await _group_reply(conn, "DATA", self.relay.command_timeout, 3)
+                finally:
+                    _end_group(conn)
+            else:
+                timeout = self.relay.command_timeout
+                start = await _command(conn, "DATA", [b"DATA"], timeout, expect=3)
             if not start.is_success:
                 await self._give_back(rset=True)
                 return self._record("DATA", start)
@@ -1303,10 +1333,14 @@ class Transaction:
             await self.relay.release(conn, rset=rset)
 
     async def abort(self) -> None:
-        """End without the dot: RSET the backend and pool the connection, or close it."""
+        """End without the dot: RSET the backend and pool the connection, or close it
+        (always after :meth:`start_data`)."""
         if self._finished:
             return
         self._finished = True
+        if self._data_started:
+            self._drop()  # the backend may be waiting for content: only a close is safe
+            return
         try:
             await self._give_back(rset=True)
         except BaseException:

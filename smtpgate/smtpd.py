@@ -878,6 +878,8 @@ class GateProtocol(SMTP):
                 f"flight): DATA from {self._namaddr} deferred"
             )
             return await self._fail(NO_MEMORY)
+        if self.txn.relay is not None and not self.policy.state.discard:
+            self.txn.relay.start_data()  # the backend's 354 comes while the content does
         await self._send(DATA_GO_AHEAD)
         await self._flush(force=True)
         try:
@@ -996,7 +998,8 @@ class GateProtocol(SMTP):
         if st.discard or txn.relay is None:
             reply = Reply(250, "2.0.0", f"Ok: queued as {st.queue_id}")
             self._log_proxy("discard", "END-OF-MESSAGE", reply)
-            await self._end_transaction(completed=True)
+            # Recipients relayed before the DISCARD: the backend's transaction is dropped.
+            await self._end_transaction(completed=txn.relay is None)
             return reply
         head = self._received_header() + "".join(f"{h}\r\n" for h in st.prepend).encode("utf-8")
         plain = plain and plain_content(head)

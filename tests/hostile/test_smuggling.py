@@ -84,7 +84,9 @@ async def test_s13_bare_lf_rejected_when_configured(tmp_path: Path) -> None:
         final = await env.transaction(c, body("lf", b"one\n.\n" + SMUGGLED))
         assert final == ["550 5.5.2 Error: bare <LF> received"]
         assert env.backend.messages == []
-        assert not any(cmd == "DATA" for cmd in env.backend.connections[0].commands)
+        # The backend was in DATA (sent with the client's DATA): closed, never a dot.
+        await env.backend.wait_for(lambda: env.backend.connections[0].closed)
+        assert env.backend.connections[0].commands[-1] == "DATA"
         await env.finish()
 
 
