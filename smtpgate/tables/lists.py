@@ -198,6 +198,9 @@ class DomainList:
         return False
 
 
+ANSWERS_KEPT = 4096
+
+
 class AddressList:
     """A Postfix address list such as ``mynetworks``."""
 
@@ -205,6 +208,10 @@ class AddressList:
         self.title = title
         self.entries = tuple(entries)
         self.warnings = tuple(warnings)
+        # Without tables the answer depends on the address alone: remembered (bounded).
+        self._answers: dict[str, bool] | None = (
+            None if any(entry.table is not None for entry in self.entries) else {}
+        )
 
     @classmethod
     def parse(
@@ -228,6 +235,17 @@ class AddressList:
 
     def match(self, address: str) -> bool:
         """Whether ``address`` is in the list; raise TableLookupError on a table error."""
+        answers = self._answers
+        if answers is None:
+            return self._match(address)
+        found = answers.get(address)
+        if found is None:
+            if len(answers) >= ANSWERS_KEPT:
+                answers.clear()
+            found = answers[address] = self._match(address)
+        return found
+
+    def _match(self, address: str) -> bool:
         addr = address.casefold()
         if not addr or not set(addr) <= _V6_CHARS:
             return False
