@@ -149,9 +149,6 @@ def _serve_workers(
 
         _run_fast(work())
 
-    # Whatever the workers would import, import it once here: the pages stay shared.
-    with contextlib.suppress(ImportError):
-        import uvloop  # noqa: F401
     try:
         return Supervisor(workers, run_worker, maillog).run()
     finally:
@@ -173,6 +170,7 @@ def serve(config: str, overrides: tuple[str, ...]) -> None:
         ListenError,
         Server,
         drop_privileges,
+        preload_modules,
         validate_service,
         workers_from_settings,
     )
@@ -195,6 +193,7 @@ def serve(config: str, overrides: tuple[str, ...]) -> None:
     settings = plan.settings
     workers = workers_from_settings(settings)
     user = settings.get("smtpgate_user") or "smtpgate"
+    preload_modules()  # while the files are readable: privileges are dropped later
 
     async def run() -> None:
         server = Server(settings, plan, maillog, config_path=config, overrides=overrides)

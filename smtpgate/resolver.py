@@ -326,3 +326,21 @@ async def mx_targets(resolver: Resolver, domain: str, port: int = 25) -> list[Mx
 async def mx_hosts(resolver: Resolver, domain: str, port: int = 25) -> list[tuple[str, int]]:
     """``[(address, port), ...]`` in the order to try them (see :func:`mx_targets`)."""
     return [(t.address, t.port) for t in await mx_targets(resolver, domain, port)]
+
+
+# The record types smtpgate asks for; dnspython imports a type's module on first use.
+QUERIED_TYPES = ("A", "AAAA", "CNAME", "MX", "NS", "PTR", "TXT", "SOA")
+
+
+def preload() -> None:
+    """Import now the dnspython modules that would be imported at the first query or
+    answer (the asyncio backend, a module per record type): ``serve`` calls this before
+    it drops privileges, after which the files may be unreadable."""
+    import dns.asyncbackend
+    import dns.rdata
+    import dns.rdataclass
+
+    dns.asyncbackend.get_backend("asyncio")
+    for name in QUERIED_TYPES:
+        rdtype = dns.rdatatype.from_text(name)
+        dns.rdata.get_rdata_class(dns.rdataclass.IN, rdtype)  # type: ignore[no-untyped-call]

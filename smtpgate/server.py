@@ -241,6 +241,48 @@ def bind_listeners(
     return sets
 
 
+# Standard modules that are imported on first use deep inside the standard library or a
+# dependency (the IDNA codec, asyncio.to_thread's executor, ...).
+LAZY_MODULES = (
+    "concurrent.futures.thread",
+    "encodings.idna",
+    "encodings.punycode",
+    "stringprep",
+    "unicodedata",
+    "asyncio.sslproto",
+    "email.utils",
+)
+
+
+def preload_modules() -> str:
+    """Import now what would otherwise be imported later, and say which event loop
+    ``serve`` will use ("uvloop" or "asyncio").
+
+    ``serve`` calls this before dropping privileges: afterwards the interpreter's own
+    files may be unreadable (a Python installed under /root, say), and a module imported
+    on first use would then be missing (uvloop, or the IDNA codec for an address with a
+    non-ASCII domain).
+    """
+    import importlib
+
+    from smtpgate import resolver
+
+    for name in LAZY_MODULES:
+        importlib.import_module(name)
+    resolver.preload()
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
+def event_loop_name() -> str:
+    """The running event loop's kind, for the log: "uvloop" or "asyncio"."""
+    loop = asyncio.get_running_loop()
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
 def write_pid_file(path: str, maillog: MailLog) -> bool:
     """Record this process id for ``smtpgate reload``; a failure is only a warning."""
     if not path:
@@ -356,7 +398,7 @@ class Server:
                 raise ListenError(address, exc) from None
             self.servers.append(server)
         names = ", ".join(f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in self.sockets)
-        self.maillog.info(f"smtpgate listening on {names}")
+        self.maillog.info(f"smtpgate listening on {names} (event loop: {event_loop_name()})")
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()

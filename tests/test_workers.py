@@ -7,6 +7,7 @@ port); only that every worker gets some of many connections is asserted.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import signal
@@ -154,6 +155,31 @@ def test_each_worker_has_its_own_socket(workers: Serving):
     assert wait_until(lambda: log.read_text().count("connect from") >= 40)
     serving = set(re.findall(r"smtpd\[(\d+)\]: connect from", log.read_text()))
     assert serving == {str(pid) for pid in children(proc.pid)}
+
+
+def test_workers_keep_what_they_need_after_dropping_privileges(workers: Serving):
+    """The parent imports, before it drops to smtpgate_user, what the workers would
+    otherwise import on first use (uvloop, the IDNA codec...): after the drop the
+    interpreter's files may be unreadable (a Python under /root, as on this machine)."""
+    proc, port, folder = workers
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    log = folder / "maillog"
+    assert wait_until(lambda: log.read_text().count(f"(event loop: {loop})") == 2), (
+        log.read_text()
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        stream = sock.makefile("rwb")
+        assert stream.readline().startswith(b"220")
+        for command in ("HELO client.example", "MAIL FROM:<a@example.net>"):
+            stream.write(command.encode() + b"\r\n")
+            stream.flush()
+            assert stream.readline().startswith(b"250")
+        stream.write("RCPT TO:<u@bücher.example>\r\n".encode())
+        stream.flush()
+        reply = stream.readline().decode()
+    # a non-ASCII domain goes through the IDNA codec: a policy answer, not a local error
+    assert reply.startswith("454 4.7.1 <u@bücher.example>: Relay access denied"), reply
+    assert "unexpected error" not in log.read_text()
 
 
 def test_sighup_reload_reaches_every_worker(workers: Serving):
