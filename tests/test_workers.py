@@ -164,9 +164,7 @@ def test_workers_keep_what_they_need_after_dropping_privileges(workers: Serving)
     proc, port, folder = workers
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     log = folder / "maillog"
-    assert wait_until(lambda: log.read_text().count(f"(event loop: {loop})") == 2), (
-        log.read_text()
-    )
+    assert wait_until(lambda: log.read_text().count(f"(event loop: {loop})") == 2), log.read_text()
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         stream = sock.makefile("rwb")
         assert stream.readline().startswith(b"220")

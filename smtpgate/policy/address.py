@@ -163,7 +163,7 @@ def ip_keys(address: str) -> list[Key]:
     return keys
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1024)  # bounded: an address gives up to ~10 keys
 def address_keys(address: str, delimiters: str, parent_style: bool) -> Sequence[Key]:
     """access(5) keys for a mail address, in Postfix's order.
 
