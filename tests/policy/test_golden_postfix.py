@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from smtpgate.config import parse_settings
-from smtpgate.policy.explain import GREETING, run_dialogue
+from smtpgate.policy.explain import GREETING, Exchange, run_dialogue
 from smtpgate.policy.model import ClientInfo
 from smtpgate.policy.plan import build_plan
 
@@ -74,16 +74,21 @@ def test_session_matches_postfix(config: dict[str, Any], case: dict[str, Any], t
     assert plan is not None, [str(d) for d in diagnostics]
     if case["mail_from"] is None:
         pytest.fail("the reference has a session without MAIL; explain always sends MAIL")
-    exchanges = asyncio.run(
-        run_dialogue(
-            plan,
-            ClientInfo(address=case["client"]),
-            helo=case["helo"],
-            sender=case["mail_from"],
-            recipients=case["rcpts"],
-            esmtp=case["ehlo"],
+
+    def dialogue(trace: bool) -> list[Exchange]:
+        return asyncio.run(
+            run_dialogue(
+                plan,
+                ClientInfo(address=case["client"]),
+                helo=case["helo"],
+                sender=case["mail_from"],
+                recipients=case["rcpts"],
+                esmtp=case["ehlo"],
+                trace=trace,
+            )
         )
-    )
+
+    exchanges = dialogue(trace=True)
     greeting = exchanges[0]
     assert greeting.command == GREETING
     assert greeting.reply.lines() == case["greeting"]
@@ -103,17 +108,7 @@ def test_session_matches_postfix(config: dict[str, Any], case: dict[str, Any], t
     assert [line for e in exchanges for line in e.log_lines] == _action_logs(case["log"])
 
     # serve runs the same checks without the trail: the same replies and log lines.
-    untraced = asyncio.run(
-        run_dialogue(
-            plan,
-            ClientInfo(address=case["client"]),
-            helo=case["helo"],
-            sender=case["mail_from"],
-            recipients=case["rcpts"],
-            esmtp=case["ehlo"],
-            trace=False,
-        )
-    )
+    untraced = dialogue(trace=False)
     assert [(e.command, e.reply, e.log_lines) for e in untraced] == [
         (e.command, e.reply, e.log_lines) for e in exchanges
     ]

@@ -8,11 +8,14 @@ both ways must agree.
 
 from __future__ import annotations
 
+import re
+from unittest import mock
+
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from smtpgate import smtpd
-from smtpgate.smtpd import _address_words, _join_words, _smtpd_tokens, parse_address, smtpd_tokens
+from smtpgate.smtpd import _smtpd_tokens, parse_address, smtpd_tokens
 
 PIECES = st.sampled_from(
     ["MAIL", "rcpt", " ", "\t", "  ", "FROM:", "from:", "TO:", "to:", ":", "<", ">", '"', "\\",
@@ -32,34 +35,16 @@ def test_tokens_fast_path_equals_the_loop(line: str) -> None:
     assert smtpd_tokens(line) == _smtpd_tokens(line)
 
 
-def _slow_parse(text: str, allow_empty: bool) -> str | None:
-    s = text
-    while len(s) >= 2 and s[0] == "<" and s[-1] == ">":
-        s = s[1:-1]
-    words = _address_words(s)
-    if words is None:
-        return None
-    address = _join_words(words)
-    if address is None:
-        return None
-    if address.startswith("@"):
-        colon = address.find(":")
-        if colon >= 0 and colon + 1 < len(address):
-            address = address[colon + 1 :]
-    elif any("," in word for word, quoted in words if not quoted):
-        return None
-    if address == "@" or not address and not allow_empty:
-        return None
-    return address
-
-
 @given(LINES, st.booleans())
 @example("<someone@qq.com>", False)
 @example("<>", True)
 @example("<@a,@b:c@d>", False)
 @example("<a,b@c>", False)
 def test_address_fast_path_equals_the_loop(text: str, allow_empty: bool) -> None:
-    assert parse_address(text, allow_empty=allow_empty) == _slow_parse(text, allow_empty)
+    fast = parse_address(text, allow_empty=allow_empty)
+    # A pattern that finds something in every string: every address takes the loop.
+    with mock.patch.object(smtpd, "_ADDRESS_SPECIAL", re.compile("")):
+        assert parse_address(text, allow_empty=allow_empty) == fast
 
 
 def test_the_fast_paths_are_taken() -> None:
