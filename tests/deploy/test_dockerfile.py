@@ -161,6 +161,7 @@ def test_build_and_install_steps_in_a_clean_venv(
         _sh(_subst(run.args, mapping), src, env)
     wheels = sorted(p.name for p in (tmp_path / "wheels").glob("*.whl"))
     assert f"smtpgate-{__version__}-py3-none-any.whl" in wheels
+    assert any(name.startswith("uvloop-") for name in wheels), wheels  # the uvloop extra
     shutil.copytree(tmp_path / "wheels", tmp_path / "tmp-wheels")
     [install] = [r for r in runtime.all("RUN") if "pip install" in r.args]
     _sh(_subst(install.args, mapping), tmp_path, env)
@@ -173,6 +174,7 @@ def test_build_and_install_steps_in_a_clean_venv(
         [smtpgate, "--version"], capture_output=True, text=True, env=clean_env, check=True
     )
     assert version.stdout.strip() == f"smtpgate, version {__version__}"
+    subprocess.run([venv / "bin" / "python", "-c", "import uvloop"], env=clean_env, check=True)
     check = subprocess.run(
         [smtpgate, "check", "-c", str(ROOT / "examples" / "main.cf")],
         capture_output=True,
