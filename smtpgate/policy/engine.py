@@ -251,10 +251,14 @@ class Checker:
                         st.warn_if_reject = st.recursion
                     self.note(item.label, "", "next reject becomes a warning")
                     continue
-                spec = item.spec
-                if trace or spec is None or spec.fn is None or item.error:
-                    status = await self._run_item(item, reply_name, reply_class)
-                else:  # _run_item's usual case, inline (a coroutine less per item)
+                if item.class_name is not None:
+                    status = await self._run_class(item, reply_name, reply_class)
+                elif item.error:
+                    status = self.config_error(item.error)
+                else:
+                    slot = self._open_step(item, "") if trace else 0
+                    spec = item.spec
+                    assert spec is not None and spec.fn is not None
                     try:
                         result = spec.fn(self, item.arg, reply_name, reply_class)
                         if result.__class__ is not Status and inspect.isawaitable(result):
@@ -262,6 +266,8 @@ class Checker:
                         status = result if result.__class__ is Status else Status(result)
                     except _Nested as nested:
                         status = await self._nested(item, nested, reply_name, reply_class)
+                    if trace:
+                        self._close_step(slot, item, "", status)
                 if st.warn_if_reject >= st.recursion:
                     st.warn_if_reject = 0
                 if status is not DUNNO:
@@ -272,41 +278,25 @@ class Checker:
             st.recursion = saved
         return status
 
-    async def _run_item(self, item: Compiled, reply_name: str, reply_class: str) -> Status:
-        trace = self.trace
-        if item.class_name is not None:
-            slot = len(self.steps)
-            if trace:
-                self.note(item.label, "restriction class", "...")
-            class_items = self.plan.classes[item.class_name]
-            status = await self.generic_checks(class_items, reply_name, reply_class)
-            if trace:
-                self.steps[slot] = Step(
-                    self.stage.value,
-                    self.state.recursion,
-                    item.label,
-                    "restriction class",
-                    status.name,
-                )
-            return status
-        if item.error:
-            return self.config_error(item.error)
-        spec = item.spec
-        assert spec is not None and spec.fn is not None
+    def _open_step(self, item: Compiled, detail: str) -> int:
+        """Note an item as started in the trail; its slot, for :meth:`_close_step`."""
         slot = len(self.steps)
-        if trace:
-            self.note(item.label, "", "...")
-        try:
-            result = spec.fn(self, item.arg, reply_name, reply_class)
-            if result.__class__ is not Status and inspect.isawaitable(result):
-                result = await result
-        except _Nested as nested:
-            result = await self._nested(item, nested, reply_name, reply_class)
-        status = result if result.__class__ is Status else Status(result)
-        if trace:
-            self.steps[slot] = Step(
-                self.stage.value, self.state.recursion, item.label, "", status.name
-            )
+        self.note(item.label, detail, "...")
+        return slot
+
+    def _close_step(self, slot: int, item: Compiled, detail: str, status: Status) -> None:
+        self.steps[slot] = Step(
+            self.stage.value, self.state.recursion, item.label, detail, status.name
+        )
+
+    async def _run_class(self, item: Compiled, reply_name: str, reply_class: str) -> Status:
+        """A restriction class, run in place."""
+        assert item.class_name is not None
+        slot = self._open_step(item, "restriction class") if self.trace else 0
+        class_items = self.plan.classes[item.class_name]
+        status = await self.generic_checks(class_items, reply_name, reply_class)
+        if self.trace:
+            self._close_step(slot, item, "restriction class", status)
         return status
 
     async def _nested(
