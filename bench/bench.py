@@ -37,6 +37,7 @@ from bench.harness import (
     Gate,
     PostfixRef,
     Sink,
+    SourceRun,
     cpu_seconds,
     hold_sessions,
     new_tmp,
@@ -80,6 +81,17 @@ class Workload:
     @property
     def postfix_side(self) -> bool:
         return self.kind != "idle"
+
+    def drive(self, port: int, count: int | None = None) -> SourceRun:
+        """Run this rate workload once with smtp-source (``count`` instead of its own)."""
+        return run_source(
+            port,
+            sessions=self.sessions,
+            count=self.count if count is None else count,
+            size=self.size,
+            many_per_session=self.many,
+            reject=self.kind == "sessions",
+        )
 
 
 def workloads(quick: bool) -> list[Workload]:
@@ -147,14 +159,7 @@ def measure(w: Workload, side: Side, results: Results) -> None:
         results.add(w.key, side.name, kib / 1024)
         return
     cpu_before = cpu_seconds(side.root_pid)
-    run = run_source(
-        side.port,
-        sessions=w.sessions,
-        count=w.count,
-        size=w.size,
-        many_per_session=w.many,
-        reject=w.kind == "sessions",
-    )
+    run = w.drive(side.port)
     cpu = (cpu_seconds(side.root_pid) - cpu_before) / run.seconds
     if run.problems:
         shown = "; ".join(run.problems[:3])

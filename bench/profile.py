@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bench.harness import BenchError, Gate, Sink, cpu_seconds, new_tmp, raise_fd_limit, run_source
+from bench.harness import BenchError, Gate, Sink, cpu_seconds, new_tmp, raise_fd_limit
 
 
 def py_spy() -> str:
@@ -83,14 +83,7 @@ def profile(args: argparse.Namespace) -> int:
     out = Path(args.profile_out) if args.profile_out else tmp / "profile.txt"
 
     def drive(count: int) -> None:
-        run = run_source(
-            gate.port,  # type: ignore[union-attr]
-            sessions=work.sessions,
-            count=count,
-            size=work.size,
-            many_per_session=work.many,
-            reject=work.kind == "sessions",
-        )
+        run = work.drive(gate.port, count)  # type: ignore[union-attr]
         if run.problems:
             raise BenchError(f"{work.key} failed under the profiler: {run.problems[:3]}")
 
