@@ -8,11 +8,9 @@ nothing (``query``, as ``postmap -q``), 2 a configuration error, 3 cannot start
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import sys
-from collections.abc import Coroutine, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from collections.abc import Sequence
+from typing import NoReturn
 
 import click
 
@@ -21,9 +19,6 @@ from smtpgate.config import Diagnostic, Settings, load_settings
 from smtpgate.errors import ConfigError, SmtpgateError, TableLookupError
 from smtpgate.policy.model import ClientInfo
 from smtpgate.policy.plan import Plan, build_plan
-
-if TYPE_CHECKING:
-    from smtpgate.logs import MailLog
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
@@ -93,87 +88,14 @@ def check(config: str, overrides: tuple[str, ...]) -> None:
     click.echo(f"smtpgate: {config}: ok, {warnings} warning(s)")
 
 
-def _run_fast(main_coro: Coroutine[Any, Any, None]) -> None:
-    """Run the server on uvloop when it is installed (the ``uvloop`` extra), else asyncio."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main_coro)
-        return
-    uvloop.run(main_coro)
-
-
-def _serve_workers(
-    config: str, overrides: Sequence[str], plan: Plan, maillog: MailLog, workers: int
-) -> int:
-    """``serve`` with ``smtpgate_workers`` > 1: the parent of the worker processes."""
-    from smtpgate.server import (
-        Server,
-        Supervisor,
-        bind_listeners,
-        drop_privileges,
-        parse_listen,
-        worker_ready,
-        write_pid_file,
-    )
-
-    settings = plan.settings
-    user = settings.get("smtpgate_user") or "smtpgate"
-
-    # The parent binds (the same errors as a single process), writes the pid file with
-    # its own pid, drops privileges, then forks the workers around the bound sockets.
-    # One set of sockets per worker (SO_REUSEPORT), or one set they all share.
-    socket_sets = bind_listeners(parse_listen(settings.as_list("listen")), copies=workers)
-    pid_file = settings.get("pid_file") or ""
-    wrote_pid = write_pid_file(pid_file, maillog)
-    drop_privileges(user)
-
-    def run_worker(slot: int, reload_first: bool) -> None:
-        mine = socket_sets[slot % len(socket_sets)]
-        for sockets in socket_sets:
-            if sockets is not mine:
-                for sock in sockets:
-                    sock.close()  # the parent keeps them for that slot's next worker
-
-        async def work() -> None:
-            server = Server(settings, plan, maillog, config_path=config, overrides=overrides)
-            drop_privileges(user)  # already done by the parent: a no-op check
-            if reload_first:
-                await server.reload()
-            await server.start(mine)
-            server.install_signal_handlers()
-            worker_ready()
-            if slot == 0:
-                await server.probe_relayhost()
-            await server.serve_forever()
-
-        _run_fast(work())
-
-    try:
-        return Supervisor(workers, run_worker, maillog).run()
-    finally:
-        for sockets in socket_sets:
-            for sock in sockets:
-                sock.close()
-        if wrote_pid:
-            with contextlib.suppress(OSError):
-                os.unlink(pid_file)
-
-
 @main.command()
 @config_option
 @override_option
 def serve(config: str, overrides: tuple[str, ...]) -> None:
     """Run the SMTP front end: listen, apply the restrictions, relay to relayhost."""
+    from smtpgate import supervisor
     from smtpgate.logs import MailLog
-    from smtpgate.server import (
-        ListenError,
-        Server,
-        drop_privileges,
-        preload_modules,
-        validate_service,
-        workers_from_settings,
-    )
+    from smtpgate.server import ListenError, validate_service
 
     try:
         plan, diagnostics = load_plan(config, overrides, strict_tables=False)
@@ -190,62 +112,43 @@ def serve(config: str, overrides: tuple[str, ...]) -> None:
         maillog = MailLog.from_settings(plan.settings)
     except OSError as exc:
         _fail(f"maillog_file: {exc}")
-    settings = plan.settings
-    workers = workers_from_settings(settings)
-    user = settings.get("smtpgate_user") or "smtpgate"
-    preload_modules()  # while the files are readable: privileges are dropped later
-
-    async def run() -> None:
-        server = Server(settings, plan, maillog, config_path=config, overrides=overrides)
-        await server.start()
-        server.write_pid_file(settings.get("pid_file") or "")
-        drop_privileges(user)
-        server.install_signal_handlers()
-        await server.probe_relayhost()
-        await server.serve_forever()
-
     try:
-        if workers == 1:
-            _run_fast(run())
-        else:
-            status = _serve_workers(config, overrides, plan, maillog, workers)
-            if status:
-                sys.exit(status)
+        status = supervisor.serve(config, overrides, plan, maillog)
     except ConfigError as exc:
         _fail(str(exc))
     except ListenError as exc:
         _fail(str(exc), EXIT_START)
     finally:
         maillog.close()
+    if status:
+        sys.exit(status)
 
 
 @main.command()
 @config_option
 @override_option
 def reload(config: str, overrides: tuple[str, ...]) -> None:
-    """Validate the configuration, then tell the running serve to re-read it (SIGHUP)."""
-    import signal
-
-    from smtpgate.server import load_and_validate
+    """Tell the running serve to re-read everything, and wait for its verdict."""
+    from smtpgate.supervisor import control_address, pid_file_of, request_reload
 
     try:
-        plan, diagnostics = load_and_validate(config, overrides)
+        pid_file = pid_file_of(config, overrides)
     except ConfigError as exc:
         _fail(str(exc))
-    _print_diagnostics(diagnostics)
-    if plan is None:
-        _fail(f"{config}: configuration errors: not reloading (the running server is unchanged)")
-    pid_file = plan.settings.get("pid_file") or ""
     try:
-        with open(pid_file, encoding="ascii") as f:
-            pid = int(f.read().strip())
-        if not _is_smtpgate(pid):
-            raise ValueError(f"process {pid} is not smtpgate (a stale pid file)")
-        os.kill(pid, signal.SIGHUP)
-    except (OSError, ValueError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        _fail(f"pid_file {pid_file}: {why}: is smtpgate serve running? (or send it SIGHUP)", 3)
-    click.echo(f"smtpgate: reload requested (pid {pid})")
+        ok, lines = request_reload(control_address(pid_file, config))
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        _fail(
+            f"no smtpgate serve answers for pid_file {pid_file or config} ({why}): is it running?",
+            EXIT_START,
+        )
+    for line in lines[:-1]:
+        click.echo(f"smtpgate: {line.removeprefix('diagnostic: ')}", err=True)
+    verdict = lines[-1] if lines else "failed: the server closed the connection"
+    if not ok:
+        _fail(f"reload {verdict}")
+    click.echo(f"smtpgate: {verdict.removeprefix('ok: ')}")
 
 
 @main.command()
@@ -373,17 +276,6 @@ def explain(
         )
     )
     click.echo(render_json(exchanges) if as_json else render_text(exchanges))
-
-
-def _is_smtpgate(pid: int) -> bool:
-    """Whether ``pid`` runs smtpgate (never signal a process that reused a stale pid)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"smtpgate" in f.read()
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True  # no /proc here: trust the pid file
 
 
 def _unbracket(address: str) -> str:

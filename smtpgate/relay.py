@@ -547,15 +547,39 @@ def _tls_context(settings: Settings, verify: bool) -> ssl.SSLContext:
                 raise _config_error(settings, name, f"cannot load CA certificates: {exc}") from None
     chain_files = settings.as_list("smtp_tls_chain_files")
     cert_file = settings["smtp_tls_cert_file"].strip()
-    try:
-        for chain in chain_files:
-            context.load_cert_chain(chain)
-        if cert_file and not chain_files:
-            context.load_cert_chain(cert_file, settings["smtp_tls_key_file"].strip() or None)
-    except (OSError, ssl.SSLError) as exc:
-        name = "smtp_tls_chain_files" if chain_files else "smtp_tls_cert_file"
-        raise _config_error(settings, name, f"cannot load client certificate: {exc}") from None
+    for chain in chain_files:
+        load_cert_files(context, settings, ("smtp_tls_chain_files", chain))
+    if cert_file and not chain_files:
+        key_file = settings["smtp_tls_key_file"].strip() or cert_file
+        load_cert_files(
+            context, settings, ("smtp_tls_cert_file", cert_file), ("smtp_tls_key_file", key_file)
+        )
     return context
+
+
+def load_cert_files(
+    context: ssl.SSLContext,
+    settings: Settings,
+    cert: tuple[str, str],
+    key: tuple[str, str] | None = None,
+) -> None:
+    """``load_cert_chain`` from (parameter, file) pairs, with errors that name both.
+
+    Each file is opened first, so that an unreadable one (a root-only key read after the
+    privilege drop, a typo) is named with its parameter rather than as a bare errno.
+    """
+    for name, path in (cert, key) if key else (cert,):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            raise _config_error(settings, name, f"cannot read {path}: {why}") from None
+    try:
+        context.load_cert_chain(cert[1], key[1] if key else None)
+    except (OSError, ssl.SSLError) as exc:
+        pair = f"{cert[1]} with {key[0]} = {key[1]}" if key else cert[1]
+        raise _config_error(settings, cert[0], f"cannot load {pair}: {exc}") from None
 
 
 def _cert_names(cert: dict[str, Any]) -> tuple[list[str], list[str]]:

@@ -11,19 +11,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import gc
 import os
 import signal
 import socket
-import ssl
-import time
-from collections.abc import Callable, Sequence
+import struct
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from smtpgate.config import Diagnostic, Settings
 from smtpgate.errors import ConfigError
 from smtpgate.logs import MailLog, route_python_logging
 from smtpgate.policy.plan import Plan
+from smtpgate.policy.ports import Resolver
 from smtpgate.relay import Relay
 from smtpgate.resolver import mx_hosts, resolver_from_settings
 from smtpgate.smtpd import GateConfig, GateProtocol, Shared
@@ -97,9 +97,6 @@ def validate_service(settings: Settings) -> list[Diagnostic]:
         error(exc, "smtpgate_workers")
     try:
         GateConfig.from_settings(settings)
-    except (OSError, ssl.SSLError) as exc:
-        where = settings.location("smtpd_tls_cert_file")
-        out.append(Diagnostic("error", f"smtpd_tls_cert_file: cannot load: {exc}", where))
     except ConfigError as exc:
         # GateConfig's errors name their parameter (and file and line when they have one)
         out.append(Diagnostic("error", str(exc), None))
@@ -164,6 +161,37 @@ def load_and_validate(
     return plan, diagnostics
 
 
+@dataclass(frozen=True)
+class Generation:
+    """Everything the workers serve with, built from one (re)load of the configuration.
+
+    ``serve``'s supervisor builds it while it is root (the TLS keys and the tables may be
+    readable by root only) and forks the workers around it; a reload builds the next one.
+    """
+
+    number: int
+    plan: Plan
+    config: GateConfig
+    relay: Relay
+    resolver: Resolver | None
+
+    @property
+    def settings(self) -> Settings:
+        return self.plan.settings
+
+    @classmethod
+    def build(cls, number: int, plan: Plan) -> Generation:
+        """Read the TLS files and build the relay; ConfigError names what failed."""
+        settings = plan.settings
+        return cls(
+            number,
+            plan,
+            GateConfig.from_settings(settings),
+            Relay.from_settings(settings),
+            resolver_from_settings(settings),
+        )
+
+
 class ListenError(Exception):
     """A listener could not be bound; ``str()`` says what to do about it."""
 
@@ -195,32 +223,28 @@ def bind_listeners(
 ) -> list[list[socket.socket]]:
     """Bind and listen on every address, ``copies`` times (one set per worker process).
 
-    With ``copies`` > 1 every socket has SO_REUSEPORT, so each worker has its own accept
-    queue and the kernel spreads new connections over them (a shared queue lets whichever
-    worker wakes first take a whole burst).  Without SO_REUSEPORT (not Linux) there is
-    one set, shared by all workers.  Port 0 is bound once; the copies take the same port.
-    Returns one list of sockets per copy.  Raises ListenError (closing what was already
-    bound) when one cannot be bound.
+    Each address is first bound alone, without SO_REUSEPORT: that fails when any other
+    process holds the port, even one that set SO_REUSEPORT itself (a second smtpgate, a
+    Postfix built with reuseport) and would otherwise share it, letting the kernel hand
+    some clients to the other MTA past every restriction.  Then the copies are bound with
+    SO_REUSEPORT, so each worker has its own accept queue and the kernel spreads new
+    connections over them, and a small BPF program picks only among these copies: a
+    process that joins the port later gets no connection.  Without SO_REUSEPORT (not
+    Linux) there is one set, shared by all workers.  Returns one list of sockets per copy.
+    Raises ListenError (closing what was already bound) when one cannot be bound.
     """
     reuseport = copies > 1 and hasattr(socket, "SO_REUSEPORT")
     sets: list[list[socket.socket]] = [[] for _ in range(copies if reuseport else 1)]
     try:
         for address in addresses:
             try:
-                infos = socket.getaddrinfo(
-                    address.host,
-                    address.port,
-                    type=socket.SOCK_STREAM,
-                    flags=socket.AI_PASSIVE,
-                )
-                seen = set()
-                for family, kind, proto, _, sockaddr in infos:
-                    if (family, sockaddr) in seen:
-                        continue
-                    seen.add((family, sockaddr))
+                for family, kind, proto, sockaddr in _passive_addresses(address):
+                    sockaddr = _probe(family, kind, proto, sockaddr)
+                    group = []
                     for copy in sets:
                         sock = socket.socket(family, kind, proto)
                         copy.append(sock)
+                        group.append(sock)
                         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                         if reuseport:
                             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -229,8 +253,8 @@ def bind_listeners(
                         sock.bind(sockaddr)
                         sock.listen(1024)
                         sock.setblocking(False)
-                        # listen = host:0: the first copy picked the port, the rest follow.
-                        sockaddr = (sockaddr[0], sock.getsockname()[1], *sockaddr[2:])
+                    if reuseport:
+                        _keep_port_to_ourselves(group[0], len(group))
             except OSError as exc:
                 raise ListenError(address, exc) from None
     except ListenError:
@@ -239,6 +263,58 @@ def bind_listeners(
                 sock.close()
         raise
     return sets
+
+
+def _passive_addresses(address: ListenAddress) -> list[tuple[int, int, int, Any]]:
+    infos = socket.getaddrinfo(
+        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    out: list[tuple[int, int, int, Any]] = []
+    seen = set()
+    for family, kind, proto, _, sockaddr in infos:
+        if (family, sockaddr) not in seen:
+            seen.add((family, sockaddr))
+            out.append((family, kind, proto, sockaddr))
+    return out
+
+
+def _probe(family: int, kind: int, proto: int, sockaddr: Any) -> Any:
+    """Bind ``sockaddr`` alone (EADDRINUSE when anyone holds it); the address to use, with
+    port 0 replaced by the port the kernel chose."""
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        probe.bind(sockaddr)
+        return (sockaddr[0], probe.getsockname()[1], *sockaddr[2:])
+
+
+SO_ATTACH_REUSEPORT_CBPF = 51  # linux/asm-generic/socket.h
+
+
+def _keep_port_to_ourselves(sock: socket.socket, count: int) -> bool:
+    """Attach "a random number modulo ``count``" as the SO_REUSEPORT group's selector.
+
+    The kernel then hands each new connection to one of the first ``count`` sockets of
+    the group (ours, bound first), never to one that another process adds later.  False
+    where the kernel refuses the program (not Linux, a seccomp filter): the check at
+    start still holds.
+    """
+    import ctypes
+
+    skf_ad_random = -0x1000 + 56  # SKF_AD_OFF + SKF_AD_RANDOM
+    program = [
+        (0x20, 0, 0, skf_ad_random & 0xFFFFFFFF),  # BPF_LD|BPF_W|BPF_ABS: A = random
+        (0x94, 0, 0, count),  # BPF_ALU|BPF_MOD|BPF_K: A %= count
+        (0x16, 0, 0, 0),  # BPF_RET|BPF_A: the socket with index A
+    ]
+    code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in program))
+    fprog = struct.pack("HL", len(program), ctypes.addressof(code))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+    except OSError:
+        return False
+    return True
 
 
 # Standard modules that are imported on first use deep inside the standard library or a
@@ -299,12 +375,13 @@ def write_pid_file(path: str, maillog: MailLog) -> bool:
     return True
 
 
-def drop_privileges(user: str) -> None:
-    """Become ``user`` (its uid, gid, no supplementary groups); refuse to stay root."""
+def unprivileged_user(user: str) -> tuple[int, int] | None:
+    """The (uid, gid) a root process becomes, None when not root; ConfigError for a user
+    that does not exist or is root.  ``serve`` asks before it forks its first worker."""
     import pwd
 
     if os.geteuid() != 0:
-        return
+        return None
     try:
         entry = pwd.getpwnam(user)
     except KeyError:
@@ -314,9 +391,17 @@ def drop_privileges(user: str) -> None:
         ) from None
     if entry.pw_uid == 0:
         raise ConfigError(f"smtpgate_user = {user} is root: smtpgate will not run as root")
+    return entry.pw_uid, entry.pw_gid
+
+
+def drop_privileges(user: str) -> None:
+    """Become ``user`` (its uid, gid, no supplementary groups); refuse to stay root."""
+    ids = unprivileged_user(user)
+    if ids is None:
+        return
     os.setgroups([])
-    os.setgid(entry.pw_gid)
-    os.setuid(entry.pw_uid)
+    os.setgid(ids[1])
+    os.setuid(ids[0])
     if os.geteuid() == 0 or os.getuid() == 0:
         raise ConfigError("could not drop root privileges; refusing to run as root")
 
@@ -332,19 +417,24 @@ class Server:
         *,
         config_path: str | None = None,
         overrides: Sequence[str] = (),
+        generation: Generation | None = None,
     ) -> None:
         self.settings = settings
         self.maillog = maillog
         self.config_path = config_path
         self.overrides = tuple(overrides)
         self.pid_file: str | None = None
+        built = generation or Generation.build(0, plan)
         self.shared = Shared(
-            plan=plan,
-            config=GateConfig.from_settings(settings),
-            relay=Relay.from_settings(settings),
+            plan=built.plan,
+            config=built.config,
+            relay=built.relay,
             maillog=maillog,
-            resolver=resolver_from_settings(settings),
+            resolver=built.resolver,
         )
+        self.retiring = False
+        self.on_closed: Callable[[], None] | None = None
+        """Called once the listeners are closed (a worker tells its supervisor)."""
         self._wire_next_hops()
         self.addresses = parse_listen(settings.as_list("listen"))
         self.servers: list[asyncio.base_events.Server] = []
@@ -457,11 +547,16 @@ class Server:
         settings = plan.settings
         if settings.as_list("listen") != self.settings.as_list("listen"):
             self.maillog.warning("reload: listen changed; restart smtpgate to rebind")
+        try:
+            generation = Generation.build(0, plan)
+        except ConfigError as exc:
+            self.maillog.error(f"reload failed, keeping the running configuration: {exc}")
+            return False
         old_relay = self.shared.relay
         self.shared.plan = plan
-        self.shared.config = GateConfig.from_settings(settings)
-        self.shared.relay = Relay.from_settings(settings)
-        self.shared.resolver = resolver_from_settings(settings)
+        self.shared.config = generation.config
+        self.shared.relay = generation.relay
+        self.shared.resolver = generation.resolver
         self._wire_next_hops()
         self.settings = settings
         await old_relay.close()
@@ -480,13 +575,31 @@ class Server:
             if self.shared.sessions:
                 await self.shared.changed.wait()
 
+    def _close_listeners(self) -> None:
+        for server in self.servers:
+            server.close()
+        if self.on_closed is not None:
+            self.on_closed()
+            self.on_closed = None
+
+    async def retire(self) -> None:
+        """A newer generation took over the listeners (reload): stop accepting, let every
+        session end as its client ends it, then stop."""
+        if self.retiring or self.shared.draining:
+            return
+        self.retiring = True
+        self._close_listeners()
+        while self.shared.sessions and not self.shared.draining:
+            self.shared.changed.clear()
+            await self.shared.changed.wait()
+        await self.stop()
+
     async def stop(self, drain_timeout: float = DRAIN_TIMEOUT) -> None:
         if self.shared.draining:
             return
         self.shared.draining = True
         self.maillog.info("stopping: no new connections; draining sessions")
-        for server in self.servers:
-            server.close()
+        self._close_listeners()
         for session in list(self.shared.sessions):
             await session.drain()
         try:
@@ -508,124 +621,20 @@ class Server:
         self.stopped.set()
 
 
-RESTART_LIMIT = 5
-"""A worker that dies this many times within RESTART_WINDOW seconds stops the service."""
-RESTART_WINDOW = 60.0
-
-
-class Supervisor:
-    """The parent of ``smtpgate_workers`` worker processes sharing the bound sockets.
-
-    It forks the workers (before any event loop exists), forwards SIGTERM/SIGINT (each
-    worker drains; the parent waits for all) and SIGHUP (each worker reloads itself), and
-    replaces a worker that dies, up to RESTART_LIMIT deaths within RESTART_WINDOW.
-    """
-
-    SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD})
-    WORKER_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
-    """Blocked in a new worker until it has its handlers (``worker_ready``)."""
-
-    def __init__(
-        self, count: int, run_worker: Callable[[int, bool], None], maillog: MailLog
-    ) -> None:
-        self.count = count
-        self.run_worker = run_worker
-        self.maillog = maillog
-        self.workers: dict[int, int] = {}  # pid -> slot
-        self._deaths: list[float] = []
-        self._old_mask: set[int | signal.Signals] = set()
-        self._reloaded = False
-
-    def _spawn(self, slot: int) -> None:
-        self.maillog.flush()
-        # Objects alive now (modules, the plan, tables) are never collected in a worker:
-        # the collector leaves them alone, so their pages stay shared with the parent.
-        gc.freeze()
-        pid = os.fork()
-        if pid == 0:  # the worker
-            status = 1
-            try:
-                # SIGTERM, SIGINT and SIGHUP stay blocked (pending, not lost) until the
-                # worker's event loop handles them: see worker_ready.
-                signal.pthread_sigmask(signal.SIG_SETMASK, self._old_mask | self.WORKER_SIGNALS)
-                # A worker started after a SIGHUP reloads first, like the others did.
-                self.run_worker(slot, self._reloaded)
-                status = 0
-            except BaseException as exc:  # the worker must never return to the caller
-                with contextlib.suppress(BaseException):
-                    self.maillog.error(f"worker {slot} failed: {exc}")
-            finally:
-                with contextlib.suppress(BaseException):
-                    self.maillog.close()
-                os._exit(status)
-        self.workers[pid] = slot
-
-    def _signal_all(self, signum: int) -> None:
-        for pid in list(self.workers):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-
-    def _reap(self, stopping: bool) -> bool:
-        """Collect dead workers and replace them; True when they die too often."""
-        give_up = False
-        while self.workers:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                self.workers.clear()
-                break
-            if pid == 0:
-                break
-            if pid not in self.workers:
-                continue
-            slot = self.workers.pop(pid)
-            if stopping:
-                continue
-            if os.WIFSIGNALED(status):
-                how = f"killed by signal {os.WTERMSIG(status)}"
-            else:
-                how = f"exit status {os.waitstatus_to_exitcode(status)}"
-            now = time.monotonic()
-            self._deaths = [t for t in self._deaths if now - t < RESTART_WINDOW] + [now]
-            if len(self._deaths) >= RESTART_LIMIT:
-                self.maillog.error(
-                    f"worker {pid} died ({how}); {len(self._deaths)} worker deaths within "
-                    f"{RESTART_WINDOW:.0f}s: stopping smtpgate"
-                )
-                stopping = give_up = True
-                self._signal_all(signal.SIGTERM)
-                continue
-            self.maillog.warning(f"worker {pid} died ({how}); starting a new one")
-            self._spawn(slot)
-        return give_up
-
-    def run(self) -> int:
-        """Fork the workers and supervise them until they have all stopped; the exit code."""
-        self._old_mask = set(signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS))
-        stopping = False
-        failed = False
-        for number in range(self.count):
-            self._spawn(number)
-        self.maillog.info(f"smtpgate started {self.count} worker processes")
-        while True:
-            info = signal.sigtimedwait(self.SIGNALS, 1.0)
-            if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
-                if not stopping:
-                    self.maillog.info("stopping: telling the workers to drain")
-                stopping = True
-                self._signal_all(signal.SIGTERM)
-            elif info is not None and info.si_signo == signal.SIGHUP and not stopping:
-                self.maillog.info("reload: telling the workers to reload")
-                self._reloaded = True
-                self._signal_all(signal.SIGHUP)
-            if self._reap(stopping):
-                stopping = failed = True
-            if stopping and not self.workers:
-                break
-        self.maillog.info("stopped")
-        return 1 if failed else 0
+WORKER_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1})
+"""Blocked in a new worker process until its event loop handles them (``worker_ready``)."""
 
 
 def worker_ready() -> None:
     """In a worker, once its signal handlers are installed: let the signals in."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, Supervisor.WORKER_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
+
+
+def run_fast(main_coro: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop when it is installed (the ``uvloop`` extra), else on asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main_coro)
+        return
+    uvloop.run(main_coro)

@@ -44,7 +44,7 @@ from smtpgate.policy.peer import lookup_client
 from smtpgate.policy.plan import Plan
 from smtpgate.policy.ports import Resolver
 from smtpgate.policy.session import PolicySession
-from smtpgate.relay import ClientFacts, Relay, Transaction, plain_content
+from smtpgate.relay import ClientFacts, Relay, Transaction, load_cert_files, plain_content
 from smtpgate.reply import R451_LOCAL_ERROR, Reply
 from smtpgate.tables import AddressList, Table, open_table
 
@@ -138,7 +138,7 @@ class GateConfig:
         cert = settings.get("smtpd_tls_cert_file") or ""
         context = None
         if level in ("may", "encrypt") and cert:
-            context = server_tls_context(cert, settings.get("smtpd_tls_key_file") or cert)
+            context = server_tls_context(settings, cert, settings.get("smtpd_tls_key_file") or cert)
         exclusions = AddressList.parse(
             settings.as_list("smtpd_forbid_bare_newline_exclusions"),
             base_dir=settings.config_directory,
@@ -185,11 +185,17 @@ class GateConfig:
         )
 
 
-def server_tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
-    """TLS 1.2 or newer; no client certificate requested."""
+def server_tls_context(settings: Settings, cert_file: str, key_file: str) -> ssl.SSLContext:
+    """TLS 1.2 or newer; no client certificate requested.
+
+    The files are read here, once per (re)load, by the supervisor while it is still root:
+    a key that only root may read (``/etc/letsencrypt/live/*/privkey.pem``) works.
+    """
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert_file, key_file)
+    load_cert_files(
+        context, settings, ("smtpd_tls_cert_file", cert_file), ("smtpd_tls_key_file", key_file)
+    )
     return context
 
 

@@ -14,61 +14,15 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.processes import children, session, wait_until
 from tests.test_newcomer import SMTPGATE, free_port, wait_for_port, write_config
 
 Serving = tuple[subprocess.Popen[str], int, Path]
-
-
-def children(pid: int) -> list[int]:
-    """The live child processes of ``pid`` (from /proc)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
-            out.append(int(entry))
-    return out
-
-
-def wait_until(check: Callable[[], bool], deadline: float = 15.0) -> bool:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
-
-
-def session(port: int, sender: str = "someone@example.com", recipient: str = "foo@bar.org") -> str:
-    """HELO, MAIL, RCPT (to a relayed domain by default); the RCPT reply's first line."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        stream = sock.makefile("rwb")
-
-        def reply() -> str:
-            while True:
-                line = stream.readline().decode()
-                assert line, "connection closed"
-                if line[3:4] != "-":
-                    return line.rstrip("\r\n")
-
-        assert reply().startswith("220")
-        for command in ("HELO client.example", f"MAIL FROM:<{sender}>", f"RCPT TO:<{recipient}>"):
-            stream.write(command.encode() + b"\r\n")
-            stream.flush()
-            answer = reply()
-        stream.write(b"QUIT\r\n")
-        stream.flush()
-        return answer
 
 
 @pytest.fixture
@@ -171,15 +125,19 @@ def test_workers_keep_what_they_need_after_dropping_privileges(workers: Serving)
     assert "unexpected error" not in log.read_text()
 
 
-def test_sighup_reload_reaches_every_worker(workers: Serving):
+def test_sighup_reload_replaces_every_worker(workers: Serving):
+    """A reload is a generation swap: new workers with the new files, the old ones gone."""
     proc, port, folder = workers
+    before = set(children(proc.pid))
     assert "554" in session(port, "someone@qq.com")
     (folder / "senders").write_text("qq.com 521 go away\n")
     proc.send_signal(signal.SIGHUP)
     log = folder / "maillog"
-    assert wait_until(lambda: log.read_text().count("reloaded") >= 2), log.read_text()
+    assert wait_until(lambda: "reloaded" in log.read_text()), log.read_text()
     answers = [session(port, "someone@qq.com") for _ in range(8)]
     assert all(a.startswith("521") for a in answers), answers
+    assert wait_until(lambda: len(children(proc.pid)) == 2)
+    assert not set(children(proc.pid)) & before
 
 
 def test_sigterm_stops_parent_and_workers(workers: Serving):

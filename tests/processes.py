@@ -1,0 +1,56 @@
+"""Helpers for tests that run `smtpgate serve` as a process tree, as it is deployed."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (from /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(entry))
+    return out
+
+
+def wait_until(check: Callable[[], bool], deadline: float = 15.0) -> bool:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()
+
+
+def session(port: int, sender: str = "someone@example.com", recipient: str = "foo@bar.org") -> str:
+    """HELO, MAIL, RCPT (to a relayed domain by default); the RCPT reply's first line."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        stream = sock.makefile("rwb")
+
+        def reply() -> str:
+            while True:
+                line = stream.readline().decode()
+                assert line, "connection closed"
+                if line[3:4] != "-":
+                    return line.rstrip("\r\n")
+
+        assert reply().startswith("220")
+        for command in ("HELO client.example", f"MAIL FROM:<{sender}>", f"RCPT TO:<{recipient}>"):
+            stream.write(command.encode() + b"\r\n")
+            stream.flush()
+            answer = reply()
+        stream.write(b"QUIT\r\n")
+        stream.flush()
+        return answer
