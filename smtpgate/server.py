@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import os
 import signal
@@ -300,8 +301,6 @@ def _keep_port_to_ourselves(sock: socket.socket, count: int) -> bool:
     where the kernel refuses the program (not Linux, a seccomp filter): the check at
     start still holds.
     """
-    import ctypes
-
     skf_ad_random = -0x1000 + 56  # SKF_AD_OFF + SKF_AD_RANDOM
     program = [
         (0x20, 0, 0, skf_ad_random & 0xFFFFFFFF),  # BPF_LD|BPF_W|BPF_ABS: A = random
@@ -368,8 +367,8 @@ def write_pid_file(path: str, maillog: MailLog) -> bool:
             f.write(f"{os.getpid()}\n")
     except OSError as exc:
         maillog.warning(
-            f"pid_file {path}: {exc.strerror}: smtpgate reload cannot find this process "
-            "(send SIGHUP instead, or set pid_file)"
+            f"pid_file {path}: {exc.strerror}: not written "
+            "(smtpgate reload reaches the server without it)"
         )
         return False
     return True

@@ -1,0 +1,32 @@
+"""Run the ``smtpgate`` command as another user, where that user cannot start Python.
+
+``python -m tests.as_user USER ARGS...`` imports what the command needs while still root,
+becomes USER (uid, gid, no supplementary groups) and runs ``smtpgate ARGS...``.  It stands
+for a process that is unprivileged from the start -- the Docker image's user, an admin's
+own account -- on machines (this one, CI) where the interpreter lives under /root.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import sys
+
+
+def main() -> None:
+    user, *args = sys.argv[1:]
+    import smtpgate.cli
+    import smtpgate.supervisor
+    from smtpgate.server import preload_modules
+
+    preload_modules()
+    entry = pwd.getpwnam(user)
+    os.setgroups([])
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+    sys.argv = ["smtpgate", *args]
+    smtpgate.cli.main()
+
+
+if __name__ == "__main__":
+    main()

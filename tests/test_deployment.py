@@ -1,0 +1,314 @@
+"""`smtpgate serve` as it is deployed: root, workers, root-only keys, reload, shared ports.
+
+Every test here runs the CLI as a process tree (supervisor + workers), and, when the suite
+runs as root (CI does), with the privilege drop to ``nobody`` and key files that only root
+may read, as Let's Encrypt leaves them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pwd
+import socket
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.processes import children, session, wait_until
+from tests.test_newcomer import IS_ROOT, SMTPGATE, free_port, write_config
+
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="root-only files need root")
+
+
+def make_cert(folder: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate and its key (EC P-256), both mode 600 (root-only when
+    the suite runs as root)."""
+    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={name}"],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    cert.chmod(0o600)
+    key.chmod(0o600)
+    return cert, key
+
+
+def fingerprint_of(cert: Path) -> str:
+    der = ssl.PEM_cert_to_DER_cert(cert.read_text())
+    return hashlib.sha256(der).hexdigest()
+
+
+def starttls_fingerprint(port: int) -> str:
+    """The SHA-256 of the certificate a STARTTLS session on ``port`` is shown."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        stream = raw.makefile("rwb")
+
+        def command(line: str) -> str:
+            stream.write(line.encode() + b"\r\n")
+            stream.flush()
+            while (answer := stream.readline().decode())[3:4] == "-":
+                pass
+            return answer
+
+        assert stream.readline().startswith(b"220")
+        command("EHLO client.example")
+        assert command("STARTTLS").startswith("220")
+        with context.wrap_socket(raw, server_hostname="mx.example.org") as tls:
+            der = tls.getpeercert(binary_form=True)
+            assert der is not None
+            tls.sendall(b"QUIT\r\n")
+            return hashlib.sha256(der).hexdigest()
+
+
+def command(args: tuple[str, ...] | list[str], user: str | None) -> list[str]:
+    """The command line of ``smtpgate args`` run as ``user`` (None: as the suite runs)."""
+    if user is None:
+        return [*SMTPGATE, *args]
+    return [sys.executable, "-m", "tests.as_user", user, *args]
+
+
+def run_cli(*args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command(args, user), capture_output=True, text=True, timeout=120)
+
+
+class Serving:
+    """A running `smtpgate serve`: the process, its port, its folder and log."""
+
+    def __init__(self, proc: subprocess.Popen[str], port: int, folder: Path, cf: Path) -> None:
+        self.proc, self.port, self.folder, self.cf = proc, port, folder, cf
+        self.pid_file = folder / "smtpgate.pid"
+
+    @property
+    def log(self) -> str:
+        path = self.folder / "maillog"
+        return path.read_text() if path.exists() else ""
+
+    def reload(self, user: str | None = None) -> subprocess.CompletedProcess[str]:
+        return run_cli("reload", "-c", str(self.cf), "-o", f"pid_file={self.pid_file}", user=user)
+
+
+@contextmanager
+def serving(
+    folder: Path, *options: str, workers: int = 2, user: str | None = None
+) -> Iterator[Serving]:
+    """`smtpgate serve` on a free port with ``workers`` workers, as ``user`` (default: the
+    suite's own user, which drops to nobody when it is root)."""
+    port = free_port()
+    cf = folder / "main.cf"
+    args = [
+        "serve", "-c", str(cf),
+        "-o", f"listen=127.0.0.1:{port}",
+        "-o", f"pid_file={folder / 'smtpgate.pid'}",
+        "-o", f"maillog_file={folder / 'maillog'}",
+        "-o", "smtpgate_user=nobody",
+        "-o", f"smtpgate_workers={workers}",
+        *options,
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        command(args, user), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    server = Serving(proc, port, folder, cf)
+    try:
+        assert wait_until(
+            lambda: server.log.count("smtpgate listening on") >= workers or proc.poll() is not None
+        ), server.log
+        assert proc.poll() is None, proc.communicate(timeout=10)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.communicate(timeout=30)
+
+
+@pytest.fixture
+def etc(public_dir: Path) -> Path:
+    folder = public_dir / "etc"
+    write_config(folder)
+    return folder
+
+
+def with_tls(folder: Path, cert: Path, key: Path) -> None:
+    cf = folder / "main.cf"
+    cf.write_text(
+        cf.read_text()
+        + "smtpd_tls_security_level = may\n"
+        + f"smtpd_tls_cert_file = {cert}\n"
+        + f"smtpd_tls_key_file = {key}\n"
+    )
+
+
+def all_fingerprints(port: int, count: int = 8) -> set[str]:
+    """The certificates of ``count`` sessions (spread over the workers by the kernel)."""
+    return {starttls_fingerprint(port) for _ in range(count)}
+
+
+@needs_root
+def test_root_only_key_is_read_before_the_privilege_drop(etc: Path, public_dir: Path):
+    keys = public_dir / "private"
+    keys.mkdir(mode=0o700)
+    cert, key = make_cert(keys, "mx-one")
+    with_tls(etc, cert, key)
+    with serving(etc) as server:
+        assert all_fingerprints(server.port) == {fingerprint_of(cert)}
+        workers = children(server.proc.pid)
+        assert len(workers) == 2
+        nobody = str(pwd.getpwnam("nobody").pw_uid)
+        for pid in workers:
+            status = Path(f"/proc/{pid}/status").read_text()
+            assert f"Uid:\t{nobody}\t{nobody}" in status
+        assert "Permission denied" not in server.log
+
+
+@needs_root
+def test_certificate_renewal_then_reload_serves_the_new_certificate(etc: Path, public_dir: Path):
+    keys = public_dir / "live"
+    keys.mkdir(mode=0o700)
+    cert, key = make_cert(keys, "mx-2026")
+    with_tls(etc, cert, key)
+    with serving(etc) as server:
+        assert all_fingerprints(server.port) == {fingerprint_of(cert)}
+        # certbot writes the new files, then its deploy hook runs `systemctl reload`
+        renewed, renewed_key = make_cert(keys, "mx-2027")
+        renewed.replace(cert)
+        renewed_key.replace(key)
+        result = server.reload()
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == f"smtpgate: reloaded {server.cf}\n"
+        # the verdict came once the new workers listened: every new session sees it
+        assert all_fingerprints(server.port, 12) == {fingerprint_of(cert)}
+
+
+def test_unreadable_key_names_the_file_and_the_parameter(etc: Path, public_dir: Path):
+    cert, key = make_cert(public_dir, "mx")
+    with_tls(etc, cert, public_dir / "missing.key")
+    result = run_cli("check", "-c", str(etc / "main.cf"))
+    assert result.returncode == 2
+    number = (
+        (etc / "main.cf")
+        .read_text()
+        .splitlines()
+        .index(f"smtpd_tls_key_file = {public_dir / 'missing.key'}")
+    )
+    line = f"error: {etc / 'main.cf'}, line {number + 1}: smtpd_tls_key_file: cannot read "
+    assert f"{line}{public_dir / 'missing.key'}: No such file or directory" in result.stderr
+
+
+@needs_root
+def test_root_only_key_checked_as_another_user_names_file_and_parameter(
+    etc: Path, public_dir: Path
+):
+    cert, key = make_cert(public_dir, "mx")
+    with_tls(etc, cert, key)
+    result = run_cli("check", "-c", str(etc / "main.cf"), user="nobody")
+    assert result.returncode == 2
+    assert f"smtpd_tls_cert_file: cannot read {cert}: Permission denied" in result.stderr
+
+
+def test_failed_reload_exits_nonzero_with_the_reason_and_keeps_serving(etc: Path):
+    with serving(etc) as server:
+        assert session(server.port, "someone@qq.com").startswith("554")
+        cf = etc / "main.cf"
+        cf.write_text(cf.read_text() + "smtpd_sender_restrictions = permit_mynetwork\n")
+        result = server.reload()
+        assert result.returncode == 2
+        assert 'unknown restriction "permit_mynetwork"' in result.stderr
+        assert "reload failed: 1 error(s) in the configuration" in result.stderr
+        assert "the running configuration is kept" in result.stderr
+        assert "reload failed" in server.log
+        assert session(server.port, "someone@qq.com").startswith("554")
+
+
+@needs_root
+def test_reload_reads_root_only_tables(etc: Path):
+    """The supervisor stays root: a table only root may read loads at a reload too."""
+    senders = etc / "senders"
+    senders.chmod(0o600)
+    with serving(etc) as server:
+        assert session(server.port, "someone@qq.com").startswith("554")
+        senders.write_text("qq.com 521 go away\n")
+        senders.chmod(0o600)
+        assert server.reload().returncode == 0
+        assert session(server.port, "someone@qq.com").startswith("521 5.7.1")
+
+
+def reuseport_socket(port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(64)
+    return sock
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_refuses_a_port_another_mta_shares(etc: Path, workers: int):
+    """An MTA that set SO_REUSEPORT would otherwise split the connections with us."""
+    with reuseport_socket(0) as other:
+        port = other.getsockname()[1]
+        result = run_cli(
+            "serve", "-c", str(etc / "main.cf"), "-o", f"listen=127.0.0.1:{port}",
+            "-o", "pid_file=", "-o", "smtpgate_user=nobody", "-o", f"smtpgate_workers={workers}",
+        )  # fmt: skip
+    assert result.returncode == 3
+    assert result.stderr == (
+        f"smtpgate: fatal: cannot listen on 127.0.0.1:{port}: the address is already in use "
+        "(another smtpgate or MTA runs there): stop it, or change listen\n"
+    )
+
+
+def test_a_later_process_on_the_port_gets_no_connection(etc: Path):
+    with serving(etc) as server, reuseport_socket(server.port) as intruder:
+        intruder.setblocking(False)
+        for _ in range(40):
+            assert session(server.port, "someone@qq.com").startswith("554")
+        with pytest.raises(BlockingIOError):
+            intruder.accept()
+
+
+def test_second_serve_with_the_same_pid_file_is_refused(etc: Path):
+    with serving(etc) as server:
+        result = run_cli(
+            "serve", "-c", str(server.cf), "-o", f"listen=127.0.0.1:{free_port()}",
+            "-o", f"pid_file={server.pid_file}", "-o", "smtpgate_user=nobody",
+        )  # fmt: skip
+        assert result.returncode == 2
+        assert "another smtpgate serve runs with this pid_file" in result.stderr
+
+
+@needs_root
+def test_docker_reload_with_a_root_owned_run_directory(etc: Path, public_dir: Path):
+    """The image runs serve as an unprivileged user; `--tmpfs /run/smtpgate` comes up
+    root-owned, mode 755, so the pid file cannot be written.  `docker exec smtpgate
+    smtpgate reload` (the same user) must still reach the server."""
+    run_dir = public_dir / "run-smtpgate"
+    run_dir.mkdir(mode=0o755)
+    etc.chmod(0o755)
+    (etc / "maillog").touch()
+    (etc / "maillog").chmod(0o666)
+    with serving(etc, "-o", f"pid_file={run_dir / 'smtpgate.pid'}", user="nobody") as server:
+        server.pid_file = run_dir / "smtpgate.pid"
+        assert not server.pid_file.exists()
+        assert "smtpgate reload reaches the server without it" in server.log
+        (etc / "senders").write_text("qq.com 521 go away\n")
+        result = server.reload(user="nobody")
+        assert result.returncode == 0, result.stderr
+        assert session(server.port, "someone@qq.com").startswith("521 5.7.1")
+        other = pwd.getpwnam("daemon").pw_name
+        refused = server.reload(user=other)
+        assert refused.returncode == 2
+        assert "permission denied" in refused.stderr
+
+
+def test_reload_without_a_server_says_so(etc: Path):
+    result = run_cli("reload", "-c", str(etc / "main.cf"), "-o", f"pid_file={etc / 'smtpgate.pid'}")
+    assert result.returncode == 3
+    assert "no smtpgate serve answers for pid_file" in result.stderr
