@@ -414,15 +414,10 @@ class Server:
         plan: Plan,
         maillog: MailLog,
         *,
-        config_path: str | None = None,
-        overrides: Sequence[str] = (),
         generation: Generation | None = None,
     ) -> None:
         self.settings = settings
         self.maillog = maillog
-        self.config_path = config_path
-        self.overrides = tuple(overrides)
-        self.pid_file: str | None = None
         built = generation or Generation.build(0, plan)
         self.shared = Shared(
             plan=built.plan,
@@ -489,12 +484,6 @@ class Server:
         names = ", ".join(f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in self.sockets)
         self.maillog.info(f"smtpgate listening on {names} (event loop: {event_loop_name()})")
 
-    def install_signal_handlers(self) -> None:
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, lambda: asyncio.ensure_future(self.stop()))
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
-
     async def probe_relayhost(self) -> None:
         """Warn (and keep serving) when the backend cannot be reached at start."""
         relayhost = self.shared.relay.relayhost
@@ -519,48 +508,6 @@ class Server:
         writer.close()
         with contextlib.suppress(Exception):
             await writer.wait_closed()
-
-    def write_pid_file(self, path: str) -> None:
-        """Record the process id for ``smtpgate reload``; a failure is only a warning."""
-        if write_pid_file(path, self.maillog):
-            self.pid_file = path
-
-    async def reload(self) -> bool:
-        """Re-read config and tables; swap them in only when they validate completely."""
-        if self.config_path is None:
-            self.maillog.warning("reload: this server was not started from a file")
-            return False
-        try:
-            plan, diagnostics = load_and_validate(self.config_path, self.overrides)
-        except ConfigError as exc:
-            self.maillog.error(f"reload failed, keeping the running configuration: {exc}")
-            return False
-        errors = [d for d in diagnostics if d.severity == "error"]
-        for diagnostic in diagnostics:
-            self.maillog.info(f"reload: {diagnostic}")
-        if plan is None or errors:
-            self.maillog.error(
-                f"reload failed ({len(errors)} error(s)), keeping the running configuration"
-            )
-            return False
-        settings = plan.settings
-        if settings.as_list("listen") != self.settings.as_list("listen"):
-            self.maillog.warning("reload: listen changed; restart smtpgate to rebind")
-        try:
-            generation = Generation.build(0, plan)
-        except ConfigError as exc:
-            self.maillog.error(f"reload failed, keeping the running configuration: {exc}")
-            return False
-        old_relay = self.shared.relay
-        self.shared.plan = plan
-        self.shared.config = generation.config
-        self.shared.relay = generation.relay
-        self.shared.resolver = generation.resolver
-        self._wire_next_hops()
-        self.settings = settings
-        await old_relay.close()
-        self.maillog.info(f"reloaded {self.config_path}")
-        return True
 
     async def serve_forever(self) -> None:
         await self.stopped.wait()
@@ -613,9 +560,6 @@ class Server:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
         await self.shared.relay.close()
-        if self.pid_file:
-            with contextlib.suppress(OSError):
-                os.unlink(self.pid_file)
         self.maillog.info("stopped")
         self.stopped.set()
 

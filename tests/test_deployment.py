@@ -312,3 +312,29 @@ def test_reload_without_a_server_says_so(etc: Path):
     result = run_cli("reload", "-c", str(etc / "main.cf"), "-o", f"pid_file={etc / 'smtpgate.pid'}")
     assert result.returncode == 3
     assert "no smtpgate serve answers for pid_file" in result.stderr
+
+
+def test_reload_lets_open_sessions_finish_under_the_old_rules(etc: Path):
+    """As with Postfix's reload: a session open across the reload keeps its worker and
+    its rules until it ends; every new connection gets the new ones."""
+    with serving(etc) as server:
+        old_workers = set(children(server.proc.pid))
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as early:
+            stream = early.makefile("rwb")
+
+            def command(line: str) -> str:
+                stream.write(line.encode() + b"\r\n")
+                stream.flush()
+                return stream.readline().decode()
+
+            assert stream.readline().startswith(b"220")
+            command("HELO client.example")
+            (etc / "senders").write_text("qq.com 521 go away\n")
+            assert server.reload().returncode == 0
+            assert session(server.port, "someone@qq.com").startswith("521 5.7.1")
+            command("MAIL FROM:<b@qq.com>")
+            assert command("RCPT TO:<foo@bar.org>").startswith("554 5.7.1 <b@qq.com>")
+            assert len(set(children(server.proc.pid)) & old_workers) == 1  # its worker only
+            command("QUIT")
+        assert wait_until(lambda: not set(children(server.proc.pid)) & old_workers)
+        assert len(children(server.proc.pid)) == 2
