@@ -52,11 +52,20 @@ def one(service: dict[str, list[str]], key: str) -> str:
     return value
 
 
-def test_dedicated_user_and_port_25_capability_only(service: dict[str, list[str]]) -> None:
-    assert one(service, "User") == PARAMETERS["smtpgate_user"].default == "smtpgate"
-    assert one(service, "Group") == "smtpgate"
-    assert one(service, "AmbientCapabilities") == "CAP_NET_BIND_SERVICE"
-    assert one(service, "CapabilityBoundingSet") == "CAP_NET_BIND_SERVICE"
+def test_root_supervisor_with_only_the_capabilities_it_needs(
+    service: dict[str, list[str]],
+) -> None:
+    """Started as root, as Postfix's master is: root-only keys and tables are read at start
+    and at every reload; the workers drop to smtpgate_user.  Port 25 and the change of
+    user are the only capabilities; no DAC override (root reads only what root owns)."""
+    assert "User" not in service and "Group" not in service
+    assert PARAMETERS["smtpgate_user"].default == "smtpgate"
+    assert one(service, "CapabilityBoundingSet").split() == [
+        "CAP_NET_BIND_SERVICE",
+        "CAP_SETUID",
+        "CAP_SETGID",
+    ]
+    assert "AmbientCapabilities" not in service
     assert one(service, "NoNewPrivileges") == "yes"
 
 
@@ -64,6 +73,8 @@ def test_dedicated_user_and_port_25_capability_only(service: dict[str, list[str]
     ("key", "value"),
     [
         ("ProtectSystem", "strict"),
+        ("PrivateMounts", "yes"),
+        ("UMask", "0077"),
         ("ReadOnlyPaths", "/etc/smtpgate"),
         ("ProtectHome", "yes"),
         ("PrivateTmp", "yes"),
@@ -84,8 +95,13 @@ def test_hardening(service: dict[str, list[str]], key: str, value: str) -> None:
 
 
 def test_system_call_filter(service: dict[str, list[str]]) -> None:
-    assert service["SystemCallFilter"][0] == "@system-service"
-    assert all(v.startswith("~") for v in service["SystemCallFilter"][1:])
+    """The service allow list minus @privileged, except the three calls of the workers'
+    privilege drop."""
+    assert service["SystemCallFilter"] == [
+        "@system-service",
+        "~@privileged @resources",
+        "setgroups setgid setuid",
+    ]
 
 
 def test_runtime_directory_holds_the_pid_file(service: dict[str, list[str]]) -> None:
@@ -145,5 +161,7 @@ def test_systemd_analyze_security_exposure(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+) (\w+)", result.stdout)
     assert match, result.stdout[-500:]
-    # 0 is a fully locked-down unit, 10 an unprotected one; "OK" is below 2.0.
-    assert float(match[1]) <= 2.0 and match[2] == "OK", match[0]
+    # 0 is a fully locked-down unit, 10 an unprotected one. Running the supervisor as
+    # root with CAP_SETUID/CAP_SETGID and the three set*id calls costs 0.9 of it (a unit
+    # with User= rated 1.6 but could not read a root-only key); "OK" is below 4.
+    assert float(match[1]) <= 2.1 and match[2] == "OK", match[0]
