@@ -292,7 +292,8 @@ class Supervisor:
                 how = f"killed by signal {os.WTERMSIG(status)}"
             else:
                 how = f"exit status {os.waitstatus_to_exitcode(status)}"
-            if self._reload is not None and worker.generation is self._reload.generation:
+            pending = self._reload
+            if pending and worker.generation is pending.generation and not pending.retired_old:
                 self._abort_reload(f"a new worker died before it listened ({how})")
                 continue
             now = time.monotonic()
