@@ -86,7 +86,8 @@ def request_reload(address: str, timeout: float = RELOAD_TIMEOUT + 15) -> tuple[
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(address)
-        sock.sendall(b"reload\n")
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(b"reload\n")  # a refusal may come first: read it all the same
         data = b""
         while not _verdict(data) and (chunk := sock.recv(65536)):
             data += chunk
@@ -346,10 +347,6 @@ class Supervisor:
             return
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         _, uid, _ = struct.unpack("3i", creds)
-        if uid not in (0, os.getuid()):
-            self.maillog.warning(f"control: request from uid {uid} refused")
-            _answer(conn, ["failed: permission denied (root or the serve user only)"])
-            return
         conn.settimeout(CONTROL_TIMEOUT)
         request = b""
         with contextlib.suppress(OSError):
@@ -358,7 +355,10 @@ class Supervisor:
                 if not chunk:
                     break
                 request += chunk
-        if request.strip() == b"reload":
+        if uid not in (0, os.getuid()):
+            self.maillog.warning(f"control: request from uid {uid} refused")
+            _answer(conn, ["failed: permission denied (root or the serve user only)"])
+        elif request.strip() == b"reload":
             self._begin_reload(conn)
         else:
             _answer(conn, ["failed: unknown request (this server knows: reload)"])
