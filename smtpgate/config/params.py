@@ -90,6 +90,10 @@ _DIFFERENCES = {
         "Postfix uses it for outbound mail; smtpgate relays every accepted message to it "
         "(the backend MTA)."
     ),
+    "maillog_file": (
+        "Postfix logs to syslog when it is empty; smtpgate never uses syslog and writes to "
+        "standard error, which systemd's journal and docker logs collect."
+    ),
     "smtpd_proxy_timeout": "In smtpgate it bounds every exchange with the backend MTA.",
     "smtp_connect_timeout": (
         "In smtpgate it bounds the TCP connection to the backend MTA and its greeting "
@@ -614,7 +618,10 @@ _SPECS = [
         "The backend MTA for accepted mail: [host]:port (no MX lookup) or host (MX lookup).",
     ),
     _p(
-        "maillog_file", "", "str", "Write log lines to this file instead of syslog (empty: syslog)."
+        "maillog_file",
+        "",
+        "str",
+        "Write log lines to this file (empty: to standard error).",
     ),
     _p(
         "syslog_name",
