@@ -39,11 +39,18 @@ def _print_diagnostics(diagnostics: Sequence[Diagnostic]) -> None:
 def load_plan(
     config: str, overrides: Sequence[str], *, strict_tables: bool = True
 ) -> tuple[Plan | None, list[Diagnostic]]:
-    """Read the config and compile it: the load step serve, check and explain share."""
+    """Read the config and compile it: the load step serve, check and explain share.
+
+    The plan is None when any diagnostic is an error, the settings' own included (a
+    parameter that is not supported yet).
+    """
     settings: Settings
     settings, diagnostics = load_settings(config, overrides)
     plan, more = build_plan(settings, strict_tables=strict_tables)
-    return plan, [*diagnostics, *more]
+    found = [*diagnostics, *more]
+    if any(d.severity == "error" for d in found):
+        plan = None
+    return plan, found
 
 
 config_option = click.option(

@@ -110,12 +110,17 @@ def validate_service(settings: Settings) -> list[Diagnostic]:
     except ConfigError as exc:
         error(exc, "dns_servers")
     if not (settings.get("relayhost") or "").strip():
+        # smtpgate exists to relay: without a backend every message would get 451.
+        typos = "".join(
+            f" ({where} sets {name}: did you mean relayhost?)"
+            for name, where in settings.misspellings("relayhost")
+        )
         out.append(
             Diagnostic(
-                "warning",
-                "relayhost is empty: every message would be deferred with 451 4.3.0; "
-                "set relayhost = [backend.example]:25",
-                settings.location("relayhost"),
+                "error",
+                "relayhost is empty: smtpgate relays every accepted message to it; "
+                f"set relayhost = [backend.example]:25{typos}",
+                settings.blame("relayhost"),
             )
         )
     level = (settings.get("smtp_tls_security_level") or "").lower()

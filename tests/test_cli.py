@@ -30,13 +30,88 @@ def run(*args: str):
 
 
 def test_check_seed_explains_reject_521():
-    result = run("check", "-c", str(SEED))
+    result = run("check", "-c", str(SEED), "-o", "relayhost=[127.0.0.1]:2526")
     assert result.exit_code == 0, result.output
     assert "restricted_senders, line 3: warning:" in result.stderr
     assert "restricted_senders, line 4: warning:" in result.stderr
     assert 'sends $access_map_reject_code with the text "521", not a 521 reply' in result.stderr
-    assert "relayhost is empty" in result.stderr
-    assert "ok, 3 warning(s)" in result.stdout
+    assert "ok, 2 warning(s)" in result.stdout
+
+
+def test_check_refuses_a_config_without_relayhost():
+    result = run("check", "-c", str(SEED))
+    assert result.exit_code == 2
+    assert f"smtpgate: {SEED}: error: relayhost is empty: " in result.stderr
+    assert "1 error(s), 2 warning(s): smtpgate would not start" in result.stderr
+
+
+def test_a_misspelt_relayhost_is_named_beside_the_error(tmp_path: Path):
+    config = tmp_path / "main.cf"
+    config.write_text("myhostname = mx.example.org\nrelayhsot = [127.0.0.1]:2526\n")
+    result = run("check", "-c", str(config))
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[:2] == [
+        f"smtpgate: {config}, line 2: warning: unknown parameter: relayhsot = [127.0.0.1]:2526 "
+        "(did you mean relayhost?)",
+        f"smtpgate: {config}: error: relayhost is empty: smtpgate relays every accepted message "
+        f"to it; set relayhost = [backend.example]:25 ({config}, line 2 sets relayhsot: "
+        "did you mean relayhost?)",
+    ]
+    serve = run("serve", "-c", str(config), "-o", "listen=127.0.0.1:0")
+    assert serve.exit_code == 2
+    assert "error: relayhost is empty" in serve.stderr
+
+
+def test_explain_and_query_need_no_relayhost():
+    # They relay nothing: the seed's files work unchanged (see also the explain test below).
+    result = run("explain", "-c", str(SEED), *ENVELOPE)
+    assert result.exit_code == 0, result.output
+    assert "relayhost" not in result.stderr
+    query = run("query", "-c", str(SEED), "hash:restricted_senders", "qq.com")
+    assert (query.exit_code, query.stdout) == (0, "REJECT  521\n")
+
+
+def test_unsupported_parameter_stops_check_serve_and_explain(tmp_path: Path):
+    config = tmp_path / "main.cf"
+    config.write_text(
+        "relayhost = [127.0.0.1]:2526\nsmtpd_milters = inet:127.0.0.1:11332\n"
+        "non_smtpd_milters = $smtpd_milters\n"
+    )
+    line = f"smtpgate: {config}, line 2: error: not supported yet: smtpd_milters = "
+    for args in (
+        ["check"],
+        ["serve", "-o", "listen=127.0.0.1:0"],
+        ["explain", *ENVELOPE],
+    ):
+        result = run(args[0], "-c", str(config), *args[1:])
+        assert result.exit_code == 2, args
+        assert line in result.stderr, args
+
+
+def test_each_unimplemented_restriction_is_one_error(tmp_path: Path):
+    from smtpgate.policy.registry import RESTRICTIONS
+
+    later = sorted(name for name, spec in RESTRICTIONS.items() if not spec.implemented)
+    assert "check_policy_service" in later
+    words = {"none": "", "table": " hash:/nonexistent", "zone": " inet:127.0.0.1:10023"}
+    config = tmp_path / "main.cf"
+    classes = [f"class{n}" for n in range(len(later))]
+    lines = ["relayhost = [127.0.0.1]:2526", f"smtpd_restriction_classes = {', '.join(classes)}"]
+    lines += [
+        f"{cls} = {name}{words[RESTRICTIONS[name].arg]}, permit"
+        for cls, name in zip(classes, later, strict=True)
+    ]
+    config.write_text("\n".join(lines) + "\n")
+    result = run("check", "-c", str(config))
+    assert result.exit_code == 2
+    errors = [line for line in result.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == len(later), errors
+    for number, (cls, name) in enumerate(zip(classes, later, strict=True), start=3):
+        expected = (
+            f"smtpgate: {config}, line {number}: error: {cls}: "
+            f'restriction "{name}" is not supported yet ('
+        )
+        assert any(error.startswith(expected) for error in errors), expected
 
 
 def test_explain_seed_ends_with_postfix_reply():

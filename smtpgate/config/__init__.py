@@ -18,10 +18,11 @@ the standard library and :mod:`smtpgate.errors`; table specifications stay strin
 from smtpgate.config.diagnostics import Diagnostic, Location
 from smtpgate.config.expand import ExpansionError
 from smtpgate.config.maincf import split_list, strip_braces
-from smtpgate.config.params import PARAMETERS, POSTFIX_DEFAULTS, ParamSpec
+from smtpgate.config.params import NOT_SUPPORTED_YET, PARAMETERS, POSTFIX_DEFAULTS, ParamSpec
 from smtpgate.config.settings import Settings, load_settings, parse_settings
 
 __all__ = [
+    "NOT_SUPPORTED_YET",
     "PARAMETERS",
     "POSTFIX_DEFAULTS",
     "Diagnostic",

@@ -8,7 +8,15 @@ parameter reference in the docs is generated from it.
 :data:`POSTFIX_DEFAULTS` holds every Postfix 3.7 parameter name with its built-in default
 (``postfix_parameters.txt``, generated from ``postconf -d``). A name set in main.cf that is
 in neither table is an "unknown parameter"; one that is only in the second is "known to
-Postfix but not supported by smtpgate".
+Postfix but not supported by smtpgate", in one of two classes (:func:`classify`):
+
+- ``not_yet``: it changes what mail is accepted or how it is screened (milters, policy
+  services, SASL, address verification, postscreen, content checks, virtual domains, ...)
+  and smtpgate does not implement it yet. Set to anything but Postfix's default, it is an
+  error: ignoring it would let mail through that the admin's Postfix refused or scanned.
+  :data:`NOT_SUPPORTED_YET` maps each such name to the feature it belongs to.
+- ``ignored``: it changes nothing a front end does (queue, delivery, local, tuning of a
+  feature that the enabling parameter already refuses, such as ``milter_*``): a warning.
 """
 
 from __future__ import annotations
@@ -66,7 +74,6 @@ _DIFFERENCES = {
         "shipped main.cf sets, so the relay restrictions default to permit_mynetworks, "
         "permit_sasl_authenticated, defer_unauth_destination."
     ),
-    "smtpd_sasl_auth_enable": "smtpgate has no SMTP AUTH: yes is reported and ignored.",
     "smtpd_forbid_unauth_pipelining": (
         "Postfix 3.7 defaults to no; smtpgate defaults to yes, Postfix 3.9's default."
     ),
@@ -82,6 +89,10 @@ _DIFFERENCES = {
     "relayhost": (
         "Postfix uses it for outbound mail; smtpgate relays every accepted message to it "
         "(the backend MTA)."
+    ),
+    "maillog_file": (
+        "Postfix logs to syslog when it is empty; smtpgate never uses syslog and writes to "
+        "standard error, which systemd's journal and docker logs collect."
     ),
     "smtpd_proxy_timeout": "In smtpgate it bounds every exchange with the backend MTA.",
     "smtp_connect_timeout": (
@@ -430,7 +441,6 @@ _SPECS = [
         "Resolve the address after removing quotes from the local part.",
     ),
     _p("resolve_null_domain", "no", "bool", "Resolve an address ending in @ to the null domain."),
-    _p("smtpd_sasl_auth_enable", "no", "bool", 'SMTP AUTH; smtpgate supports only "no".'),
     _p("disable_vrfy_command", "no", "bool", "Answer VRFY with 502."),
     _p(
         "smtpd_timeout",
@@ -608,7 +618,10 @@ _SPECS = [
         "The backend MTA for accepted mail: [host]:port (no MX lookup) or host (MX lookup).",
     ),
     _p(
-        "maillog_file", "", "str", "Write log lines to this file instead of syslog (empty: syslog)."
+        "maillog_file",
+        "",
+        "str",
+        "Write log lines to this file (empty: to standard error).",
     ),
     _p(
         "syslog_name",
@@ -791,3 +804,86 @@ def _load_postfix_defaults() -> dict[str, str]:
 
 
 POSTFIX_DEFAULTS: Mapping[str, str] = MappingProxyType(_load_postfix_defaults())
+
+
+# Features smtpgate does not implement yet, with the Postfix parameters that switch them on
+# or change what they accept. A name ending in "*" stands for every Postfix parameter with
+# that prefix. Parameters that only tune a feature whose switch is listed here (milter_*,
+# smtpd_policy_service_*, smtpd_sasl_* besides smtpd_sasl_auth_enable) stay warnings: the
+# switch already fails. Restrictions of these features (check_policy_service,
+# reject_unverified_*, ...) are refused by the restriction registry.
+NOT_YET_FEATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("milters", ("smtpd_milters", "smtpd_milter_maps")),
+    ("before-queue content filter", ("smtpd_proxy_filter",)),
+    ("after-queue content filter", ("content_filter",)),
+    ("PROXY protocol", ("smtpd_upstream_proxy_protocol",)),
+    ("SASL (SMTP AUTH)", ("smtpd_sasl_auth_enable",)),
+    ("address verification", ("address_verify_*", "unverified_*")),
+    ("postscreen", ("postscreen_*",)),
+    (
+        "header and body checks",
+        ("header_checks", "mime_header_checks", "nested_header_checks", "body_checks"),
+    ),
+    (
+        "message content limits",
+        (
+            "message_reject_characters",
+            "strict_7bit_headers",
+            "strict_8bitmime",
+            "strict_8bitmime_body",
+            "strict_mime_encoding_domain",
+            "strict_smtputf8",
+        ),
+    ),
+    (
+        "virtual and canonical address tables (recipient validation)",
+        (
+            "virtual_alias_maps",
+            "virtual_alias_domains",
+            "virtual_mailbox_maps",
+            "virtual_mailbox_domains",
+            "relocated_maps",
+            "canonical_maps",
+            "recipient_canonical_maps",
+        ),
+    ),
+    ("SMTP command filter", ("smtpd_command_filter",)),
+    ("DNS reply filter", ("smtpd_dns_reply_filter",)),
+    ("TLS session rate limit", ("smtpd_client_new_tls_session_rate_limit",)),
+    (
+        "pre-Postfix-2.3 TLS switches (use smtpd_tls_security_level)",
+        ("smtpd_use_tls", "smtpd_enforce_tls"),
+    ),
+)
+
+
+def _not_yet() -> dict[str, str]:
+    table: dict[str, str] = {}
+    for feature, patterns in NOT_YET_FEATURES:
+        for pattern in patterns:
+            if pattern.endswith("*"):
+                names = [n for n in POSTFIX_DEFAULTS if n.startswith(pattern[:-1])]
+            else:
+                names = [pattern]
+            for name in names:
+                if name not in POSTFIX_DEFAULTS or name in PARAMETERS:
+                    raise AssertionError(f"{name}: not a Postfix parameter smtpgate lacks")
+                table[name] = feature
+    return table
+
+
+NOT_SUPPORTED_YET: Mapping[str, str] = MappingProxyType(_not_yet())
+"""Postfix parameter -> the feature smtpgate does not implement yet (an error when set)."""
+
+Class = Literal["supported", "not_yet", "ignored", "unknown"]
+
+
+def classify(name: str) -> Class:
+    """What smtpgate does with parameter *name* (see the module docstring)."""
+    if name in PARAMETERS:
+        return "supported"
+    if name in NOT_SUPPORTED_YET:
+        return "not_yet"
+    if name in POSTFIX_DEFAULTS:
+        return "ignored"
+    return "unknown"

@@ -6,7 +6,7 @@ code would render, so the documentation cannot drift from the defaults.
 
 from __future__ import annotations
 
-from smtpgate.config.params import PARAMETERS
+from smtpgate.config.params import NOT_YET_FEATURES, PARAMETERS
 
 HEADER = """\
 # Configuration reference
@@ -21,10 +21,19 @@ command line overrides a parameter.
 When `compatibility_level` is not set, smtpgate uses Postfix's defaults at level 3.6
 (Debian's shipped main.cf): `smtpd_relay_restrictions` defaults to
 `permit_mynetworks, permit_sasl_authenticated, defer_unauth_destination`. Every
-parameter not listed here gets a warning naming file and line: either unknown to
-Postfix too (with a "did you mean" hint), or known to Postfix but not supported by
-smtpgate. Names listed in `smtpd_restriction_classes`, and names used only through
-`$name`, are yours to define.
+parameter not listed here gets a diagnostic naming file and line:
+
+- unknown to Postfix too: a warning, with a "did you mean" hint (and an empty
+  `relayhost`, which `check` and `serve` refuse, names the near miss too);
+- known to Postfix, changing what mail is accepted, and not supported by smtpgate yet
+  (see [the list below](#not-supported-yet)): an error when set to anything but
+  Postfix's default, because running without it would let mail through that Postfix
+  refused or scanned;
+- known to Postfix and changing nothing a front end does (queue, delivery, local
+  delivery, tuning of a feature that is itself refused, such as `milter_*`): a warning.
+
+Names listed in `smtpd_restriction_classes`, and names used only through `$name`, are
+yours to define.
 
 Parameters of the SMTP service (`listen`, `relayhost`, TLS, timeouts and limits) take
 effect with `smtpgate serve`; `check` validates them now.
@@ -40,6 +49,21 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+NOT_YET_HEADER = """
+## Not supported yet
+
+These Postfix parameters are an error (`not supported yet`, with file and line) when
+they are set to anything but Postfix's default (`postconf -d`; a `$name` that expands to
+the default is the default too). The restrictions of these features
+(`check_policy_service`, `reject_unverified_recipient`, ...) are refused the same way.
+
+A name ending in `*` stands for every Postfix parameter with that prefix.
+
+| feature | parameters |
+| --- | --- |
+"""
+
+
 def render_reference() -> str:
     rows = []
     for name in sorted(PARAMETERS):
@@ -48,7 +72,11 @@ def render_reference() -> str:
         rows.append(
             f"| `{name}` | {default} | {_cell(spec.doc)} | {_cell(spec.postfix_difference)} |"
         )
-    return HEADER + "\n".join(rows) + "\n"
+    not_yet = [
+        f"| {_cell(feature)} | {', '.join(f'`{n}`' for n in names)} |"
+        for feature, names in NOT_YET_FEATURES
+    ]
+    return HEADER + "\n".join(rows) + "\n" + NOT_YET_HEADER + "\n".join(not_yet) + "\n"
 
 
 if __name__ == "__main__":  # pragma: no cover

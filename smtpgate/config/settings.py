@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Sequence
 from smtpgate.config.diagnostics import COMMAND_LINE_LOCATION, Diagnostic, Location
 from smtpgate.config.expand import ExpansionError, compat_level, expand, references
 from smtpgate.config.maincf import Entry, parse_maincf, split_list, split_nameval
-from smtpgate.config.params import PARAMETERS, POSTFIX_DEFAULTS
+from smtpgate.config.params import NOT_SUPPORTED_YET, PARAMETERS, POSTFIX_DEFAULTS, classify
 from smtpgate.errors import ConfigError
 
 MAX_DEPTH = 100
@@ -218,6 +218,8 @@ class Settings:
         for name, (value, location) in self._explicit.items():
             if name in PARAMETERS:
                 continue
+            if name in NOT_SUPPORTED_YET and not self._is_postfix_default(name):
+                diagnostics.append(Diagnostic("error", _not_yet_message(name, value), location))
             if name in used:
                 self._values[name] = self._resolve(name)
                 continue
@@ -225,10 +227,33 @@ class Settings:
                 self._values[name] = self._resolve(name)
             except ConfigError as exc:
                 self._errors[name] = exc
-            diagnostics.append(Diagnostic("warning", _unused_message(name, value), location))
+            if name not in NOT_SUPPORTED_YET:
+                diagnostics.append(Diagnostic("warning", _unused_message(name, value), location))
         diagnostics.extend(self._undefined_warnings())
         diagnostics.extend(self._typed_diagnostics())
         return diagnostics
+
+    def _is_postfix_default(self, name: str) -> bool:
+        """Whether *name*'s value equals Postfix's default, as written or once expanded.
+
+        ``postscreen_greet_banner = $smtpd_banner`` and ``smtpd_sasl_auth_enable = No``
+        are Postfix's defaults; comparing the expanded words (case-insensitively, as
+        Postfix reads booleans and lists) also accepts a ``$name`` that expands to the
+        default. Expansion here records no undefined-parameter warnings: it is a probe.
+        """
+        value = self._explicit[name][0]
+        default = POSTFIX_DEFAULTS[name]
+        if _words(value) == _words(default):
+            return True
+        undefined = dict(self._resolver.undefined)
+        try:
+            expanded = self._resolve(name)
+            expanded_default = expand(default, self._resolver.lookup)
+        except (ConfigError, ExpansionError, RecursionError):
+            return False
+        finally:
+            self._resolver.undefined = undefined
+        return _words(expanded) == _words(expanded_default)
 
     def _undefined_warnings(self) -> Iterable[Diagnostic]:
         for (param, name), location in self._resolver.undefined.items():
@@ -253,15 +278,6 @@ class Settings:
                 convert(name)
             except ConfigError as exc:
                 yield Diagnostic("error", exc.message, self.location(name))
-        if self.is_explicit("smtpd_sasl_auth_enable") and _BOOLS.get(
-            self["smtpd_sasl_auth_enable"].strip().lower()
-        ):
-            yield Diagnostic(
-                "warning",
-                "smtpd_sasl_auth_enable = yes is not supported by smtpgate (it offers no "
-                "SMTP AUTH, so permit_sasl_authenticated never matches)",
-                self.location("smtpd_sasl_auth_enable"),
-            )
 
     # -- public API ----------------------------------------------------------------------
 
@@ -307,9 +323,25 @@ class Settings:
         entry = self._explicit.get(name)
         return entry[1] if entry else None
 
+    def blame(self, name: str) -> Location:
+        """Where to report a problem with *name*: where it was set, else the file itself."""
+        return self.location(name) or Location(self._path or "main.cf", 0)
+
     def is_explicit(self, name: str) -> bool:
         """True when the file or an override sets *name*."""
         return name in self._explicit
+
+    def misspellings(self, name: str) -> list[tuple[str, Location]]:
+        """Unknown parameters this configuration sets whose names are close to *name*.
+
+        The same closeness as the "did you mean" hint of the unknown-parameter warning:
+        ``relayhsot`` for ``relayhost``.
+        """
+        return [
+            (other, location)
+            for other, (_, location) in self._explicit.items()
+            if classify(other) == "unknown" and _closest(other) == name
+        ]
 
     def names(self) -> list[str]:
         """Every supported name plus every name the configuration sets, sorted."""
@@ -376,9 +408,25 @@ def _unused_message(name: str, value: str) -> str:
         return (
             f"parameter known to Postfix but not supported by smtpgate (ignored): {name} = {value}"
         )
-    close = difflib.get_close_matches(name, list(PARAMETERS), n=1, cutoff=0.8)
-    hint = f" (did you mean {close[0]}?)" if close else ""
+    close = _closest(name)
+    hint = f" (did you mean {close}?)" if close else ""
     return f"unknown parameter: {name} = {value}{hint}"
+
+
+def _closest(name: str) -> str | None:
+    close = difflib.get_close_matches(name, list(PARAMETERS), n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
+def _not_yet_message(name: str, value: str) -> str:
+    return (
+        f"not supported yet: {name} = {value} (smtpgate has no {NOT_SUPPORTED_YET[name]} "
+        "and would run as if this line were not there)"
+    )
+
+
+def _words(value: str) -> list[str]:
+    return [word.lower() for word in split_list(value)]
 
 
 def _parse_overrides(overrides: Sequence[str]) -> list[Entry]:

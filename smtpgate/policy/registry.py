@@ -3,8 +3,9 @@
 A restriction is one function registered under its exact Postfix name (compared
 case-insensitively, as Postfix does).  ``arg`` says what follows the name in a
 restriction list: nothing, a lookup table (``check_sender_access hash:/x``) or a DNS
-zone (``reject_rbl_client zen.example``).  ``since`` names the smtpgate issue that makes
-a known-but-unimplemented restriction work; until then ``check`` says so.
+zone (``reject_rbl_client zen.example``).  A restriction that smtpgate knows but does not
+implement yet has no function and a ``since`` that says what is missing; ``check``
+reports it as one error naming file and line, and skips its argument.
 """
 
 from __future__ import annotations

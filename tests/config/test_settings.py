@@ -10,7 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smtpgate.config import (
+    NOT_SUPPORTED_YET,
     PARAMETERS,
+    POSTFIX_DEFAULTS,
     Diagnostic,
     Location,
     Settings,
@@ -279,9 +281,79 @@ def test_bad_reply_code_is_an_error_diagnostic() -> None:
     ]
 
 
-def test_sasl_yes_is_reported() -> None:
-    (message,) = messages("smtpd_sasl_auth_enable = yes\n")
-    assert message.startswith("main.cf, line 1: warning: smtpd_sasl_auth_enable = yes is not")
+@pytest.mark.parametrize(
+    "line",
+    [
+        "smtpd_milters = inet:127.0.0.1:11332",
+        "smtpd_sasl_auth_enable = yes",
+        "smtpd_upstream_proxy_protocol = haproxy",
+        "smtpd_proxy_filter = 127.0.0.1:10025",
+        "address_verify_map = lmdb:/var/lib/postfix/verify",
+        "postscreen_dnsbl_sites = zen.spamhaus.org*3",
+        "header_checks = regexp:/etc/postfix/header_checks",
+        "virtual_alias_maps = hash:/etc/postfix/virtual",
+        "smtpd_enforce_tls = yes",
+    ],
+)
+def test_parameters_that_change_what_is_accepted_are_errors(line: str) -> None:
+    name, value = (part.strip() for part in line.split("=", 1))
+    assert messages(f"# first\n{line}\n") == [
+        f"main.cf, line 2: error: not supported yet: {name} = {value} (smtpgate has no "
+        f"{NOT_SUPPORTED_YET[name]} and would run as if this line were not there)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "smtpd_milters =\n",
+        "smtpd_sasl_auth_enable = No\n",
+        "postscreen_greet_banner = $smtpd_banner\n",
+        "postscreen_greet_wait = ${stress?{2}:{6}}s\n",
+        "address_verify_map = btree:/var/lib/postfix/verify_cache\n",
+        "mine = ignore\npostscreen_dnsbl_action = $mine\n",
+    ],
+)
+def test_postfix_defaults_of_unsupported_parameters_are_fine(text: str) -> None:
+    assert [m for m in messages(text) if "error" in m] == []
+
+
+def test_a_referenced_milter_is_still_an_error() -> None:
+    # Debian/rspamd set-ups write non_smtpd_milters = $smtpd_milters: the reference must
+    # not hide the line that is not supported (it only silences the "unused" warning).
+    found = messages("smtpd_milters = inet:127.0.0.1:11332\nnon_smtpd_milters = $smtpd_milters\n")
+    assert [m.split(": ")[0:2] for m in found] == [
+        ["main.cf, line 1", "error"],
+        ["main.cf, line 2", "warning"],
+    ]
+
+
+def test_tuning_parameters_of_a_refused_feature_stay_warnings() -> None:
+    (message,) = messages("milter_default_action = accept\n")
+    assert message == (
+        "main.cf, line 1: warning: parameter known to Postfix but not supported by smtpgate "
+        "(ignored): milter_default_action = accept"
+    )
+
+
+def test_the_classification_covers_every_postfix_name_once() -> None:
+    from smtpgate.config.params import classify
+
+    assert classify("relayhost") == "supported"
+    assert classify("smtpd_milters") == "not_yet"
+    assert classify("queue_directory") == "ignored"
+    assert classify("relayhsot") == "unknown"
+    assert not set(NOT_SUPPORTED_YET) & set(PARAMETERS)
+    assert set(NOT_SUPPORTED_YET) <= set(POSTFIX_DEFAULTS)
+
+
+def test_misspellings_of_a_parameter() -> None:
+    s = parse("# x\nrelayhsot = [10.0.0.1]:25\nrelay_host = x\n")
+    assert s.misspellings("relayhost") == [
+        ("relayhsot", Location("/etc/smtpgate/main.cf", 2)),
+        ("relay_host", Location("/etc/smtpgate/main.cf", 3)),
+    ]
+    assert s.blame("relayhost") == Location("/etc/smtpgate/main.cf", 0)
 
 
 def test_names_and_key_errors() -> None:
