@@ -1459,6 +1459,7 @@ def parse_address(text: str, *, allow_empty: bool, sloppy: bool = False) -> str 
         s = s.removeprefix("<").removesuffix(">")
     if _ADDRESS_SPECIAL.search(s) is None:
         address = s  # one plain word (the usual address): nothing to unquote or join
+        route = address.startswith("@")
     else:
         words = _address_words(s)
         if words is None:
@@ -1467,9 +1468,11 @@ def parse_address(text: str, *, allow_empty: bool, sloppy: bool = False) -> str 
         if joined is None:
             return None
         address = joined
-        if not address.startswith("@") and any("," in w for w, quoted in words if not quoted):
+        # a source route is unquoted: "@:"@x.org is the local part @: at x.org
+        route = address.startswith("@") and s.lstrip().startswith("@")
+        if not route and any("," in w for w, quoted in words if not quoted):
             return None
-    if address.startswith("@"):
+    if route:
         colon = address.find(":")
         if colon >= 0 and colon + 1 < len(address):
             address = address[colon + 1 :]

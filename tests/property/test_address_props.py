@@ -80,6 +80,12 @@ def test_quote_local_and_parse_address_are_inverse(local: str, domain: str) -> N
     assert parse_address(f"<{quote_local(address)}>", allow_empty=False) == address
 
 
+def test_a_quoted_local_part_is_never_a_source_route() -> None:
+    """Found by the property above: "@:" quoted is a local part, not the route @...: ."""
+    assert parse_address('<"@:"@our.example>', allow_empty=False) == "@:@our.example"
+    assert parse_address("<@a,@b:u@our.example>", allow_empty=False) == "u@our.example"
+
+
 def test_quoted_comma_round_trips() -> None:
     assert parse_address('<"a,b"@our.example>', allow_empty=False) == "a,b@our.example"
 
