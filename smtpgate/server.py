@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from smtpgate.anvil import AnvilClient, LocalAnvil
 from smtpgate.config import Diagnostic, Settings
 from smtpgate.errors import ConfigError
 from smtpgate.logs import MailLog, route_python_logging
@@ -332,7 +333,10 @@ class Server:
         *,
         config_path: str | None = None,
         overrides: Sequence[str] = (),
+        anvil: AnvilClient | None = None,
     ) -> None:
+        """``anvil``: the counters shared with the other workers (a ``RemoteAnvil`` on the
+        supervisor's ``AnvilService``); by default this process's own."""
         self.settings = settings
         self.maillog = maillog
         self.config_path = config_path
@@ -344,6 +348,7 @@ class Server:
             relay=Relay.from_settings(settings),
             maillog=maillog,
             resolver=resolver_from_settings(settings),
+            anvil=anvil if anvil is not None else LocalAnvil(),
         )
         self._wire_next_hops()
         self.addresses = parse_listen(settings.as_list("listen"))
