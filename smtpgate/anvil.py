@@ -584,7 +584,7 @@ class RemoteAnvil:
             return _NO_COUNTS
         count, rate = self.counts.connect(address, unit)
         if _sendable(address):
-            answer = await self._ask(b"C %d " + _unit_word(unit) + b" " + address.encode())
+            answer = await self._ask(b"C", _unit_word(unit) + b" " + address.encode())
             if answer is not None and len(answer) == 3:
                 return Counts(int(answer[0]), int(answer[1]), int(answer[2]))
         self.fallbacks += 1
@@ -605,7 +605,7 @@ class RemoteAnvil:
 
     async def _rate(self, verb: bytes, local: int, address: str, unit: float) -> int:
         if _sendable(address):
-            answer = await self._ask(verb + b" %d " + _unit_word(unit) + b" " + address.encode())
+            answer = await self._ask(verb, _unit_word(unit) + b" " + address.encode())
             if answer is not None and len(answer) == 1:
                 return int(answer[0])
         self.fallbacks += 1
@@ -613,7 +613,7 @@ class RemoteAnvil:
 
     async def reserve(self, nbytes: int, limit: int) -> Reserved:
         nbytes = min(max(nbytes, 0), MAX_BYTES)
-        answer = await self._ask(b"B %d " + b"%d %d" % (nbytes, min(limit, MAX_BYTES)), nbytes)
+        answer = await self._ask(b"B", b"%d %d" % (nbytes, min(limit, MAX_BYTES)), nbytes)
         if answer is not None and len(answer) == 2:
             granted = answer[0] == b"1"
             if granted:
@@ -643,8 +643,8 @@ class RemoteAnvil:
             loop.add_reader(self.sock.fileno(), self._readable)
         return loop
 
-    async def _ask(self, template: bytes, nbytes: int = 0) -> list[bytes] | None:
-        """Send a request (``template`` has ``%d`` for its id); its answer's words, or None
+    async def _ask(self, verb: bytes, arguments: bytes, nbytes: int = 0) -> list[bytes] | None:
+        """Send a request (its id goes after the verb); its answer's words, or None
         when the service is gone, silent, or does not answer in time."""
         loop = self._start()
         if self.gone:
@@ -652,9 +652,9 @@ class RemoteAnvil:
             return None
         self._ids += 1
         ident = self._ids
-        if not self._post(template % ident):
+        if not self._post(b"%s %d %s" % (verb, ident, arguments)):
             return None
-        pending = self._pending[ident] = _Pending(template[:1], nbytes)
+        pending = self._pending[ident] = _Pending(verb, nbytes)
         if self._silent:
             self._warn("the anvil service does not answer")
             return None

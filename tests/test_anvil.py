@@ -74,6 +74,9 @@ async def test_counts_are_shared_by_workers(service: Service) -> None:
     assert await two.connect("192.0.2.1", 60) == Counts(2, 3, 4)  # rates are not given back
     assert [await one.mail("192.0.2.1", 60), await two.mail("192.0.2.1", 60)] == [1, 2]
     assert [await one.rcpt("192.0.2.1", 60), await two.rcpt("192.0.2.1", 60)] == [1, 2]
+    scoped = "fe80::1%eth0"  # an IPv6 address with a zone: a "%" in the request
+    assert await one.connect(scoped, 60) == Counts(1, 1, 5)
+    one.disconnect(scoped)
     two.disconnect(None)
     service.step()  # no answer to wait for: run the service by hand
     assert service.service.total == 3
