@@ -24,7 +24,9 @@ processes; smtpgate does the same for all its workers.  The pieces:
   The parent runs as root: every request is untrusted input, bounded and checked; a
   worker that sends anything else is logged and cut off (as if it had died).
 
-The wire format is ASCII words separated by one space.  Requests (worker to service)::
+The wire format is lines of ASCII words separated by one space, several lines to a
+datagram (the requests of one turn of a worker's event loop, the answers to one
+datagram).  Requests (worker to service)::
 
     C id unit address   connect          ->  id connections rate total
     E                   excepted connect (counted in the total only; no reply)
@@ -261,8 +263,10 @@ class LocalAnvil:
 
 # --------------------------------------------------------------------------- the service
 
-MAX_MESSAGE = 512
-"""Longest datagram either side accepts (a request is under 100 bytes)."""
+MAX_MESSAGE = 8192
+"""Longest datagram either side accepts (several requests or answers, one a line)."""
+MAX_LINE = 320
+"""Longest request (most are under 40 bytes)."""
 MAX_ADDRESS = 255
 MAX_UNIT = 10**7  # seconds: anvil_rate_time_unit beyond this is nonsense
 MAX_BYTES = 2**62
@@ -270,7 +274,25 @@ MAX_WORKER_CONNECTIONS = 1_000_000
 """Open connections one worker may hold in the service (memory bound against a rogue)."""
 MAX_BACKLOG = 100_000
 """Messages queued for a peer that does not read before it counts as gone."""
-BATCH = 256  # requests read from one worker per wake-up (the others get their turn)
+BATCH = 64  # datagrams read from one worker per wake-up (the others get their turn)
+
+
+def _pack(lines: list[bytes]) -> list[bytes]:
+    """Lines joined into as few datagrams (of MAX_MESSAGE at most) as they fit in."""
+    if len(lines) == 1:
+        return lines
+    out: list[bytes] = []
+    batch: list[bytes] = []
+    size = 0
+    for line in lines:
+        if batch and size + len(line) + 1 > MAX_MESSAGE:
+            out.append(b"\n".join(batch))
+            batch, size = [], 0
+        batch.append(line)
+        size += len(line) + 1
+    if batch:
+        out.append(b"\n".join(batch))
+    return out
 
 
 class ProtocolError(Exception):
@@ -378,20 +400,27 @@ class AnvilService:
             if not message:  # EOF: the worker exited or died
                 self._drop(worker)
                 return
+            if len(message) > MAX_MESSAGE:
+                self._drop(worker, "message too long")
+                return
+            answers = []
             try:
-                reply = self._handle(worker, message)
+                for line in message.split(b"\n"):
+                    answer = self._handle(worker, line)
+                    if answer is not None:
+                        answers.append(answer)
             except ProtocolError as exc:
                 self._drop(worker, str(exc))
                 return
-            if reply is not None:
-                self._send(worker, reply)
+            for datagram in _pack(answers) if answers else ():
+                self._send(worker, datagram)
                 if worker.sock.fileno() < 0:
                     return
 
     def _handle(self, worker: _Worker, message: bytes) -> bytes | None:
         """Apply one request; its answer, or None for a request that has none."""
-        if len(message) > MAX_MESSAGE:
-            raise ProtocolError("message too long")
+        if len(message) > MAX_LINE:
+            raise ProtocolError("request too long")
         verb, *args = message.split(b" ")
         entry = _REQUESTS.get(verb)
         if entry is None or len(args) != entry[1]:
@@ -548,14 +577,15 @@ class _Pending:
     verb: bytes
     nbytes: int = 0
     future: asyncio.Future[list[bytes] | None] | None = None
-    timer: asyncio.TimerHandle | None = None
+    deadline: float = 0.0
 
 
 class RemoteAnvil:
     """A worker's client of :class:`AnvilService`, on the worker's event loop.
 
-    Requests go out with non-blocking sends (queued while the socket is full); answers
-    come back in order and are matched by request id.  The worker's own counters are
+    The requests of one turn of the event loop go out together, one a line, in one
+    non-blocking send (queued while the socket is full); answers come back the same way,
+    in order, matched by request id.  The worker's own counters are
     kept alongside (``counts``, ``budget``: what this worker holds); they answer when the
     service does not (see the module docstring).
     """
@@ -569,7 +599,9 @@ class RemoteAnvil:
         self._local_only = 0  # bytes granted by ``budget`` alone (the service was silent)
         self._ids = 0
         self._pending: dict[int, _Pending] = {}
-        self._outbox: collections.deque[bytes] = collections.deque()
+        self._batch: list[bytes] = []  # requests of this turn of the event loop
+        self._outbox: collections.deque[bytes] = collections.deque()  # while the socket is full
+        self._watchdog: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._silent = False  # an answer was late: do not wait again until one comes
         self.gone = False
@@ -652,23 +684,35 @@ class RemoteAnvil:
             return None
         self._ids += 1
         ident = self._ids
-        if not self._post(b"%s %d %s" % (verb, ident, arguments)):
-            return None
+        self._post(b"%s %d %s" % (verb, ident, arguments))
         pending = self._pending[ident] = _Pending(verb, nbytes)
         if self._silent:
             self._warn("the anvil service does not answer")
             return None
         pending.future = future = loop.create_future()
-        pending.timer = loop.call_later(self.timeout, self._expire, ident)
+        pending.deadline = loop.time() + self.timeout
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(pending.deadline, self._watch)
         answer: list[bytes] | None = await future
         return answer
 
-    def _expire(self, ident: int) -> None:
-        pending = self._pending.get(ident)
-        if pending is not None and pending.future is not None and not pending.future.done():
-            pending.future.set_result(None)
-            self._silent = True
-            self._warn(f"the anvil service did not answer within {self.timeout:g}s")
+    def _watch(self) -> None:
+        """Answer requests whose time is up from the worker's own counters."""
+        self._watchdog = None
+        loop = self._start()
+        now, later = loop.time(), math.inf
+        for pending in self._pending.values():
+            future = pending.future
+            if future is None or future.done():
+                continue
+            if pending.deadline <= now:
+                future.set_result(None)
+                self._silent = True
+                self._warn(f"the anvil service did not answer within {self.timeout:g}s")
+            else:
+                later = min(later, pending.deadline)
+        if later < math.inf:
+            self._watchdog = loop.call_at(later, self._watch)
 
     def _warn(self, why: str) -> None:
         now = time.monotonic()
@@ -679,25 +723,36 @@ class RemoteAnvil:
                 why,
             )
 
-    def _post(self, message: bytes) -> bool:
-        """Send one message (or queue it behind others); False when the service is gone."""
+    def _post(self, line: bytes) -> None:
+        """Send one request, with the others of this turn of the event loop (one
+        datagram for them all: one wake-up of the service, not one per request)."""
         if self.gone:
-            return False
+            return
+        self._batch.append(line)
+        if len(self._batch) == 1:
+            self._start().call_soon(self._flush_batch)
+
+    def _flush_batch(self) -> None:
+        lines, self._batch = self._batch, []
+        for datagram in _pack(lines) if lines and not self.gone else ():
+            self._send(datagram)
+
+    def _send(self, datagram: bytes) -> None:
+        if self.gone:
+            return
         if self._outbox:
             if len(self._outbox) >= MAX_BACKLOG:
                 self._lose("the anvil service does not read its requests")
-                return False
-            self._outbox.append(message)
-            return True
+            else:
+                self._outbox.append(datagram)
+            return
         try:
-            self.sock.send(message)
+            self.sock.send(datagram)
         except (BlockingIOError, InterruptedError):
-            self._outbox.append(message)
+            self._outbox.append(datagram)
             self._start().add_writer(self.sock.fileno(), self._writable)
         except OSError as exc:
             self._lose(f"the anvil service is gone ({exc.strerror or exc})")
-            return False
-        return True
 
     def _writable(self) -> None:
         while self._outbox:
@@ -725,20 +780,21 @@ class RemoteAnvil:
                 self._lose("the anvil service is gone")
                 return
             self._silent = False
-            words = message.split(b" ")
-            try:
-                pending = self._pending.pop(int(words[0]), None)
-            except ValueError:
-                continue
-            if pending is None:
-                continue
-            if pending.timer is not None:
-                pending.timer.cancel()
-            if pending.future is not None and not pending.future.done():
-                pending.future.set_result(words[1:])
-            elif pending.verb == b"B" and words[1:2] == [b"1"]:
-                # Granted after its session stopped waiting: not held by anyone.
-                self._post(b"F %d" % pending.nbytes)
+            for line in message.split(b"\n"):
+                self._answer(line.split(b" "))
+
+    def _answer(self, words: list[bytes]) -> None:
+        try:
+            pending = self._pending.pop(int(words[0]), None)
+        except ValueError:
+            return
+        if pending is None:
+            return
+        if pending.future is not None and not pending.future.done():
+            pending.future.set_result(words[1:])
+        elif pending.verb == b"B" and words[1:2] == [b"1"]:
+            # Granted after its session stopped waiting: not held by anyone.
+            self._post(b"F %d" % pending.nbytes)
 
     def _lose(self, why: str | None) -> None:
         """The service is gone: from now on the worker counts alone."""
@@ -750,10 +806,12 @@ class RemoteAnvil:
             self._loop.remove_writer(self.sock.fileno())
         self.sock.close()
         self._outbox.clear()
+        self._batch.clear()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         pending, self._pending = self._pending, {}
         for entry in pending.values():
-            if entry.timer is not None:
-                entry.timer.cancel()
             if entry.future is not None and not entry.future.done():
                 entry.future.set_result(None)
         if why is not None:
@@ -762,4 +820,5 @@ class RemoteAnvil:
 
     def close(self) -> None:
         """Stop using the service (the worker is exiting); later requests count locally."""
+        self._flush_batch()
         self._lose(None)

@@ -78,6 +78,8 @@ async def test_counts_are_shared_by_workers(service: Service) -> None:
     assert await one.connect(scoped, 60) == Counts(1, 1, 5)
     one.disconnect(scoped)
     two.disconnect(None)
+    one._flush_batch()  # what this turn of the event loop would send
+    two._flush_batch()
     service.step()  # no answer to wait for: run the service by hand
     assert service.service.total == 3
     assert one.fallbacks == two.fallbacks == 0
@@ -204,6 +206,8 @@ async def test_silent_service_falls_back_to_local_counts() -> None:
         assert remote.fallbacks == 4
         assert len([line for line in log_lines if "did not answer" in line]) == 1
         # The stalled service wakes up: it sees every request, in order.
+        remote._flush_batch()  # what this turn of the event loop would send
+        loop = asyncio.get_running_loop()
         selector = selectors.DefaultSelector()
         service = AnvilService(selector, MailLog("mx", stream=io.StringIO()))
         service.workers[theirs] = worker = _adopt(service, selector, theirs)
@@ -213,7 +217,6 @@ async def test_silent_service_falls_back_to_local_counts() -> None:
             assert worker.connections["192.0.2.1"] == 2
             assert worker.held == 700  # granted late: the worker had counted it locally
             remote._readable()  # the late answers: the worker sends the 700 bytes back
-            loop = asyncio.get_running_loop()
             loop.add_reader(selector.fileno(), lambda: [k.data() for k, _ in selector.select(0)])
             assert await remote.mail("192.0.2.1", 60) == 1
             assert remote.fallbacks == 4  # answered by the service again
