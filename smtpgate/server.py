@@ -20,6 +20,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from smtpgate.anvil import AnvilClient, LocalAnvil
 from smtpgate.config import Diagnostic, Settings
 from smtpgate.errors import ConfigError
 from smtpgate.logs import MailLog, route_python_logging
@@ -420,7 +421,10 @@ class Server:
         maillog: MailLog,
         *,
         generation: Generation | None = None,
+        anvil: AnvilClient | None = None,
     ) -> None:
+        """``anvil``: the counters shared with the other workers (a ``RemoteAnvil`` on the
+        supervisor's ``AnvilService``); by default this process's own."""
         self.settings = settings
         self.maillog = maillog
         built = generation or Generation.build(0, plan)
@@ -430,6 +434,7 @@ class Server:
             relay=built.relay,
             maillog=maillog,
             resolver=built.resolver,
+            anvil=anvil if anvil is not None else LocalAnvil(),
         )
         self.retiring = False
         self.on_closed: Callable[[], None] | None = None

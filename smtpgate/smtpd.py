@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 
 from aiosmtpd.smtp import SMTP, Session
 
-from smtpgate.anvil import Anvil, DataBudget
+from smtpgate.anvil import AnvilClient, LocalAnvil
 from smtpgate.config import Settings
 from smtpgate.errors import TableLookupError
 from smtpgate.logs import MailLog, new_queue_id
@@ -94,6 +94,9 @@ OFF_T_MAX = 2**63 - 1  # SIZE beyond this: Postfix's "file system imposed limit"
 _END_OF_DATA = b"\r\n.\r\n"
 WRITE_BACKLOG = 65536  # reply bytes buffered for a client before smtpgate waits for it
 DATA_RESERVE = 65536  # room a new DATA needs in smtpgate_data_memory_limit: one read
+# A message's bytes are reserved in the shared budget in grains that grow with it (each
+# at least half what the message holds), so that a 1 KB message costs one request to the
+# anvil and a 10 MB one about a dozen, never one per read.
 
 
 @dataclass(frozen=True)
@@ -212,10 +215,10 @@ class Shared:
     draining: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when a session ends or finishes a command (the drain waits on it)."""
-    anvil: Anvil = field(default_factory=Anvil)
-    """Connection counts and event rates per client address (kept across reloads)."""
-    budget: DataBudget = field(default_factory=DataBudget)
-    """Message bytes held in memory by all sessions (smtpgate_data_memory_limit)."""
+    anvil: AnvilClient = field(default_factory=LocalAnvil)
+    """Connection counts and event rates per client address, and the message bytes held
+    in memory (smtpgate_data_memory_limit), for the whole server: every worker asks the
+    same anvil (kept across reloads)."""
 
 
 class _NoHooks:
@@ -258,9 +261,9 @@ class GateProtocol(SMTP):
         self.junk_cmds = 0
         self.ill_pipelining = False
         self.where = "CONNECT"
-        self.excepted = False  # smtpd_client_event_limit_exceptions: no anvil counting
-        self.anvil_address: str | None = None
-        self.data_held = 0  # bytes of this session in the shared DataBudget
+        self.excepted = False  # smtpd_client_event_limit_exceptions: no limits
+        self.anvil_counted = False  # connect() was called: disconnect() is owed
+        self.data_held = 0  # bytes this session has reserved in the shared budget
         self.last_input = time.monotonic()
         self.input_seen: asyncio.Event | None = None  # made only for a greet pause
 
@@ -454,8 +457,8 @@ class GateProtocol(SMTP):
         finally:
             await self._end_transaction()
             self._release_data()
-            if self.anvil_address is not None:
-                shared.anvil.disconnect(self.anvil_address)
+            if self.anvil_counted and self.client is not None:
+                shared.anvil.disconnect(None if self.excepted else self.client.address)
             self._log_disconnect()
             shared.sessions.discard(self)
             shared.changed.set()
@@ -477,8 +480,10 @@ class GateProtocol(SMTP):
     async def _admit(self) -> bool:
         """Connection limits, checked before the greeting: False after a 421 refusal.
 
-        Clients in smtpd_client_event_limit_exceptions are not counted at all (Postfix's
-        hogger_list); the others are counted per address as anvil(8) does.
+        Clients in smtpd_client_event_limit_exceptions are not limited (Postfix's
+        hogger_list): they count in the total only, and do not wait for the anvil's
+        answer.  The others are counted per address as anvil(8) does: one question to the
+        anvil of the whole server answers all three limits.
         """
         cfg, shared, client = self.config, self.shared, self.client
         assert client is not None
@@ -492,9 +497,11 @@ class GateProtocol(SMTP):
             self.excepted = exceptions is not None and exceptions.match(client.address)
         except TableLookupError as exc:
             shared.maillog.warning(f"smtpd_client_event_limit_exceptions: {exc}")
+        self.anvil_counted = True  # before the await: a cancelled session still gives back
         if self.excepted:
+            await shared.anvil.connect(None, cfg.rate_time_unit)
             return True
-        total = len(shared.sessions)
+        count, rate, total = await shared.anvil.connect(client.address, cfg.rate_time_unit)
         if cfg.connection_limit and total > cfg.connection_limit:
             shared.maillog.warning(
                 f"Connection limit exceeded: {total} (smtpgate_connection_limit) from "
@@ -502,8 +509,6 @@ class GateProtocol(SMTP):
             )
             await self._send(refuse())
             return False
-        self.anvil_address = client.address
-        count, rate = shared.anvil.connect(client.address, cfg.rate_time_unit)
         if cfg.connection_count_limit and count > cfg.connection_count_limit:
             shared.maillog.warning(
                 f"Connection concurrency limit exceeded: {count} from {self._namaddr} "
@@ -828,10 +833,10 @@ class GateProtocol(SMTP):
             return False
         anvil = self.shared.anvil
         if event == "mail":
-            rate = anvil.mail(client.address, cfg.rate_time_unit)
+            rate = await anvil.mail(client.address, cfg.rate_time_unit)
             what, text = "Message delivery request", f"Error: too much mail from {client.address}"
         else:
-            rate = anvil.rcpt(client.address, cfg.rate_time_unit)
+            rate = await anvil.rcpt(client.address, cfg.rate_time_unit)
             what, text = "Recipient address", f"Error: too many recipients from {client.address}"
         if rate <= limit:
             return False
@@ -878,12 +883,16 @@ class GateProtocol(SMTP):
         if decision.reply is not None:
             await self._send(decision.reply)
             return False
-        if self.shared.budget.full(self.config.data_memory_limit, DATA_RESERVE):
-            self.shared.maillog.warning(
-                f"smtpgate_data_memory_limit reached ({self.shared.budget.in_flight} bytes in "
-                f"flight): DATA from {self._namaddr} deferred"
-            )
-            return await self._fail(NO_MEMORY)
+        limit = self.config.data_memory_limit
+        if limit:
+            reserved = await self.shared.anvil.reserve(min(DATA_RESERVE, limit), limit)
+            if not reserved.granted:
+                self.shared.maillog.warning(
+                    f"smtpgate_data_memory_limit reached ({reserved.in_flight} bytes in "
+                    f"flight): DATA from {self._namaddr} deferred"
+                )
+                return await self._fail(NO_MEMORY)
+            self.data_held = min(DATA_RESERVE, limit)
         if self.txn.relay is not None and not self.policy.state.discard:
             self.txn.relay.start_data()  # the backend's 354 comes while the content does
         await self._send(DATA_GO_AHEAD)
@@ -907,15 +916,27 @@ class GateProtocol(SMTP):
         return reply.code // 100 == 2
 
     def _release_data(self) -> None:
-        self.shared.budget.give_back(self.data_held)
-        self.data_held = 0
+        if self.data_held:
+            self.shared.anvil.release(self.data_held)
+            self.data_held = 0
 
-    def _hold(self, size: int) -> bool:
-        """Count ``size`` more bytes of this message in the shared budget."""
-        if not self.shared.budget.take(size, self.config.data_memory_limit):
-            return False
-        self.data_held += size
-        return True
+    async def _hold(self, size: int) -> bool:
+        """Make this session's reservation cover ``size`` bytes of content.
+
+        It grows by a grain of at least half what it holds (never beyond what
+        message_size_limit lets a message hold); when the budget has no room for the
+        grain, by just what is needed.
+        """
+        cfg, held = self.config, self.data_held
+        need = size - held
+        grain = max(need, held // 2, DATA_RESERVE)
+        if cfg.size_limit:
+            grain = max(need, min(grain, cfg.size_limit + 8 + DATA_RESERVE - held))
+        for amount in (grain, need) if grain > need else (need,):
+            if (await self.shared.anvil.reserve(amount, cfg.data_memory_limit)).granted:
+                self.data_held += amount
+                return True
+        return False
 
     async def _read_data(self) -> tuple[bytes | None, Reply | None]:
         """Read up to CRLF.CRLF; pipelined input after it stays in the reader.
@@ -933,7 +954,7 @@ class GateProtocol(SMTP):
         while True:
             end = data.find(_END_OF_DATA, searched)
             if problem is None:
-                problem = self._account(end if end >= 0 else len(data) - 2, end >= 0)
+                problem = await self._account(end if end >= 0 else len(data) - 2, end >= 0)
             if end >= 0:
                 rest = bytes(data[end + len(_END_OF_DATA) :])
                 if rest:
@@ -965,15 +986,17 @@ class GateProtocol(SMTP):
                 deadline = min(deadline + len(chunk) / cfg.min_data_rate, now + cfg.timeout)
             data += chunk
 
-    def _account(self, size: int, complete: bool) -> Reply | None:
+    async def _account(self, size: int, complete: bool) -> Reply | None:
         """Hold ``size`` bytes of content in the budget; a reply when the message must go.
 
         Once the message is certainly over message_size_limit, or the memory budget has no
-        room for it, its bytes are given back and the rest is read and discarded.
+        room for it, its bytes are given back and the rest is read and discarded.  A whole
+        message gives back what it reserved beyond its size (when that is worth a message
+        to the anvil).
         """
         cfg = self.config
         problem = None
-        if size > self.data_held and not self._hold(size - self.data_held):
+        if cfg.data_memory_limit and size > self.data_held and not await self._hold(size):
             self.shared.maillog.warning(
                 f"smtpgate_data_memory_limit reached: message from {self._namaddr} "
                 "is read and discarded"
@@ -983,6 +1006,9 @@ class GateProtocol(SMTP):
             problem = TOO_BIG  # the content can only grow: certainly too big
         if problem is not None:
             self._release_data()
+        elif complete and self.data_held - size >= DATA_RESERVE:
+            self.shared.anvil.release(self.data_held - size)
+            self.data_held = size
         return problem
 
     async def _finish_data(self, content: bytes) -> Reply:

@@ -24,7 +24,9 @@ after the pid file's path, and it answers only root and the supervisor's own use
 
 The supervisor runs a plain ``selectors`` loop, no asyncio: signals arrive through
 ``signal.set_wakeup_fd``, each worker reports on a small status socket ("R": listening,
-"C": listeners closed), and a dead worker is reaped and replaced.
+"C": listeners closed), a dead worker is reaped and replaced, and the anvil of the whole
+server (``smtpgate.anvil.AnvilService``: connection counts, rates, the DATA budget) answers
+every worker on a socket of its own, as Postfix's anvil(8) answers every smtpd.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from smtpgate.anvil import AnvilService, RemoteAnvil
 from smtpgate.config import Diagnostic, load_settings
 from smtpgate.errors import ConfigError
 from smtpgate.logs import MailLog
@@ -150,6 +153,8 @@ class Supervisor:
         self.control_name = control
         self.workers: dict[int, _Worker] = {}  # pid -> worker
         self.selector = selectors.DefaultSelector()
+        self.anvil = AnvilService(self.selector, maillog)
+        """The connection counts, rates and DATA budget of all workers together."""
         self._deaths: list[float] = []
         self._reload: _Reload | None = None
         self._stopping = False
@@ -180,6 +185,7 @@ class Supervisor:
                 key.data()
             self._reap()
             self._check_reload()
+        self.anvil.close()
         self.maillog.info("stopped")
         return 1 if self._failed else 0
 
@@ -204,6 +210,7 @@ class Supervisor:
     def _spawn(self, slot: int, generation: Generation) -> None:
         """Fork a worker for ``slot`` that serves ``generation``."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        anvil = self.anvil.attach()
         self.maillog.flush()
         # Objects alive now (modules, the plan, tables) are never collected in a worker:
         # the collector leaves them alone, so their pages stay shared with the parent.
@@ -216,7 +223,7 @@ class Supervisor:
                 mine.close()
                 self._become_worker(slot)
                 sockets = self.socket_sets[slot]
-                run_worker(slot, generation, sockets, theirs, self.user, self.maillog)
+                run_worker(slot, generation, sockets, theirs, anvil, self.user, self.maillog)
                 status = 0
             except BaseException as exc:  # the worker must never return to the caller
                 with contextlib.suppress(BaseException):
@@ -227,6 +234,7 @@ class Supervisor:
                 os._exit(status)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         theirs.close()
+        anvil.close()
         mine.setblocking(False)
         worker = _Worker(pid, slot, generation, mine)
         self.workers[pid] = worker
@@ -239,6 +247,7 @@ class Supervisor:
             signal.signal(signum, signal.SIG_DFL)
         # The control socket, the other workers' status sockets, the signal wake-up pair:
         # closing this child's copies leaves the supervisor's open.
+        self.anvil.close_in_child()
         owned = [key.fileobj for key in self.selector.get_map().values()]
         owned += self._reload.waiters if self._reload else []
         self.selector.close()
@@ -461,10 +470,14 @@ def run_worker(
     generation: Generation,
     sockets: Sequence[socket.socket],
     status: socket.socket,
+    anvil: socket.socket,
     user: str,
     maillog: MailLog,
 ) -> None:
-    """A worker's life: drop privileges, serve ``sockets`` with ``generation``, exit."""
+    """A worker's life: drop privileges, serve ``sockets`` with ``generation``, exit.
+
+    ``status`` tells the supervisor when the worker listens and when it stopped
+    accepting; ``anvil`` is this worker's line to the supervisor's AnvilService."""
     import asyncio
 
     from smtpgate.server import run_fast
@@ -477,7 +490,13 @@ def run_worker(
 
     async def work() -> None:
         loop = asyncio.get_running_loop()
-        server = Server(generation.settings, generation.plan, maillog, generation=generation)
+        server = Server(
+            generation.settings,
+            generation.plan,
+            maillog,
+            generation=generation,
+            anvil=RemoteAnvil(anvil),
+        )
         await server.start(sockets)
         loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(server.stop()))
         loop.add_signal_handler(signal.SIGINT, lambda: asyncio.ensure_future(server.stop()))

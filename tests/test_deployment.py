@@ -126,7 +126,11 @@ def serving(
     finally:
         if proc.poll() is None:
             proc.terminate()
-        proc.communicate(timeout=30)
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError(f"serve did not stop within 30 s:\n{server.log}") from None
 
 
 @pytest.fixture
@@ -338,3 +342,128 @@ def test_reload_lets_open_sessions_finish_under_the_old_rules(etc: Path):
             command("QUIT")
         assert wait_until(lambda: not set(children(server.proc.pid)) & old_workers)
         assert len(children(server.proc.pid)) == 2
+
+
+class Talk:
+    """One held-open SMTP connection from ``source`` (a line at a time)."""
+
+    def __init__(self, port: int, source: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=15, source_address=(source, 0)
+        )
+        self.stream = self.sock.makefile("rwb")
+        self.greeting = self.reply()
+
+    def reply(self) -> str:
+        while (line := self.stream.readline().decode())[3:4] == "-":
+            pass
+        return line.rstrip("\r\n")
+
+    def command(self, line: str) -> str:
+        self.stream.write(line.encode() + b"\r\n")
+        self.stream.flush()
+        return self.reply()
+
+    def close(self) -> None:
+        self.stream.close()  # the socket's file descriptor closes with its last user
+        self.sock.close()
+
+
+@contextmanager
+def talks(port: int, count: int, sources: list[str] | None = None) -> Iterator[list[Talk]]:
+    opened = [Talk(port, (sources or ["127.0.0.1"] * count)[i]) for i in range(count)]
+    try:
+        yield opened
+    finally:
+        for talk in opened:
+            talk.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_connection_count_limit_holds_for_the_whole_server(etc: Path, workers: int):
+    """12 connections from one address, limit 5: exactly 5 greetings, whatever the
+    number of workers (one anvil in the supervisor, as Postfix's)."""
+    limit = "smtpd_client_connection_count_limit=5"
+    with serving(etc, "-o", limit, workers=workers) as server, talks(server.port, 12) as held:
+        greetings = [t.greeting for t in held]
+        assert sum(g.startswith("220 ") for g in greetings) == 5, greetings
+        refused = "421 4.7.0 mx.example.org Error: too many connections from 127.0.0.1"
+        assert greetings.count(refused) == 7, greetings
+        assert server.log.count("Connection concurrency limit exceeded") == 7
+
+
+def test_connection_rate_and_message_rate_hold_for_the_whole_server(etc: Path):
+    options = (
+        "-o", "smtpd_client_connection_rate_limit=10",
+        "-o", "smtpd_client_message_rate_limit=5",
+        "-o", "anvil_rate_time_unit=3600s",
+    )  # fmt: skip
+    with serving(etc, *options, workers=3) as server:
+        with talks(server.port, 20) as held:
+            assert sum(t.greeting.startswith("220 ") for t in held) == 10
+        with talks(server.port, 9, ["127.0.0.3"] * 9) as held:  # spread over the workers
+            replies = []
+            for talk in held:
+                talk.command("HELO client.example")
+                replies.append(talk.command("MAIL FROM:<a@example.net>"))
+        assert sum(r.startswith("250 ") for r in replies) == 5, replies
+        assert replies[5] == "450 4.7.1 Error: too much mail from 127.0.0.3"
+
+
+def test_global_connection_limit_holds_for_the_whole_server(etc: Path):
+    sources = [f"127.0.0.{n}" for n in range(2, 10)]
+    option = "smtpgate_connection_limit=4"
+    with serving(etc, "-o", option, workers=3) as server, talks(server.port, 8, sources) as held:
+        assert sum(t.greeting.startswith("220 ") for t in held) == 4, [t.greeting for t in held]
+
+
+def test_data_memory_budget_holds_for_the_whole_server(etc: Path, public_dir: Path):
+    """Each DATA holds 64 KiB of the budget until its message ends: a budget of four
+    such reservations lets exactly four of six concurrent messages in."""
+    backend = free_port()
+    sink = subprocess.Popen(
+        [
+            *SMTPGATE,
+            "sink",
+            "--listen",
+            f"127.0.0.1:{backend}",
+            "--maildir",
+            str(public_dir / "mail"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert wait_until(lambda: _listening(backend))
+        options = (
+            "-o", f"relayhost=[127.0.0.1]:{backend}",
+            "-o", f"smtpgate_data_memory_limit={4 * 65536}",
+        )  # fmt: skip
+        with serving(etc, *options, workers=3) as server, talks(server.port, 6) as held:
+            for talk in held:
+                talk.command("HELO client.example")
+                assert talk.command("MAIL FROM:<a@example.net>").startswith("250")
+                assert talk.command("RCPT TO:<foo@bar.org>").startswith("250")
+            answers = [talk.command("DATA") for talk in held]
+            assert sum(a.startswith("354") for a in answers) == 4, answers
+            assert answers.count("451 4.3.1 Insufficient system resources") == 2
+            for talk, answer in zip(held, answers, strict=True):
+                if answer.startswith("354"):
+                    assert talk.command("Subject: t\r\n\r\nbody\r\n.").startswith("250")
+            late = Talk(server.port)
+            late.command("HELO client.example")
+            late.command("MAIL FROM:<b@example.net>")
+            late.command("RCPT TO:<foo@bar.org>")
+            assert late.command("DATA").startswith("354")  # the budget was given back
+            late.close()
+    finally:
+        sink.terminate()
+        sink.communicate(timeout=10)
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from smtpgate.anvil import Anvil, DataBudget
+from smtpgate.anvil import Anvil, DataBudget, LocalAnvil
 from tests.serve.backend import RecordingBackend
 from tests.serve.client import LineClient
 from tests.serve.conftest import Gate, running_gate
@@ -50,6 +50,12 @@ async def gate_with(
             shared = gate.server.shared
             shared.config = dataclasses.replace(shared.config, **config)
         yield gate
+
+
+def local_anvil(gate: Gate) -> LocalAnvil:
+    anvil = gate.server.shared.anvil
+    assert isinstance(anvil, LocalAnvil)
+    return anvil
 
 
 async def wait_until(predicate: Callable[[], bool], what: str) -> None:
@@ -354,7 +360,7 @@ async def test_connection_count_limit(tmp_path: Path, backend: RecordingBackend)
         await deliver(gate, await gate.connect("127.0.0.3"))
         assert await first.cmd("QUIT") == ["221 2.0.0 Bye"]
         await wait_until(
-            lambda: gate.server.shared.anvil.clients["127.0.0.2"].connections == 1, "disconnect"
+            lambda: local_anvil(gate).anvil.clients["127.0.0.2"].connections == 1, "disconnect"
         )
         await deliver(gate)
         await second.cmd("QUIT")
@@ -371,7 +377,7 @@ async def test_connection_limit_exceptions(tmp_path: Path, backend: RecordingBac
     ) as gate:
         held = [await gate.connect("127.0.0.1") for _ in range(3)]
         await deliver(gate, await gate.connect("127.0.0.1"))
-        assert "127.0.0.1" not in gate.server.shared.anvil.clients
+        assert "127.0.0.1" not in local_anvil(gate).anvil.clients
         for c in held:
             await c.cmd("QUIT")
 
@@ -472,7 +478,7 @@ async def test_oversized_message_is_not_buffered(tmp_path: Path, backend: Record
         await c.cmd("DATA")
         await c.send_raw((b"x" * 998 + b"\r\n") * 1000 + b".\r\n")  # 1 MB
         assert await c.reply() == ["552 5.3.4 Message size exceeds fixed limit"]
-        budget = gate.server.shared.budget
+        budget = local_anvil(gate).budget
         assert budget.peak <= 70_000 and budget.in_flight == 0
         assert backend.messages == []
         await deliver(gate, c)
@@ -480,7 +486,7 @@ async def test_oversized_message_is_not_buffered(tmp_path: Path, backend: Record
 
 async def test_memory_budget_refuses_new_data(tmp_path: Path, backend: RecordingBackend) -> None:
     async with gate_with(tmp_path, backend, "smtpgate_data_memory_limit=3000") as gate:
-        budget = gate.server.shared.budget
+        budget = local_anvil(gate).budget
         first = await gate.connect()
         await first.cmd(EHLO)
         await first.cmd(MAIL)
@@ -512,7 +518,7 @@ async def test_memory_budget_overrun_mid_data(tmp_path: Path, backend: Recording
         await c.cmd("DATA")
         await c.send_raw((b"b" * 98 + b"\r\n") * 100 + b".\r\n")  # 10 kB > 3000
         assert await c.reply() == ["451 4.3.1 Insufficient system resources"]
-        assert gate.server.shared.budget.in_flight == 0
+        assert local_anvil(gate).budget.in_flight == 0
         assert backend.messages == []
         await deliver(gate, c)
 
