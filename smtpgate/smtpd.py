@@ -23,6 +23,7 @@ import fcntl
 import functools
 import logging
 import re
+import socket
 import ssl
 import sys
 import termios
@@ -317,7 +318,7 @@ class GateProtocol(SMTP):
         # A new connection: the part of aiosmtpd's connection_made that smtpgate uses
         # (not its idle timer, log line or envelope: smtpgate keeps its own).
         self.session = Session(self.loop)
-        self.session.peer = transport.get_extra_info("peername")
+        self.session.peer = _peername(transport)
         asyncio.StreamReaderProtocol.connection_made(self, transport)
         self.transport = transport
         self._handler_coroutine = self.loop.create_task(self._handle_client())
@@ -1299,6 +1300,37 @@ def _check_rcpt_params(params: list[str]) -> Reply | None:
             return Reply(555, "5.5.4", f"Unsupported option: {param}")
         seen.add(key)
     return None
+
+
+def _peername(transport: asyncio.BaseTransport) -> Any:
+    """The client's (address, port), read once, when the connection is made.
+
+    uvloop does not keep the address accept() returned: it asks getpeername(), which
+    fails (ENOTCONN) when the client has already reset the connection -- the port
+    scanner's connect-and-reset (nmap -sT), whose RST arrives before the accept.  The
+    kernel still knows the address; Linux's SO_PEERNAME reads it the way accept() does,
+    without getpeername's connected-state check.  Only "unknown" when that fails too.
+    """
+    peer = transport.get_extra_info("peername")
+    if peer or not sys.platform.startswith("linux"):
+        return peer
+    sock = transport.get_extra_info("socket")
+    size = _SOCKADDR_SIZE.get(sock.family) if sock is not None else None
+    if size is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERNAME, size)
+    except OSError:
+        return None
+    port = int.from_bytes(raw[2:4], "big")
+    if sock.family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
+    return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
+
+
+SO_PEERNAME = getattr(socket, "SO_PEERNAME", 28)  # Linux's value (asm-generic/socket.h)
+# sizeof(struct sockaddr_in), sizeof(struct sockaddr_in6)
+_SOCKADDR_SIZE: dict[int, int] = {socket.AF_INET: 16, socket.AF_INET6: 28}
 
 
 def _client_info(peer: Any) -> ClientInfo:
