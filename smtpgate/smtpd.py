@@ -39,7 +39,12 @@ from smtpgate.anvil import Anvil, DataBudget
 from smtpgate.config import Settings
 from smtpgate.errors import TableLookupError
 from smtpgate.logs import MailLog, new_queue_id
-from smtpgate.policy.address import dup_if_truncate, valid_hostname, valid_mailhost_addr
+from smtpgate.policy.address import (
+    dup_if_truncate,
+    header_safe,
+    valid_hostname,
+    valid_mailhost_addr,
+)
 from smtpgate.policy.model import ClientInfo, Decision, Stage
 from smtpgate.policy.peer import lookup_client
 from smtpgate.policy.plan import Plan
@@ -1002,7 +1007,7 @@ class GateProtocol(SMTP):
             # Recipients relayed before the DISCARD: the backend's transaction is dropped.
             await self._end_transaction(completed=txn.relay is None)
             return reply
-        head = self._received_header() + "".join(f"{h}\r\n" for h in st.prepend).encode("utf-8")
+        head = self._received_header()
         plain = plain and plain_content(head)
         message = head + (content if plain else _crlf(content))
         reply = await asyncio.shield(txn.relay.data(message, plain))
@@ -1037,19 +1042,16 @@ class GateProtocol(SMTP):
     def _received_header(self) -> bytes:
         assert self.policy is not None and self.client is not None and self.txn is not None
         st = self.policy.state
-        proto = ("ESMTPS" if self.tls_active else "ESMTP") if self.esmtp else "SMTP"
-        helo = st.helo_name or self.client.address
-        lines = [
-            f"Received: from {helo} ({self.client.name} [{self.client.address}])",
-            f"\tby {self.config.hostname} (smtpgate) with {proto} id {st.queue_id}",
-        ]
-        date = _header_date(int(time.time()))
-        if len(self.txn.recipients) == 1:
-            lines.append(f"\tfor <{self.txn.recipients[0]}>; {date}")
-        else:
-            lines[-1] += ";"
-            lines.append(f"\t{date}")
-        return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
+        return received_header(
+            prepend=st.prepend,
+            helo=st.helo_name,
+            client=self.client,
+            hostname=self.config.hostname,
+            proto=("ESMTPS" if self.tls_active else "ESMTP") if self.esmtp else "SMTP",
+            queue_id=st.queue_id or "",
+            recipients=self.txn.recipients,
+            date=_header_date(int(time.time())),
+        )
 
     async def cmd_rset(self, args: Args) -> bool:
         if args:
@@ -1616,6 +1618,38 @@ def _wire(reply: Reply) -> bytes:
     """
     lines = (_UNPRINTABLE.sub(" ", line) for line in reply.lines())
     return "".join(line + "\r\n" for line in lines).encode("utf-8", "replace")
+
+
+def received_header(
+    *,
+    prepend: list[str],
+    helo: str | None,
+    client: ClientInfo,
+    hostname: str,
+    proto: str,
+    queue_id: str,
+    recipients: list[str],
+    date: str,
+) -> bytes:
+    """PREPEND headers, then smtpgate's Received: header, in Postfix's order and form.
+
+    Every part a client can choose goes through :func:`header_safe`: the HELO name, the
+    recipient, PREPEND text (a regexp table's ``$1`` can carry the HELO name); the client
+    name and address too, though DNS and the socket give them.
+    """
+    # Without HELO Postfix names the client by its host name ("unknown" without one).
+    shown = header_safe(helo, neuter=True) if helo else header_safe(client.name)
+    lines = [header_safe(line) for line in prepend]
+    lines += [
+        f"Received: from {shown} ({header_safe(client.name)} [{header_safe(client.address)}])",
+        f"\tby {hostname} (smtpgate) with {proto} id {queue_id}",
+    ]
+    if len(recipients) == 1:
+        lines.append(f"\tfor <{header_safe(recipients[0])}>; {date}")
+    else:
+        lines[-1] += ";"
+        lines.append(f"\t{date}")
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
 
 
 def _escape(data: bytes) -> str:
