@@ -14,8 +14,8 @@ import re
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from smtpgate.policy.model import ClientInfo
 from smtpgate.policy.address import header_safe
+from smtpgate.policy.model import ClientInfo
 from smtpgate.smtpd import received_header
 
 # Control characters and Postfix's neuter characters drawn often, any Unicode besides.
