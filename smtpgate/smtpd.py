@@ -856,6 +856,9 @@ class GateProtocol(SMTP):
                 port=self.client.port,
                 proto=st.protocol,
                 helo=st.helo_name,
+                # XFORWARD IDENT: a Postfix backend logs it as orig_queue_id=, which joins
+                # its log lines to smtpgate's (the queue id was assigned just above).
+                ident=st.queue_id,
             )
             self.txn.relay = await self.shared.relay.begin(
                 facts, self.txn.sender, self.txn.mail_params

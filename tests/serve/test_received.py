@@ -5,7 +5,8 @@ observed with a throwaway instance (tests/postfix_instance.py, ``postcat -bh``):
 characters and DEL become ``?`` (printable()), so do space and ``<>()\\";@`` (neuter()),
 UTF-8 stays. A PREPEND action whose text carries the HELO name (a regexp table's ``$1``)
 is cleaned the same way, and Postfix writes PREPEND headers above its Received: header.
-XFORWARD forwards the cleaned-up name, as Postfix's smtpd_proxy does.
+XFORWARD forwards the cleaned-up name, as Postfix's smtpd_proxy does, and smtpgate's
+queue id as IDENT (a Postfix backend logs it as ``orig_queue_id=``).
 """
 
 from __future__ import annotations
@@ -62,3 +63,7 @@ async def test_helo_name_in_headers_is_postfix_cleaned(
     ), head
     assert not re.search(r"[\x00-\x08\x0a-\x1f\x7f]", head.replace("\r\n", ""))
     assert message.xforward["HELO"] == shown.replace("\u00e9", "+C3+A9")  # xtext
+    # XFORWARD IDENT is smtpgate's queue id, the one in its log and its Received: header
+    [queue_id] = re.findall(r": (\w+): client=unknown\[127\.0\.0\.2\]$", gate.log, re.M)
+    assert message.xforward["IDENT"] == queue_id
+    assert f"with ESMTP id {queue_id}\r\n" in head
