@@ -50,7 +50,7 @@ from smtpgate.policy.peer import lookup_client
 from smtpgate.policy.plan import Plan
 from smtpgate.policy.ports import Resolver
 from smtpgate.policy.session import PolicySession
-from smtpgate.relay import ClientFacts, Relay, Transaction, plain_content
+from smtpgate.relay import ClientFacts, Relay, Transaction, plain_content, quote_local
 from smtpgate.reply import R451_LOCAL_ERROR, Reply
 from smtpgate.tables import AddressList, Table, open_table
 
@@ -1648,7 +1648,8 @@ def received_header(
         f"\tby {hostname} (smtpgate) with {proto} id {queue_id}",
     ]
     if len(recipients) == 1:
-        lines.append(f"\tfor <{header_safe(recipients[0])}>; {date}")
+        # Postfix quotes the local part (quote_822_local): "a b"@x, not a b@x
+        lines.append(f"\tfor <{header_safe(quote_local(recipients[0]))}>; {date}")
     else:
         lines[-1] += ";"
         lines.append(f"\t{date}")

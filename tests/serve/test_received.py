@@ -67,3 +67,19 @@ async def test_helo_name_in_headers_is_postfix_cleaned(
     [queue_id] = re.findall(r": (\w+): client=unknown\[127\.0\.0\.2\]$", gate.log, re.M)
     assert message.xforward["IDENT"] == queue_id
     assert f"with ESMTP id {queue_id}\r\n" in head
+
+
+async def test_recipient_in_received_header_is_quoted_as_postfix_does(
+    tmp_path: Path, backend: RecordingBackend
+) -> None:
+    """data_cmd(): ``for <%s>`` with quote_822_local(recipient)."""
+    async with running_gate(tmp_path, MAIN_CF, backend, TABLES) as gate:
+        c = await gate.connect(source="127.0.0.2")
+        assert (await c.cmd("EHLO client.example.net"))[-1].startswith("250 ")
+        assert await c.cmd("MAIL FROM:<a@example.net>") == ["250 2.1.0 Ok"]
+        assert await c.cmd('RCPT TO:<"a b"@bar.org>') == ["250 2.1.5 Ok"]
+        assert (await c.cmd("DATA"))[0].startswith("354 ")
+        await c.send_raw(b"Subject: hi\r\n\r\nbody\r\n.\r\n")
+        assert (await c.reply())[0].startswith("250 ")
+    [message] = backend.messages
+    assert b'\r\n\tfor <"a b"@bar.org>; ' in message.content
