@@ -23,6 +23,7 @@ import fcntl
 import functools
 import logging
 import re
+import socket
 import ssl
 import sys
 import termios
@@ -38,13 +39,25 @@ from smtpgate.anvil import AnvilClient, LocalAnvil
 from smtpgate.config import Settings
 from smtpgate.errors import TableLookupError
 from smtpgate.logs import MailLog, new_queue_id
-from smtpgate.policy.address import dup_if_truncate, valid_hostname, valid_mailhost_addr
+from smtpgate.policy.address import (
+    dup_if_truncate,
+    header_safe,
+    valid_hostname,
+    valid_mailhost_addr,
+)
 from smtpgate.policy.model import ClientInfo, Decision, Stage
 from smtpgate.policy.peer import lookup_client
 from smtpgate.policy.plan import Plan
 from smtpgate.policy.ports import Resolver
 from smtpgate.policy.session import PolicySession
-from smtpgate.relay import ClientFacts, Relay, Transaction, load_cert_files, plain_content
+from smtpgate.relay import (
+    ClientFacts,
+    Relay,
+    Transaction,
+    load_cert_files,
+    plain_content,
+    quote_local,
+)
 from smtpgate.reply import R451_LOCAL_ERROR, Reply
 from smtpgate.tables import AddressList, Table, open_table
 
@@ -326,7 +339,7 @@ class GateProtocol(SMTP):
         # A new connection: the part of aiosmtpd's connection_made that smtpgate uses
         # (not its idle timer, log line or envelope: smtpgate keeps its own).
         self.session = Session(self.loop)
-        self.session.peer = transport.get_extra_info("peername")
+        self.session.peer = _peername(transport)
         asyncio.StreamReaderProtocol.connection_made(self, transport)
         self.transport = transport
         self._handler_coroutine = self.loop.create_task(self._handle_client())
@@ -861,6 +874,9 @@ class GateProtocol(SMTP):
                 port=self.client.port,
                 proto=st.protocol,
                 helo=st.helo_name,
+                # XFORWARD IDENT: a Postfix backend logs it as orig_queue_id=, which joins
+                # its log lines to smtpgate's (the queue id was assigned just above).
+                ident=st.queue_id,
             )
             self.txn.relay = await self.shared.relay.begin(
                 facts, self.txn.sender, self.txn.mail_params
@@ -1033,7 +1049,7 @@ class GateProtocol(SMTP):
             # Recipients relayed before the DISCARD: the backend's transaction is dropped.
             await self._end_transaction(completed=txn.relay is None)
             return reply
-        head = self._received_header() + "".join(f"{h}\r\n" for h in st.prepend).encode("utf-8")
+        head = self._received_header()
         plain = plain and plain_content(head)
         message = head + (content if plain else _crlf(content))
         reply = await asyncio.shield(txn.relay.data(message, plain))
@@ -1068,19 +1084,16 @@ class GateProtocol(SMTP):
     def _received_header(self) -> bytes:
         assert self.policy is not None and self.client is not None and self.txn is not None
         st = self.policy.state
-        proto = ("ESMTPS" if self.tls_active else "ESMTP") if self.esmtp else "SMTP"
-        helo = st.helo_name or self.client.address
-        lines = [
-            f"Received: from {helo} ({self.client.name} [{self.client.address}])",
-            f"\tby {self.config.hostname} (smtpgate) with {proto} id {st.queue_id}",
-        ]
-        date = _header_date(int(time.time()))
-        if len(self.txn.recipients) == 1:
-            lines.append(f"\tfor <{self.txn.recipients[0]}>; {date}")
-        else:
-            lines[-1] += ";"
-            lines.append(f"\t{date}")
-        return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
+        return received_header(
+            prepend=st.prepend,
+            helo=st.helo_name,
+            client=self.client,
+            hostname=self.config.hostname,
+            proto=("ESMTPS" if self.tls_active else "ESMTP") if self.esmtp else "SMTP",
+            queue_id=st.queue_id or "",
+            recipients=self.txn.recipients,
+            date=_header_date(int(time.time())),
+        )
 
     async def cmd_rset(self, args: Args) -> bool:
         if args:
@@ -1331,6 +1344,37 @@ def _check_rcpt_params(params: list[str]) -> Reply | None:
             return Reply(555, "5.5.4", f"Unsupported option: {param}")
         seen.add(key)
     return None
+
+
+def _peername(transport: asyncio.BaseTransport) -> Any:
+    """The client's (address, port), read once, when the connection is made.
+
+    uvloop does not keep the address accept() returned: it asks getpeername(), which
+    fails (ENOTCONN) when the client has already reset the connection -- the port
+    scanner's connect-and-reset (nmap -sT), whose RST arrives before the accept.  The
+    kernel still knows the address; Linux's SO_PEERNAME reads it the way accept() does,
+    without getpeername's connected-state check.  Only "unknown" when that fails too.
+    """
+    peer = transport.get_extra_info("peername")
+    if peer or not sys.platform.startswith("linux"):
+        return peer
+    sock = transport.get_extra_info("socket")
+    size = _SOCKADDR_SIZE.get(sock.family) if sock is not None else None
+    if size is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERNAME, size)
+    except OSError:
+        return None
+    port = int.from_bytes(raw[2:4], "big")
+    if sock.family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
+    return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
+
+
+SO_PEERNAME = getattr(socket, "SO_PEERNAME", 28)  # Linux's value (asm-generic/socket.h)
+# sizeof(struct sockaddr_in), sizeof(struct sockaddr_in6)
+_SOCKADDR_SIZE: dict[int, int] = {socket.AF_INET: 16, socket.AF_INET6: 28}
 
 
 def _client_info(peer: Any) -> ClientInfo:
@@ -1619,6 +1663,39 @@ def _wire(reply: Reply) -> bytes:
     """
     lines = (_UNPRINTABLE.sub(" ", line) for line in reply.lines())
     return "".join(line + "\r\n" for line in lines).encode("utf-8", "replace")
+
+
+def received_header(
+    *,
+    prepend: list[str],
+    helo: str | None,
+    client: ClientInfo,
+    hostname: str,
+    proto: str,
+    queue_id: str,
+    recipients: list[str],
+    date: str,
+) -> bytes:
+    """PREPEND headers, then smtpgate's Received: header, in Postfix's order and form.
+
+    Every part a client can choose goes through :func:`header_safe`: the HELO name, the
+    recipient, PREPEND text (a regexp table's ``$1`` can carry the HELO name); the client
+    name and address too, though DNS and the socket give them.
+    """
+    # Without HELO Postfix names the client by its host name ("unknown" without one).
+    shown = header_safe(helo, neuter=True) if helo else header_safe(client.name)
+    lines = [header_safe(line) for line in prepend]
+    lines += [
+        f"Received: from {shown} ({header_safe(client.name)} [{header_safe(client.address)}])",
+        f"\tby {hostname} (smtpgate) with {proto} id {queue_id}",
+    ]
+    if len(recipients) == 1:
+        # Postfix quotes the local part (quote_822_local): "a b"@x, not a b@x
+        lines.append(f"\tfor <{header_safe(quote_local(recipients[0]))}>; {date}")
+    else:
+        lines[-1] += ";"
+        lines.append(f"\t{date}")
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
 
 
 def _escape(data: bytes) -> str:

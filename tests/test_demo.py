@@ -90,6 +90,10 @@ async def test_demo_seed_session(demo: tuple[int, Path]):
     await c.close()
     [stored] = list((maildir / "new").iterdir())
     text = stored.read_bytes()
-    assert text.startswith(b"Return-Path: <friend@example.net>\r\nX-Original-To: <foo@bar.org>\r\n")
-    assert text.endswith(b"Subject: hello\r\n\r\nhi there\r\n")
-    assert final.endswith(stored.name.split(".")[1])  # the client's 250 is the sink's 250
+    assert text.startswith(
+        b"Return-Path: <friend@example.net>\nX-Original-To: foo@bar.org\n"
+        b"Delivered-To: foo@bar.org\nReceived: from mx.example.org (unknown [127.0.0.1])\n"
+    )
+    assert text.endswith(b"Subject: hello\n\nhi there\n")
+    # the client's 250 is the sink's 250: its queue id names the file
+    assert stored.name.split(".")[1].startswith(final.rsplit(" ", 1)[1])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -279,3 +280,19 @@ class Resolver:
             host, _, rest = local.partition("!")
             return f"{rest}@{host}"
         return None
+
+
+def header_safe(text: str, neuter: bool = False) -> str:
+    """Client-supplied text made fit for a message header: Postfix's ``printable(text, '?')``.
+
+    Each ASCII control character (CR, LF, TAB, ESC, NUL...) and DEL becomes ``?``; UTF-8
+    text is kept (a command line is valid UTF-8 by then, as with Postfix's
+    smtputf8_enable).  With ``neuter`` also Postfix's NEUTER_CHARACTERS `` <>()\\";@``:
+    smtpd.c's helo_cmd() keeps the HELO name in this form, and so every later use of it
+    (delayed helo restrictions, log lines, XFORWARD, the Received: header) sees it.
+    """
+    return (_NEUTERED if neuter else _UNPRINTABLE).sub("?", text)
+
+
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
+_NEUTERED = re.compile(r'[\x00-\x20\x7f<>()\\";@]')

@@ -9,6 +9,7 @@ reply (``explain`` uses :data:`ACCEPT_REPLIES`, ``serve`` the backend's).
 
 from __future__ import annotations
 
+from smtpgate.policy.address import header_safe
 from smtpgate.policy.engine import Checker
 from smtpgate.policy.model import (
     CLIENT,
@@ -151,7 +152,9 @@ class PolicySession:
             status = await self._check_helo(c, name)
             if status is REJECT:
                 return self._decision(c, Stage.HELO, status)
-        self.state.helo_name = name
+        # Postfix's helo_cmd(): what is kept (for delayed restrictions, logs, headers) is the
+        # name with control and special characters as "?"; an immediate check saw it as sent.
+        self.state.helo_name = header_safe(name, neuter=True)
         return Decision(Stage.HELO, None, c.steps, c.logs)
 
     async def mail(self, sender: str) -> Decision:

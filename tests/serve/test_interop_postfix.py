@@ -2,8 +2,9 @@
 
 Postfix trusts smtpgate for XFORWARD (``smtpd_authorized_xforward_hosts``). What Postfix
 3.7 does with it (observed, not assumed): its smtpd logs
-``QUEUEID: client=unknown[127.0.0.1], orig_client=unknown[127.0.0.2]`` -- ``client=`` is
-always the real peer (smtpgate), the forwarded client is ``orig_client=`` -- and the queue
+``QUEUEID: client=unknown[127.0.0.1], orig_queue_id=GATEID, orig_client=unknown[127.0.0.2]``
+-- ``client=`` is always the real peer (smtpgate), the forwarded client is ``orig_client=``,
+smtpgate's queue id (XFORWARD IDENT) is ``orig_queue_id=`` -- and the queue
 file carries ``log_client_address=127.0.0.2``, ``log_helo_name=...`` for the later
 delivery logs. Its own Received: header and its access decisions (and so its NOQUEUE
 reject lines) use the real peer. Relayed mail stays in Postfix's queue
@@ -119,17 +120,22 @@ async def test_relayed_message_lands_in_postfix_queue_with_forwarded_client(
     m = re.fullmatch(r"250 2\.0\.0 Ok: queued as (?P<qid>[0-9A-Z]+)", final[0])
     assert m, final
     qid = m["qid"]
+    [gate_qid] = re.findall(r": (\w+): client=unknown\[127\.0\.0\.2\]$", gate.log, re.M)
+    # XFORWARD IDENT: the two logs join on smtpgate's queue id
     await wait_maillog(
         postfix,
         rf"postfix/smtpd\[\d+\]: {qid}: client=unknown\[127\.0\.0\.1\], "
-        r"orig_client=unknown\[127\.0\.0\.2\]$",
+        rf"orig_queue_id={gate_qid}, orig_client=unknown\[127\.0\.0\.2\]$",
         offset,
     )
+    assert f"{gate_qid}: proxy-accept: END-OF-MESSAGE" in gate.log
+    assert f"queued as {qid};" in gate.log
     queue = postqueue(postfix)
     assert qid in queue and "friend@example.net" in queue and "foo@bar.org" in queue, queue
     content = postcat(postfix, qid)
     # the forwarded client is what Postfix records for its delivery logs
     for attribute in (
+        f"log_ident={gate_qid}",
         "log_client_name=unknown",
         "log_client_address=127.0.0.2",
         "log_message_origin=unknown[127.0.0.2]",
