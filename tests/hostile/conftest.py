@@ -140,10 +140,15 @@ async def open_env(
     extra: str = "",
     overrides: tuple[str, ...] = (),
     tables: dict[str, str] | None = None,
+    in_process: str = "",
     **backend_kwargs: Any,
 ) -> AsyncIterator[Env]:
+    """A deployed gate (see tests/serve/conftest.py) in front of a RecordingBackend;
+    ``in_process`` (the reason) runs the Server in this event loop instead."""
     async with RecordingBackend(**backend_kwargs) as backend:
-        async with running_gate(tmp_path, MAIN_CF + extra, backend, tables, overrides) as gate:
+        async with running_gate(
+            tmp_path, MAIN_CF + extra, backend, tables, overrides, in_process=in_process
+        ) as gate:
             yield Env(gate, backend)
 
 

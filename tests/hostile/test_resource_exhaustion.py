@@ -189,7 +189,9 @@ async def test_x13_non_reading_client_does_not_stop_the_server(tmp_path: Path) -
 async def test_x13b_non_reading_client_is_dropped_after_smtpd_timeout(tmp_path: Path) -> None:
     # Junk and error limits out of the way, so that only the write timeout can end it.
     overrides = (*SHORT, "smtpd_junk_command_limit=10000000", "smtpd_error_sleep_time=0")
-    async with open_env(tmp_path, overrides=overrides) as env:
+    async with open_env(
+        tmp_path, overrides=overrides, in_process="watches the server's session set"
+    ) as env:
         c = await env.session()
         c.writer.write(b"RSET\r\n" * 180_000)
         sessions = env.gate.server.shared.sessions
