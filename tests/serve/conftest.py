@@ -167,7 +167,10 @@ async def running_gate(
             yield g
         return
     async with _deployed_gate(tmp_path, text, tables or {}, overrides, workers) as gate:
-        if backend is not None and not backend.down:
+        for override in overrides:
+            if override.replace(" ", "").startswith("relayhost="):
+                relayhost = override.split("=", 1)[1].strip()
+        if backend is not None and not backend.down and relayhost == backend.relayhost:
             await _forget_the_probe(backend)
         yield gate
 
