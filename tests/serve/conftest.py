@@ -249,8 +249,9 @@ async def _deployed_gate(
     for name, body in tables.items():
         (folder / name).write_text(body)
         _root_only(folder / name)
-    # The test's myhostname, when it sets one, comes later and wins.
-    text, overrides = _private_tls_files(folder, "myhostname = mx.example.org\n" + text, overrides)
+    if not re.search(r"^myhostname\s*=", text, re.M):  # as in-process: not the machine's
+        text = "myhostname = mx.example.org\n" + text
+    text, overrides = _private_tls_files(folder, text, overrides)
     config = folder / "main.cf"
     config.write_text(text)
     _root_only(config)
