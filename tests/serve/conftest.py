@@ -178,10 +178,12 @@ async def running_gate(
 async def _forget_the_probe(backend: RecordingBackend) -> None:
     """Wait for the relayhost probe a deployed server makes at start (its first worker
     connects and closes, see ``Server.probe_relayhost``), and take it off the backend's
-    record: the test's own connections are numbered from 0, as in-process."""
+    record: the test's own connections are numbered from 0, as in-process.  (Nothing
+    else connects before the gate is handed to the test.)"""
 
     def probe() -> ConnectionRecord | None:
-        return next((c for c in backend.connections if c.closed and not c.commands), None)
+        # not necessarily closed yet: a backend that never greets (delays) holds it
+        return next((c for c in backend.connections if not c.commands), None)
 
     await backend.wait_for(lambda: probe() is not None, timeout=LOG_DEADLINE)
     backend.connections.remove(probe())  # type: ignore[arg-type]
