@@ -226,7 +226,10 @@ async def test_x14_ehlo_flood(env: Env) -> None:
 
 
 async def test_x15_data_memory_budget(tmp_path: Path) -> None:
-    async with open_env(tmp_path, overrides=("smtpgate_data_memory_limit=100000",)) as env:
+    # One worker: the budget is per worker process until one budget serves all workers
+    # (issue 11 item 3); with two, the second DATA may land on the other worker's budget.
+    overrides = ("smtpgate_data_memory_limit=100000",)
+    async with open_env(tmp_path, overrides=overrides, workers=1) as env:
         first, second = await env.session(), await env.session("127.0.0.3")
         for c in (first, second):
             assert await env.cmd(c, "MAIL FROM:<sender@ext.example>") == ["250 2.1.0 Ok"]
