@@ -23,7 +23,7 @@ import pytest
 
 from tests.serve.backend import RecordingBackend, StoredMessage
 from tests.serve.client import LineClient
-from tests.serve.conftest import Gate, running_gate
+from tests.serve.conftest import WORKERS, Gate, running_gate
 
 MAIN_CF = """\
 myhostname = mx.example.org
@@ -140,10 +140,22 @@ async def open_env(
     extra: str = "",
     overrides: tuple[str, ...] = (),
     tables: dict[str, str] | None = None,
+    in_process: str = "",
+    workers: int = WORKERS,
     **backend_kwargs: Any,
 ) -> AsyncIterator[Env]:
+    """A deployed gate (see tests/serve/conftest.py) in front of a RecordingBackend;
+    ``in_process`` (the reason) runs the Server in this event loop instead."""
     async with RecordingBackend(**backend_kwargs) as backend:
-        async with running_gate(tmp_path, MAIN_CF + extra, backend, tables, overrides) as gate:
+        async with running_gate(
+            tmp_path,
+            MAIN_CF + extra,
+            backend,
+            tables,
+            overrides,
+            workers=workers,
+            in_process=in_process,
+        ) as gate:
             yield Env(gate, backend)
 
 

@@ -206,15 +206,17 @@ async def test_f21_client_vanishes_mid_data(env: Env) -> None:
 
 
 async def test_f22_internal_exception_is_a_neutral_451(
-    env: Env, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def boom(self: Transaction, message: bytes) -> object:
         raise RuntimeError("secret internal detail")
 
     monkeypatch.setattr(Transaction, "data", boom)
-    c = await env.session()
-    final = await env.transaction(c, body("f22"))
-    assert code(final) == 451 and "secret" not in final[0] and "RuntimeError" not in final[0]
-    assert env.backend.messages == []
-    monkeypatch.undo()
-    await env.finish()
+    reason = "monkeypatches Transaction.data, which only reaches this process"
+    async with open_env(tmp_path, in_process=reason) as env:
+        c = await env.session()
+        final = await env.transaction(c, body("f22"))
+        assert code(final) == 451 and "secret" not in final[0] and "RuntimeError" not in final[0]
+        assert env.backend.messages == []
+        monkeypatch.undo()
+        await env.finish()

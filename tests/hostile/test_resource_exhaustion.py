@@ -31,7 +31,8 @@ async def test_x01_recipient_limit(tmp_path: Path) -> None:
 
 
 async def test_x02_connection_count_limit(tmp_path: Path) -> None:
-    async with open_env(tmp_path, overrides=("smtpd_client_connection_count_limit=5",)) as env:
+    overrides = ("smtpd_client_connection_count_limit=5",)  # for the whole server
+    async with open_env(tmp_path, overrides=overrides) as env:
         clients = [await env.connect() for _ in range(5)]
         extra = await LineClient.connect(env.gate.host, env.gate.port, source="127.0.0.2")
         env.gate.clients.append(extra)
@@ -189,7 +190,9 @@ async def test_x13_non_reading_client_does_not_stop_the_server(tmp_path: Path) -
 async def test_x13b_non_reading_client_is_dropped_after_smtpd_timeout(tmp_path: Path) -> None:
     # Junk and error limits out of the way, so that only the write timeout can end it.
     overrides = (*SHORT, "smtpd_junk_command_limit=10000000", "smtpd_error_sleep_time=0")
-    async with open_env(tmp_path, overrides=overrides) as env:
+    async with open_env(
+        tmp_path, overrides=overrides, in_process="watches the server's session set"
+    ) as env:
         c = await env.session()
         c.writer.write(b"RSET\r\n" * 180_000)
         sessions = env.gate.server.shared.sessions
@@ -221,7 +224,8 @@ async def test_x14_ehlo_flood(env: Env) -> None:
 
 
 async def test_x15_data_memory_budget(tmp_path: Path) -> None:
-    async with open_env(tmp_path, overrides=("smtpgate_data_memory_limit=100000",)) as env:
+    overrides = ("smtpgate_data_memory_limit=100000",)  # one budget for all workers
+    async with open_env(tmp_path, overrides=overrides) as env:
         first, second = await env.session(), await env.session("127.0.0.3")
         for c in (first, second):
             assert await env.cmd(c, "MAIL FROM:<sender@ext.example>") == ["250 2.1.0 Ok"]

@@ -6,7 +6,8 @@
   ``451 4.3.0 Error: local error while processing``, and the server still relays.
 
 Each example starts its own gate and backend (asyncio.run per example); the example
-counts are modest to keep the suite fast.
+counts are modest to keep the suite fast.  The gate is in-process (IN_PROCESS says why);
+the same paths run deployed in tests/hostile.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from tests.serve.client import LineClient
 LINE = st.text(alphabet="ab .\r\n\t-:", max_size=30).map(lambda s: s.encode())
 BODY = st.lists(LINE, min_size=1, max_size=12).map(lambda lines: b"\r\n".join(lines) + b"\r\n")
 TAG = b"X-Tag: prop\r\n\r\n"
+IN_PROCESS = (
+    "a gate per hypothesis example (100 in all) would be a process tree per example; "
+    "and the error check listens to this process's smtpgate logger"
+)
 SOCKET_SETTINGS = settings(
     max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
@@ -51,7 +56,7 @@ async def _send(client: LineClient, payload: bytes, cuts: list[int]) -> list[str
 
 async def _split_case(body: bytes, cuts: list[int]) -> tuple[bytes, bytes]:
     payload = TAG + body + b".\r\n"
-    async with open_env(Path(tempfile.mkdtemp())) as env:
+    async with open_env(Path(tempfile.mkdtemp()), in_process=IN_PROCESS) as env:
         one = await env.gate.connect()
         assert (await _send(one, payload, []))[0].startswith("250 ")
         split = await env.gate.connect()
@@ -112,7 +117,9 @@ class _Errors(logging.Handler):
 
 
 async def _garbage_case(commands: list[bytes]) -> tuple[list[str], bool]:
-    async with open_env(Path(tempfile.mkdtemp()), overrides=("smtpd_timeout=2s",)) as env:
+    async with open_env(
+        Path(tempfile.mkdtemp()), overrides=("smtpd_timeout=2s",), in_process=IN_PROCESS
+    ) as env:
         c = await env.gate.connect()
         await c.send_raw(b"".join(cmd + b"\r\n" for cmd in commands) + b"\r\n.\r\nQUIT\r\n")
         lines, closed = await read_until_closed(c, deadline=4)

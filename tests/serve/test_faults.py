@@ -350,7 +350,7 @@ async def test_smuggling_never_makes_a_second_transaction(
             # exactly one reply to the dot: the next reply belongs to our NOOP
             assert await c.cmd("NOOP") == ["250 2.0.0 Ok"]
             assert await c.cmd("QUIT") == ["221 2.0.0 Bye"]
-            log = gate.log
+            log = await gate.wait_log("disconnect from unknown[127.0.0.2]")
     assert_invariant(final, backend)
     senders = [m.mail_from for m in backend.messages]
     assert "ceo@bar.org" not in senders
@@ -395,7 +395,8 @@ async def test_exception_inside_the_server_is_a_451_without_details(
         raise RuntimeError("secret internal detail /etc/passwd")
 
     monkeypatch.setattr(Transaction, "data", explode)
-    async with running_gate(tmp_path, MAIN_CF, backend) as gate:
+    reason = "monkeypatches Transaction.data, which only reaches this process"
+    async with running_gate(tmp_path, MAIN_CF, backend, in_process=reason) as gate:
         c = await start(gate)
         assert await c.cmd("RCPT TO:<foo@bar.org>") == ["250 2.1.5 Ok"]
         final = await send_body(c)

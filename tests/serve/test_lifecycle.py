@@ -53,7 +53,11 @@ async def begin_relay(c: LineClient, sender: str = "friend@example.net") -> None
 async def test_stop_tells_idle_sessions_421_and_finishes_busy_ones(tmp_path: Path):
     release = asyncio.Event()
     async with RecordingBackend(holds={"DOT": release}) as backend:
-        async with running_gate(tmp_path, SEED_MAIN_CF, backend, SEED_TABLES) as gate:
+        # SIGTERM to the CLI: test_serve_sigterm_drains_and_exits_0
+        reason = "calls Server.stop() and watches it wait for the relay in flight"
+        async with running_gate(
+            tmp_path, SEED_MAIN_CF, backend, SEED_TABLES, in_process=reason
+        ) as gate:
             idle = await gate.connect()
             assert (await idle.cmd("EHLO idle.example"))[0] == "250-mx.example.org"
             busy = await gate.connect()
@@ -80,7 +84,10 @@ async def test_stop_tells_idle_sessions_421_and_finishes_busy_ones(tmp_path: Pat
 
 
 async def test_stop_without_sessions_is_quick(tmp_path: Path, backend: RecordingBackend):
-    async with running_gate(tmp_path, SEED_MAIN_CF, backend, SEED_TABLES) as gate:
+    reason = "times Server.stop() itself, without a process to start or reap"
+    async with running_gate(
+        tmp_path, SEED_MAIN_CF, backend, SEED_TABLES, in_process=reason
+    ) as gate:
         await asyncio.wait_for(gate.server.stop(drain_timeout=10), 2)
         assert gate.server.stopped.is_set()
         with pytest.raises(OSError):
@@ -106,7 +113,7 @@ async def test_connect_and_disconnect_counters(seed_gate: Gate, backend: Recordi
     assert await d.closed()
     await c.close()
     await d.close()
-    log = await _log_with(seed_gate, "disconnect from unknown[127.0.0.3]")
+    log = await seed_gate.wait_log("disconnect from unknown[127.0.0.3]")
     assert re.search(SYSLOG_PREFIX + r"connect from unknown\[127\.0\.0\.2\]$", log, re.M)
     assert re.search(
         SYSLOG_PREFIX
@@ -131,7 +138,7 @@ async def test_noqueue_reject_line_esmtp(seed_gate: Gate, backend: RecordingBack
     assert (await c.cmd("RCPT TO:<foo@bar.org>"))[0].startswith("554 5.7.1")
     await c.cmd("QUIT")
     await c.closed()
-    log = await _log_with(seed_gate, "disconnect from unknown[127.0.0.2]")
+    log = await seed_gate.wait_log("disconnect from unknown[127.0.0.2]")
     line = (
         f"NOQUEUE: reject: RCPT from unknown[127.0.0.2]: {QQ_REJECT} proto=ESMTP "
         "helo=<me.example.com>"
@@ -151,7 +158,7 @@ async def test_reject_after_an_accepted_recipient_has_a_queue_id(
     assert (await c.cmd("RCPT TO:<foo@bar.org>"))[0].startswith("554 5.7.1")
     await c.cmd("QUIT")
     await c.closed()
-    log = await _log_with(seed_gate, "disconnect from unknown[127.0.0.2]")
+    log = await seed_gate.wait_log("disconnect from unknown[127.0.0.2]")
     reject = re.search(
         SYSLOG_PREFIX
         + r"(?P<qid>[0-9A-F]{10}): reject: RCPT from unknown\[127\.0\.0\.2\]: "
@@ -164,14 +171,6 @@ async def test_reject_after_an_accepted_recipient_has_a_queue_id(
     assert f"{reject['qid']}: client=unknown[127.0.0.2]" in log
     assert "NOQUEUE: reject" not in log
     assert [m["host"] for m in FAIL2BAN.finditer(log)] == ["127.0.0.2"]
-
-
-async def _log_with(gate: Gate, text: str, timeout: float = 5.0) -> str:
-    """The gate's log once it contains *text* (the session has been logged to the end)."""
-    async with asyncio.timeout(timeout):
-        while text not in gate.log:
-            await asyncio.sleep(0.01)  # the log is a StringIO: polled, with a deadline
-    return gate.log
 
 
 # -- the serve command -------------------------------------------------------------------------

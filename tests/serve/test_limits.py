@@ -38,14 +38,30 @@ UNKNOWN = "500 5.5.2 Error: command not recognized"
 TOO_MANY_ERRORS = "421 4.7.0 mx.example.org Error: too many errors"
 TIMEOUT = "421 4.4.2 mx.example.org Error: timeout exceeded"
 BOUND = 5.0  # seconds: the longest any single wait in these tests may take
+# Reasons for an in-process gate (tests/serve/conftest.py): these tests look inside the
+# anvil or the budget of one process (tests/test_anvil.py covers the supervisor's service,
+# tests/test_deployment.py the limits across workers of a real serve).
+READS_ANVIL = "reads the anvil's counters (gate.server.shared.anvil)"
+READS_BUDGET = "reads the data memory budget (gate.server.shared.budget)"
+READS_SESSIONS = "reaches into the server's session (gate.server.shared.sessions)"
+SETS_CONFIG = "sets GateConfig fields (sub-second timeouts) in the running server"
 
 
 @asynccontextmanager
 async def gate_with(
-    tmp_path: Path, backend: RecordingBackend, *overrides: str, **config: Any
+    tmp_path: Path,
+    backend: RecordingBackend,
+    *overrides: str,
+    in_process: str = "",
+    workers: int = 2,
+    **config: Any,
 ) -> AsyncIterator[Gate]:
-    """A gate with ``-o`` style overrides; keyword arguments replace GateConfig fields."""
-    async with running_gate(tmp_path, MAIN_CF, backend, overrides=overrides) as gate:
+    """A gate with ``-o`` style overrides; keyword arguments replace GateConfig fields,
+    which needs the server in this process (``in_process``)."""
+    in_process = in_process or (SETS_CONFIG if config else "")
+    async with running_gate(
+        tmp_path, MAIN_CF, backend, overrides=overrides, workers=workers, in_process=in_process
+    ) as gate:
         if config:
             shared = gate.server.shared
             shared.config = dataclasses.replace(shared.config, **config)
@@ -200,7 +216,11 @@ async def test_client_that_reads_nothing_is_dropped(
 ) -> None:
     # smtpd_timeout covers writes too: replies pile up, the write times out, the session ends.
     async with gate_with(
-        tmp_path, backend, "smtpd_junk_command_limit=10000000", timeout=0.3
+        tmp_path,
+        backend,
+        "smtpd_junk_command_limit=10000000",
+        in_process=READS_SESSIONS,
+        timeout=0.3,
     ) as gate:
         c = await gate.connect()
         await c.cmd(EHLO)
@@ -347,7 +367,9 @@ async def refused(gate: Gate, source: str = "127.0.0.2") -> list[str]:
 
 
 async def test_connection_count_limit(tmp_path: Path, backend: RecordingBackend) -> None:
-    async with gate_with(tmp_path, backend, "smtpd_client_connection_count_limit=2") as gate:
+    async with gate_with(
+        tmp_path, backend, "smtpd_client_connection_count_limit=2", in_process=READS_ANVIL
+    ) as gate:
         first = await gate.connect()
         second = await gate.connect()
         assert await refused(gate) == too_many_connections()
@@ -374,6 +396,7 @@ async def test_connection_limit_exceptions(tmp_path: Path, backend: RecordingBac
         "smtpd_client_connection_count_limit=1",
         "smtpd_client_connection_rate_limit=1",
         "smtpgate_connection_limit=2",
+        in_process=READS_ANVIL,
     ) as gate:
         held = [await gate.connect("127.0.0.1") for _ in range(3)]
         await deliver(gate, await gate.connect("127.0.0.1"))
@@ -470,7 +493,9 @@ async def test_long_data_line_relayed_intact(tmp_path: Path, backend: RecordingB
 
 
 async def test_oversized_message_is_not_buffered(tmp_path: Path, backend: RecordingBackend) -> None:
-    async with gate_with(tmp_path, backend, "message_size_limit=1000") as gate:
+    async with gate_with(
+        tmp_path, backend, "message_size_limit=1000", in_process=READS_BUDGET
+    ) as gate:
         c = await gate.connect()
         await c.cmd(EHLO)
         await c.cmd(MAIL)
@@ -485,7 +510,9 @@ async def test_oversized_message_is_not_buffered(tmp_path: Path, backend: Record
 
 
 async def test_memory_budget_refuses_new_data(tmp_path: Path, backend: RecordingBackend) -> None:
-    async with gate_with(tmp_path, backend, "smtpgate_data_memory_limit=3000") as gate:
+    async with gate_with(
+        tmp_path, backend, "smtpgate_data_memory_limit=3000", in_process=READS_BUDGET
+    ) as gate:
         budget = local_anvil(gate).budget
         first = await gate.connect()
         await first.cmd(EHLO)
@@ -510,7 +537,9 @@ async def test_memory_budget_refuses_new_data(tmp_path: Path, backend: Recording
 
 
 async def test_memory_budget_overrun_mid_data(tmp_path: Path, backend: RecordingBackend) -> None:
-    async with gate_with(tmp_path, backend, "smtpgate_data_memory_limit=3000") as gate:
+    async with gate_with(
+        tmp_path, backend, "smtpgate_data_memory_limit=3000", in_process=READS_BUDGET
+    ) as gate:
         c = await gate.connect()
         await c.cmd(EHLO)
         await c.cmd(MAIL)

@@ -112,20 +112,24 @@ async def test_talking_before_the_greeting(tmp_path: Path, backend: RecordingBac
         await deliver(gate)  # a polite client waits for the greeting and is served
 
 
-async def test_unread_input_is_seen_before_the_loop_reads_it(gate: Gate) -> None:
+async def test_unread_input_is_seen_before_the_loop_reads_it(
+    tmp_path: Path, backend: RecordingBackend
+) -> None:
     """Before the greeting (without a greet pause) the server peeks at the socket, as
     Postfix does: bytes the event loop has not read yet count as early input."""
-    c = await gate.connect()
-    (session,) = gate.server.shared.sessions
-    assert session.transport is not None
-    session.transport.pause_reading()
-    assert not session._unread_input()
-    await c.send_raw(b"NOOP\r\n")
-    fd = session.transport.get_extra_info("socket").fileno()
-    readable, _, _ = await asyncio.to_thread(select.select, [fd], [], [], 5.0)
-    assert readable and session._unread_input()
-    session.transport.resume_reading()
-    assert await c.reply() == ["250 2.0.0 Ok"]
+    reason = "pauses the session's transport to look at its socket"
+    async with running_gate(tmp_path, MAIN_CF, backend, in_process=reason) as gate:
+        c = await gate.connect()
+        (session,) = gate.server.shared.sessions
+        assert session.transport is not None
+        session.transport.pause_reading()
+        assert not session._unread_input()
+        await c.send_raw(b"NOOP\r\n")
+        fd = session.transport.get_extra_info("socket").fileno()
+        readable, _, _ = await asyncio.to_thread(select.select, [fd], [], [], 5.0)
+        assert readable and session._unread_input()
+        session.transport.resume_reading()
+        assert await c.reply() == ["250 2.0.0 Ok"]
 
 
 async def test_allowed_groups(gate: Gate, backend: RecordingBackend) -> None:
