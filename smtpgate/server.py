@@ -495,29 +495,42 @@ class Server:
         self.maillog.info(f"smtpgate listening on {names} (event loop: {event_loop_name()})")
 
     async def probe_relayhost(self) -> None:
-        """Warn (and keep serving) when the backend cannot be reached at start."""
-        relayhost = self.shared.relay.relayhost
+        """Warn (and keep serving) when the backend cannot be reached at start.
+
+        An unbracketed relayhost is looked up as the relay does (its MX hosts, with the
+        configured resolver); one host that answers is enough.
+        """
+        relay = self.shared.relay
+        relayhost = relay.relayhost
         if relayhost is None:
             self.maillog.warning("relayhost is empty: every message will be deferred (451)")
             return
         timeout = min(self.settings.as_time("smtp_connect_timeout"), 5.0)
+        why = "no address to connect to"
         try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(relayhost.host, relayhost.port), timeout
-            )
-        except (OSError, TimeoutError) as exc:
-            if isinstance(exc, TimeoutError):
-                why = "timed out"
+            if relayhost.mx_lookup and relay.next_hops is not None:
+                hops = await relay.next_hops(relayhost.host, relayhost.port)
             else:
-                why = os.strerror(exc.errno) if exc.errno else str(exc)
-            self.maillog.warning(
-                f"relayhost {self.settings['relayhost']} is not reachable now ({why}): "
-                "smtpgate keeps serving and answers 451 4.3.0 until the backend is back"
-            )
+                hops = [(relayhost.host, relayhost.port)]
+        except Exception as exc:  # the resolver's DnsLookupError, whatever its kind
+            hops, why = [], str(exc)
+        for host, port in hops:
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+            except TimeoutError:
+                why = "timed out"
+                continue
+            except OSError as exc:
+                why = exc.strerror or str(exc)
+                continue
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
             return
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
+        self.maillog.warning(
+            f"relayhost {self.settings['relayhost']} is not reachable now ({why}): "
+            "smtpgate keeps serving and answers 451 4.3.0 until the backend is back"
+        )
 
     async def serve_forever(self) -> None:
         await self.stopped.wait()
