@@ -150,6 +150,15 @@ def with_tls(folder: Path, cert: Path, key: Path) -> None:
     )
 
 
+def root_only_tls(etc: Path, folder: Path, name: str) -> tuple[Path, Path]:
+    """A certificate and key in ``folder`` (mode 700, as /etc/letsencrypt/live), used by
+    the main.cf in ``etc``."""
+    folder.mkdir(mode=0o700)
+    cert, key = make_cert(folder, name)
+    with_tls(etc, cert, key)
+    return cert, key
+
+
 def all_fingerprints(port: int, count: int = 8) -> set[str]:
     """The certificates of ``count`` sessions (spread over the workers by the kernel)."""
     return {starttls_fingerprint(port) for _ in range(count)}
@@ -157,10 +166,7 @@ def all_fingerprints(port: int, count: int = 8) -> set[str]:
 
 @needs_root
 def test_root_only_key_is_read_before_the_privilege_drop(etc: Path, public_dir: Path):
-    keys = public_dir / "private"
-    keys.mkdir(mode=0o700)
-    cert, key = make_cert(keys, "mx-one")
-    with_tls(etc, cert, key)
+    cert, _ = root_only_tls(etc, public_dir / "private", "mx-one")
     with serving(etc) as server:
         assert all_fingerprints(server.port) == {fingerprint_of(cert)}
         workers = children(server.proc.pid)
@@ -175,9 +181,7 @@ def test_root_only_key_is_read_before_the_privilege_drop(etc: Path, public_dir: 
 @needs_root
 def test_certificate_renewal_then_reload_serves_the_new_certificate(etc: Path, public_dir: Path):
     keys = public_dir / "live"
-    keys.mkdir(mode=0o700)
-    cert, key = make_cert(keys, "mx-2026")
-    with_tls(etc, cert, key)
+    cert, key = root_only_tls(etc, keys, "mx-2026")
     with serving(etc) as server:
         assert all_fingerprints(server.port) == {fingerprint_of(cert)}
         # certbot writes the new files, then its deploy hook runs `systemctl reload`
