@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,7 +54,11 @@ async def sessions_over(gate: Gate, count: int) -> None:
 async def scan(tmp_path: Path, source: str, listen: str) -> str:
     async with RecordingBackend() as backend:
         async with running_gate(
-            tmp_path, "myhostname = mx.example.org\n", backend, overrides=(f"listen={listen}",)
+            tmp_path,
+            "myhostname = mx.example.org\n",
+            backend,
+            overrides=(f"listen={listen}",),
+            in_process="runs the server on the test's event loop, asyncio and uvloop both",
         ) as gate:
             for _ in range(3):
                 connect_and_reset(source, gate.host, gate.port)
@@ -77,4 +82,18 @@ def test_reset_at_once_is_logged_with_the_client_address(
     assert [line for line in lines if line.startswith("disconnect")] == [
         f"disconnect from unknown[{scanner}] commands=0/0"
     ] * 3, log
+    assert "unknown[unknown]" not in log
+
+
+async def test_reset_at_once_is_logged_with_the_address_by_a_deployed_server(tmp_path: Path):
+    """The same scan against `smtpgate serve` as deployed (workers on uvloop)."""
+    async with RecordingBackend() as backend:
+        async with running_gate(tmp_path, "myhostname = mx.example.org\n", backend) as gate:
+            for _ in range(3):
+                await asyncio.to_thread(connect_and_reset, "127.0.0.3", gate.host, gate.port)
+            end = time.monotonic() + 10  # the log file is the only window into it
+            while (log := gate.log).count("disconnect from unknown[127.0.0.3]") < 3:
+                assert time.monotonic() < end, log
+                await asyncio.sleep(0.02)
+    assert log.count("connect from unknown[127.0.0.3]") == 6, log  # connect + disconnect
     assert "unknown[unknown]" not in log
