@@ -520,8 +520,9 @@ class Server:
             except TimeoutError:
                 why = "timed out"
                 continue
-            except OSError as exc:
-                why = exc.strerror or str(exc)
+            except OSError as exc:  # a negative errno is getaddrinfo's: its own text
+                errno_ = exc.errno or 0
+                why = os.strerror(errno_) if errno_ > 0 else exc.strerror or str(exc)
                 continue
             writer.close()
             with contextlib.suppress(Exception):
