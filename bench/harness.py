@@ -121,8 +121,8 @@ def _tail(path: Path, lines: int = 30) -> str:
         return ""
 
 
-def descendants(root: int) -> list[int]:
-    """``root`` and every process below it (from the ppid fields in /proc/*/stat)."""
+def live_children() -> dict[int, list[int]]:
+    """Parent pid -> the pids of its live (not zombie) children, from /proc/*/stat."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -135,6 +135,12 @@ def descendants(root: int) -> list[int]:
         if fields[0] == "Z":
             continue
         children.setdefault(int(fields[1]), []).append(int(entry))
+    return children
+
+
+def descendants(root: int) -> list[int]:
+    """``root`` and every process below it (from the ppid fields in /proc/*/stat)."""
+    children = live_children()
     out, todo = [], [root]
     while todo:
         pid = todo.pop()

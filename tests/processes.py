@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from collections.abc import Callable
-from pathlib import Path
+
+from bench.harness import live_children
 
 
 def children(pid: int) -> list[int]:
     """The live child processes of ``pid`` (from /proc)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
-            out.append(int(entry))
-    return out
+    return live_children().get(pid, [])
 
 
 def wait_until(check: Callable[[], bool], deadline: float = 15.0) -> bool:
