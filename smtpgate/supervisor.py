@@ -120,7 +120,6 @@ class _Reload:
     """A generation swap in progress: new workers starting, then old ones retiring."""
 
     generation: Generation
-    diagnostics: list[Diagnostic]
     waiters: list[socket.socket] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
     """What ``smtpgate reload`` is told before the verdict (the diagnostics)."""
@@ -405,7 +404,7 @@ class Supervisor:
             warning = "reload: listen changed; restart smtpgate to rebind"
             self.maillog.warning(warning)
             lines.append(f"diagnostic: warning: {warning}")
-        self._reload = _Reload(generation, diagnostics, lines=lines)
+        self._reload = _Reload(generation, lines=lines)
         if waiter is not None:
             self._reload.waiters.append(waiter)
         for slot in range(len(self.socket_sets)):
