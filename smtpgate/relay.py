@@ -82,6 +82,7 @@ from aiosmtplib import SMTPResponse
 
 from smtpgate.config import Settings
 from smtpgate.errors import ConfigError, RelayError
+from smtpgate.facts import ClientFacts
 from smtpgate.reply import Reply
 
 logger = logging.getLogger("smtpgate.relay")
@@ -121,24 +122,6 @@ _NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
 # -- values ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ClientFacts:
-    """What XFORWARD tells the backend about the SMTP client."""
-
-    name: str
-    """Client host name, or "unknown"."""
-    addr: str
-    """Client IP address."""
-    port: int
-    proto: str
-    """"SMTP" or "ESMTP"."""
-    helo: str | None
-    ident: str | None = None
-    """Log correlation id (XFORWARD IDENT, Postfix sends its queue id); None: unavailable."""
-    source: str = "REMOTE"
-    """XFORWARD SOURCE: "LOCAL" or "REMOTE" (Postfix: LOCAL for local_header_rewrite_clients)."""
 
 
 @dataclass(frozen=True)

@@ -579,7 +579,7 @@ class Server:
                 f"drain timeout: closing {len(self.shared.sessions)} session(s) still busy"
             )
         for session in list(self.shared.sessions):
-            session._close()
+            session.abort()
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()

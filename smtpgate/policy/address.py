@@ -296,3 +296,29 @@ def header_safe(text: str, neuter: bool = False) -> str:
 
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
 _NEUTERED = re.compile(r'[\x00-\x20\x7f<>()\\";@]')
+
+
+_ATOM_SPECIALS = frozenset('()<>@,;:\\".[] \t')
+
+
+def quote_822_local(address: str) -> str:
+    """An internal-form address in its external form (Postfix ``quote_822_local``).
+
+    The SMTP layer keeps addresses in internal form (``a b@example`` for the client's
+    ``"a b"@example``); a local part that is not a dot-atom is quoted again for the wire,
+    the Received header and the log lines (info_log_address_format = external).
+    """
+    local, at, domain = address.rpartition("@")
+    if not at:
+        local, domain = address, ""
+    dot_atom = (
+        local != ""
+        and not local.startswith(".")
+        and not local.endswith(".")
+        and ".." not in local
+        and not any(c in _ATOM_SPECIALS and c != "." for c in local)
+    )
+    if dot_atom or not local:
+        return address
+    quoted = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"{quoted}@{domain}" if at else quoted

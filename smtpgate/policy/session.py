@@ -197,6 +197,24 @@ class PolicySession:
             return self._decision(c, Stage.RCPT, status)
         return self._accept_rcpt(c, recipient)
 
+    async def vrfy(self, address: str) -> Decision:
+        """smtpd_check_rcpt() for VRFY: the RCPT checks, inside a MAIL transaction or not
+        (outside one the sender checks see no sender and pass, as in Postfix)."""
+        st = self.state
+        if st.sender is not None:
+            return await self.rcpt(address)
+        denied = self._denied(Stage.RCPT)
+        if denied is not None:
+            return denied
+        c = self._checker(Stage.RCPT)
+        st.where = "VRFY"
+        st.recipient, st.recipient_rcptmap_checked = address, False
+        try:
+            status = await self._rcpt_checks(c, address)
+        finally:
+            st.recipient = None
+        return self._decision(c, Stage.RCPT, status)
+
     def _accept_rcpt(self, c: Checker, recipient: str) -> Decision:
         return Decision(Stage.RCPT, None, c.steps, c.logs)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from smtpgate.policy.address import AddressClass, Resolver
-from smtpgate.smtpd import parse_address
+from smtpgate.smtp.syntax import parse_address
 from tests.hostile.conftest import TRUSTED, Env, body, open_env
 from tests.postfix_instance import PostfixInstance, postfix_available, raw_session
 

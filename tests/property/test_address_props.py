@@ -25,7 +25,8 @@ from smtpgate.policy.address import (
     valid_mailhost_addr,
 )
 from smtpgate.relay import quote_local
-from smtpgate.smtpd import _acceptable_address, parse_address, smtpd_tokens
+from smtpgate.smtp.syntax import acceptable_address as _acceptable_address
+from smtpgate.smtp.syntax import parse_address, smtpd_tokens
 
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 ATOM = st.text(

@@ -14,8 +14,8 @@ from unittest import mock
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from smtpgate import smtpd
-from smtpgate.smtpd import _smtpd_tokens, parse_address, smtpd_tokens
+from smtpgate.smtp import syntax as smtpd
+from smtpgate.smtp.syntax import _smtpd_tokens, parse_address, smtpd_tokens
 
 PIECES = st.sampled_from(
     ["MAIL", "rcpt", " ", "\t", "  ", "FROM:", "from:", "TO:", "to:", ":", "<", ">", '"', "\\",

@@ -13,10 +13,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from smtpgate.relay import frame_data, plain_content
-from smtpgate.smtpd import _crlf, _unstuff
+from smtpgate.smtp.data import unstuff as _unstuff
 
 PIECES = st.sampled_from([b"a", b"x y", b".", b"..", b"\r", b"\n", b"\r\n", b"\r\n.", b"\0"])
 CONTENT = st.lists(PIECES, max_size=40).map(b"".join)
+
+
+def _crlf(content: bytes) -> bytes:
+    return re.sub(rb"(?<!\r)\n", b"\r\n", content)
 
 
 @given(CONTENT)

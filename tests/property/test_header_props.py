@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from smtpgate.policy.address import header_safe
 from smtpgate.policy.model import ClientInfo
-from smtpgate.smtpd import received_header
+from smtpgate.smtp.data import received_header
 
 # Control characters and Postfix's neuter characters drawn often, any Unicode besides.
 TEXT = st.text(

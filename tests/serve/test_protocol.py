@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from smtpgate.smtpd import Token, parse_address, smtpd_tokens
+from smtpgate.smtp.syntax import Token, parse_address, smtpd_tokens
 from tests.serve.backend import RecordingBackend
 from tests.serve.client import LineClient
 from tests.serve.conftest import Gate, running_gate
@@ -140,7 +140,8 @@ async def test_ehlo_capabilities(gate: Gate) -> None:
         "250-ENHANCEDSTATUSCODES",
         "250-8BITMIME",
         "250-DSN",
-        "250 SMTPUTF8",
+        "250-SMTPUTF8",
+        "250 CHUNKING",
     ]
 
 

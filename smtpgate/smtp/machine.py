@@ -1,0 +1,1325 @@
+"""One SMTP connection as Postfix's smtpd runs it: a state machine that does no I/O.
+
+The network adapter (``smtpd.py``) and ``explain`` drive the same :class:`SmtpMachine`, so
+what ``explain`` prints is what ``serve`` does.  The rules, in the order they apply:
+
+1. **Bytes in, effects out.**  The driver hands over input with :meth:`receive` (and
+   :meth:`receive_eof`) and calls :meth:`advance`, which works through every complete
+   command (or content) that input holds and returns the effects, in order: bytes to
+   send, ``FLUSH`` (send now and wait until the client took them), a pause in seconds
+   (``smtpd_error_sleep_time``), ``START_TLS``, ``CLOSE``.  The driver performs them and
+   nothing else; it keeps the timers (``smtpd_timeout``: :meth:`timed_out`), the TLS
+   handshake (:meth:`tls_started`) and the socket.  :meth:`advance` stops after an
+   effect that must happen before the next command is read (a pause, STARTTLS, close),
+   so effects and commands never overtake each other.
+2. **The commands are Postfix's** (``smtpd.c``): the syntax (``syntax.py``), the
+   sequencing (HELO, MAIL, RCPT, DATA or BDAT), ``smtpd_helo_required``, the error and
+   junk counters with ``smtpd_soft_error_limit``/``hard_error_limit``, the recipient and
+   overshoot limits, the pipelining rules (a command that must end a group, a client that
+   did not say EHLO), the DATA and BDAT framing (``data.py``).
+3. **The restrictions decide** through :class:`~smtpgate.policy.session.PolicySession`;
+   the machine writes their log lines and sends their replies.
+4. **The backend is a port.**  Recipients that pass the restrictions go to the backend in
+   lock-step (its RCPT reply is the client's); the final dot's reply is the backend's.
+   ``serve`` plugs in the relay; ``explain`` plugs in :class:`AcceptingBackend`, which
+   accepts everything (the question explain answers: what does *smtpgate* decide).
+   The counters of the whole server (``anvil``) and the log are ports too.
+5. **The envelope the backend gets** is the client's, changed by access(5) actions as a
+   queueing Postfix would change what it delivers: REDIRECT replaces every recipient,
+   BCC adds one, FILTER sends the message to its next hop instead of relayhost, HOLD to
+   ``smtpgate_hold_relayhost`` (else relayhost, with an ``X-Smtpgate-Hold`` header a
+   Postfix backend can hold it by).  When the envelope or next hop changed after the
+   lock-step transaction began, that transaction is given up and the message goes in a
+   new one with the final envelope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from smtpgate.errors import TableLookupError
+from smtpgate.facts import ClientFacts
+from smtpgate.policy.address import header_safe
+from smtpgate.policy.logline import whatsup_line
+from smtpgate.policy.model import ClientInfo, Decision
+from smtpgate.policy.peer import lookup_client
+from smtpgate.policy.plan import Plan
+from smtpgate.policy.ports import Resolver
+from smtpgate.policy.session import PolicySession
+from smtpgate.reply import R451_LOCAL_ERROR, Reply
+from smtpgate.smtp import syntax as s
+from smtpgate.smtp.data import (
+    ChunkReader,
+    DotReader,
+    has_bare_lf,
+    header_date,
+    received_header,
+)
+from smtpgate.smtp.syntax import (
+    ALLOWED_BEFORE_TLS,
+    COUNTED,
+    JUNK_COMMANDS,
+    LAST_IN_GROUP,
+    Token,
+    acceptable_address,
+    check_mail_params,
+    check_rcpt_params,
+    escape,
+    parse_address,
+    smtpd_tokens,
+    wire,
+)
+
+log = logging.getLogger("smtpgate.smtp")
+
+DATA_RESERVE = 65536  # room a new DATA needs in smtpgate_data_memory_limit: one read
+# A message's bytes are reserved in the shared budget in grains that grow with it (each
+# at least half what the message holds), so that a 1 KB message costs one request to the
+# anvil and a 10 MB one about a dozen, never one per read.
+HOLD_HEADER = "X-Smtpgate-Hold"
+
+
+class Action(enum.Enum):
+    """Effects other than bytes to send and pauses."""
+
+    FLUSH = "flush"
+    START_TLS = "start-tls"
+    CLOSE = "close"
+
+
+FLUSH, START_TLS, CLOSE = Action.FLUSH, Action.START_TLS, Action.CLOSE
+Effect = bytes | float | Action
+
+
+# -- ports ---------------------------------------------------------------------------------
+
+
+class BackendTransaction(Protocol):
+    """One relayed mail transaction (the relay's ``Transaction``)."""
+
+    @property
+    def backend_peer(self) -> str: ...
+
+    @property
+    def outcome_unknown(self) -> bool: ...
+
+    async def rcpt(self, recipient: str, params: Sequence[str] = ()) -> Reply: ...
+
+    def start_data(self) -> None: ...
+
+    async def data(self, message: bytes) -> Reply: ...
+
+    async def abort(self) -> None: ...
+
+
+class Backend(Protocol):
+    """Where accepted mail goes: ``begin`` opens a transaction (connects lazily)."""
+
+    async def begin(
+        self,
+        client: ClientFacts,
+        sender: str,
+        mail_params: Sequence[str],
+        *,
+        filter: str | None = None,
+        hold: bool = False,
+    ) -> BackendTransaction: ...
+
+    def holds_elsewhere(self) -> bool:
+        """Whether HOLD mail goes to its own next hop (smtpgate_hold_relayhost)."""
+        ...
+
+
+class LogSink(Protocol):
+    """The mail log (Postfix's syslog lines): ``logs.MailLog``, or a list for explain."""
+
+    def info(self, text: str) -> None: ...
+
+    def warning(self, text: str) -> None: ...
+
+
+class Anvil(Protocol):
+    """What the machine asks ``anvil.AnvilClient`` (see there)."""
+
+    async def connect(self, address: str | None, unit: float) -> Any: ...
+
+    def disconnect(self, address: str | None) -> None: ...
+
+    async def mail(self, address: str, unit: float) -> int: ...
+
+    async def rcpt(self, address: str, unit: float) -> int: ...
+
+    async def reserve(self, nbytes: int, limit: int) -> Any: ...
+
+    def release(self, nbytes: int) -> None: ...
+
+
+class Observer(Protocol):
+    """Follows the dialogue (``explain`` builds its trail from these calls)."""
+
+    def command(self, line: str) -> None: ...
+
+    def decision(self, decision: Decision) -> None: ...
+
+    def reply(self, reply: Reply) -> None: ...
+
+
+class _AcceptedTransaction:
+    backend_peer = "none"
+    outcome_unknown = False
+
+    def __init__(self, queue_id: str) -> None:
+        self.queue_id = queue_id
+
+    async def rcpt(self, recipient: str, params: Sequence[str] = ()) -> Reply:
+        return s.RECIPIENT_OK
+
+    def start_data(self) -> None:
+        pass
+
+    async def data(self, message: bytes) -> Reply:
+        return Reply(250, "2.0.0", f"Ok: queued as {self.queue_id}")
+
+    async def abort(self) -> None:
+        pass
+
+
+class AcceptingBackend:
+    """A backend that accepts every recipient and message (``explain``'s backend)."""
+
+    def __init__(self, queue_id: Callable[[], str] | None = None) -> None:
+        self._queue_id = queue_id or (lambda: "BACKEND")
+        self.transactions: list[tuple[ClientFacts, str, str | None, bool]] = []
+
+    async def begin(
+        self,
+        client: ClientFacts,
+        sender: str,
+        mail_params: Sequence[str],
+        *,
+        filter: str | None = None,
+        hold: bool = False,
+    ) -> BackendTransaction:
+        self.transactions.append((client, sender, filter, hold))
+        return _AcceptedTransaction(self._queue_id())
+
+    def holds_elsewhere(self) -> bool:
+        return False
+
+
+# -- the machine ---------------------------------------------------------------------------
+
+
+class Mode(enum.Enum):
+    COMMAND = "command"
+    DATA = "data"
+    BDAT = "bdat"
+
+
+@dataclass
+class Route:
+    """Where a transaction's message goes, as the access(5) actions left it."""
+
+    recipients: tuple[str, ...]
+    filter: str | None = None
+    hold: bool = False
+
+
+@dataclass
+class Transaction:
+    """The client's mail transaction (MAIL to the end of the message)."""
+
+    sender: str
+    mail_params: list[str]
+    recipients: list[str] = field(default_factory=list)
+    rcpt_params: list[list[str]] = field(default_factory=list)
+    relay: BackendTransaction | None = None
+    route: Route | None = None  # what ``relay`` was opened with
+    overshoot: int = 0
+    chunks: bytearray | None = None  # BDAT content so far
+    chunk_problem: Reply | None = None  # a BDAT chunk failed: every later one gets this
+
+
+class SmtpMachine:
+    """One client connection; see the module docstring for the rules."""
+
+    def __init__(
+        self,
+        *,
+        plan: Plan,
+        config: Any,
+        backend: Backend,
+        anvil: Anvil,
+        log: LogSink,
+        address: str,
+        port: int | None = None,
+        service: str = "smtp",
+        resolver: Resolver | None = None,
+        starttls: bool = False,
+        queue_ids: Callable[[], str],
+        observer: Observer | None = None,
+        trace: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.plan = plan
+        self.config = config
+        self.backend = backend
+        self.anvil = anvil
+        self.log = log
+        self.resolver = resolver
+        self.service = service
+        self.starttls_offered = starttls
+        self.new_queue_id = queue_ids
+        self.observer = observer
+        self.trace = trace
+        self.clock = clock
+        self.client = ClientInfo(address=address, port=port or 0)
+        self.policy: PolicySession | None = None
+        self.txn: Transaction | None = None
+        self.counts: defaultdict[str, int] = defaultdict(int)
+        self.successes: defaultdict[str, int] = defaultdict(int)
+        self.esmtp = False
+        self.tls_active = False
+        self.closing = False
+        self.busy = False  # inside a command (drain lets it finish)
+        self.mode = Mode.COMMAND
+        self.where = "CONNECT"
+        # Postfix's state->error_count, junk_cmds, SMTPD_FLAG_ILL_PIPELINING.
+        self.error_count = 0
+        self.junk_cmds = 0
+        self.ill_pipelining = False
+        self.excepted = False  # smtpd_client_event_limit_exceptions: no limits
+        self.anvil_counted = False  # connect() was called: disconnect() is owed
+        self.data_held = 0  # bytes this session has reserved in the shared budget
+        self.requests = 0  # commands completed (the driver's per-request deadline)
+        self._in = bytearray()
+        self._eof = False
+        self._skip_line = False  # the rest of an over-long command line is dropped
+        self._out: list[Effect] = []
+        self._stop = False  # an effect must happen before the next command
+        self.may_continue = False
+        self._greeting: Reply | None = None
+        self._dot: DotReader | None = None
+        self._chunk: ChunkReader | None = None
+        self._pending: str | None = None  # counter name of the command awaiting content
+        self._data_rejected: Reply | None = None  # DATA content read to the end and dropped
+        self._chunk_problem: Reply | None = None  # the BDAT chunk being read is dropped
+
+    # -- driver interface ----------------------------------------------------------------
+
+    def receive(self, data: bytes) -> None:
+        """Input from the client."""
+        self._in += data
+
+    def receive_eof(self) -> None:
+        """The client closed its side (or the connection was lost)."""
+        self._eof = True
+
+    @property
+    def buffered(self) -> int:
+        """Input received and not yet worked through."""
+        return len(self._in)
+
+    @property
+    def in_content(self) -> bool:
+        """Reading message content (DATA or a BDAT chunk), not commands."""
+        return self.mode is not Mode.COMMAND
+
+    @property
+    def namaddr(self) -> str:
+        return self.client.namaddr
+
+    @property
+    def content_received(self) -> int:
+        """Octets of message content received since DATA or BDAT (for the data rate)."""
+        if self._dot is not None:
+            return self._dot.received
+        if self._chunk is not None:
+            return self._chunk.size - self._chunk.remaining
+        return 0
+
+    def discard_input(self) -> None:
+        """Drop input not yet worked through (plaintext behind STARTTLS)."""
+        self._in.clear()
+
+    def take(self) -> list[Effect]:
+        """The effects queued so far; ``may_continue`` then says whether input may be
+        left that :meth:`advance` will work through without waiting for more."""
+        out, self._out = self._out, []
+        self.may_continue = self._stop and not self.closing
+        self._stop = False
+        return out
+
+    async def open(self, *, draining: bool = False) -> list[Effect]:
+        """The connection is made: find the client's name, count it, run the connect
+        restrictions.  Then the driver waits out any greet pause and calls :meth:`greet`."""
+        found = await lookup_client(
+            self.resolver,
+            self.client.address,
+            self.client.port,
+            peername_lookup=self.config.peername_lookup,
+        )
+        for record in found.logs:
+            self.log.warning(record.text)
+        self.client = found.client
+        self.policy = PolicySession(self.plan, self.client, self.resolver, trace=self.trace)
+        self.log.info(f"connect from {self.namaddr}")
+        if not await self._admit():
+            return self.take()
+        decision = await self.policy.connect()
+        if found.steps:
+            decision.steps[:0] = found.steps
+        self._note(decision)
+        if draining:
+            self._reply(self._shutting_down())
+        else:
+            self._greeting = decision.reply or Reply(220, "", self.config.banner)
+        return self.take()
+
+    def greet(self, early_input: bool = False) -> list[Effect]:
+        """Send the greeting; ``early_input``: the client spoke first (input the driver
+        knows of but has not handed over, e.g. bytes still in the kernel)."""
+        greeting, self._greeting = self._greeting, None
+        if greeting is None or self.closing:
+            return self.take()
+        if (self._in or early_input) and not self.ill_pipelining:
+            self._improper_pipelining("CONNECT", self._in)
+            if self.config.forbid_unauth_pipelining:
+                self._reply(s.SYNC_ERROR)
+                return self.take()
+        self._reply(greeting)
+        self._out.append(FLUSH)
+        return self.take()
+
+    async def advance(self) -> list[Effect]:
+        """Work through the input received so far; the effects, in order."""
+        while not self.closing and not self._stop:
+            line = None
+            if self.mode is Mode.COMMAND:
+                if self.error_count >= self.config.hard_error_limit:
+                    self._too_many_errors()
+                    break
+                line = self._next_line()
+                if line is None:
+                    break
+            self.busy = True
+            try:
+                if line is not None:
+                    await self._dispatch(line)
+                elif not await self._content():
+                    break
+            except Exception:
+                log.exception("%s: unexpected error", self.namaddr)
+                await self._abandon()
+            finally:
+                self.busy = self.mode is not Mode.COMMAND
+        if self._eof and not self._stop and not self.closing:
+            self.closing = True  # the client is gone; nothing more will come
+        return self.take()
+
+    async def _abandon(self) -> None:
+        """A bug met: end the transaction, answer 451 without details, go on."""
+        if self.mode is Mode.DATA and self._dot is not None:
+            self._dot.discard()
+            self._release_data()
+            self._data_rejected = R451_LOCAL_ERROR  # read the rest, then answer
+            return
+        self.mode, self._dot, self._chunk = Mode.COMMAND, None, None
+        self._release_data()
+        await self._end_transaction()
+        name, self._pending = self._pending, None
+        self._reply(R451_LOCAL_ERROR)
+        if name is not None:
+            self._done(name, False)
+
+    def timed_out(self) -> list[Effect]:
+        """smtpd_timeout passed while waiting for input."""
+        where = self.where
+        if self._dot is not None:
+            where = f"DATA ({self._dot.received} bytes)"
+        elif self._chunk is not None:
+            where = "BDAT"
+        text = f"{self.config.hostname} Error: timeout exceeded"
+        self._reply(Reply(421, "4.4.2", text, disconnect=True))
+        self.log.info(f"timeout after {where} from {self.namaddr}")
+        return self.take()
+
+    def tls_started(self) -> None:
+        """The STARTTLS handshake completed: the session starts over (RFC 3207)."""
+        self.tls_active = True
+        self.esmtp = False
+        if self.policy is not None:
+            self.policy.state.helo_name = None
+
+    def tls_failed(self, error: str) -> list[Effect]:
+        self.log.warning(f"TLS handshake failed for {self.namaddr}: {error}")
+        self.closing = True
+        return [CLOSE]
+
+    def shutdown(self) -> list[Effect]:
+        """The server stops: an idle session gets 421 (a busy one is left to finish)."""
+        if not self.busy and not self.closing:
+            self._reply(self._shutting_down())
+        return self.take()
+
+    async def close(self) -> None:
+        """The connection ended: give back what it held and log the disconnect."""
+        self.closing = True
+        await self._end_transaction()
+        self._release_data()
+        if self.anvil_counted:
+            self.anvil_counted = False
+            self.anvil.disconnect(None if self.excepted else self.client.address)
+        if self.policy is not None:
+            self._log_disconnect()
+
+    # -- replies -------------------------------------------------------------------------
+
+    def _reply(self, reply: Reply) -> None:
+        """Queue a reply; past smtpd_soft_error_limit errors it comes after a pause
+        (Postfix's vsmtpd_chat_reply()); a disconnecting reply closes the connection."""
+        if self.closing:
+            return
+        if self.observer is not None:
+            self.observer.reply(reply)
+        out = self._out
+        delay = self.config.error_sleep
+        if self.error_count >= self.config.soft_error_limit and delay > 0:
+            out += (FLUSH, float(delay), wire(reply), FLUSH)
+            self._stop = True
+        else:
+            out.append(wire(reply))
+        if reply.disconnect:
+            out += (FLUSH, CLOSE)
+            self.closing = True
+            self._stop = True
+
+    def _fail(self, reply: Reply) -> bool:
+        self._reply(reply)
+        return False
+
+    def _shutting_down(self) -> Reply:
+        return Reply(421, "4.3.2", f"{self.config.hostname} Service shutting down", True)
+
+    def _too_many_errors(self) -> None:
+        text = f"{self.config.hostname} Error: too many errors"
+        self._reply(Reply(421, "4.7.0", text, disconnect=True))
+        self.log.info(f"too many errors after {self.where} from {self.namaddr}")
+
+    def _note(self, decision: Decision) -> None:
+        """Log a decision's lines (and show it to the observer)."""
+        for record in decision.logs:
+            if record.level == "warning":
+                self.log.warning(record.text)
+            else:
+                self.log.info(record.text)
+        if self.observer is not None:
+            self.observer.decision(decision)
+
+    # -- admission -----------------------------------------------------------------------
+
+    async def _admit(self) -> bool:
+        """Connection limits, checked before the greeting: False after a 421 refusal.
+
+        Clients in smtpd_client_event_limit_exceptions are not limited (Postfix's
+        hogger_list): they count in the total only, and do not wait for the anvil's
+        answer.  The others are counted per address as anvil(8) does: one question to the
+        anvil of the whole server answers all three limits.
+        """
+        cfg, client = self.config, self.client
+        try:
+            exceptions = cfg.limit_exceptions
+            self.excepted = exceptions is not None and exceptions.match(client.address)
+        except TableLookupError as exc:
+            self.log.warning(f"smtpd_client_event_limit_exceptions: {exc}")
+        self.anvil_counted = True  # before the await: a cancelled session still gives back
+        if self.excepted:
+            await self.anvil.connect(None, cfg.rate_time_unit)
+            return True
+        count, rate, total = await self.anvil.connect(client.address, cfg.rate_time_unit)
+        if cfg.connection_limit and total > cfg.connection_limit:
+            what = f"Connection limit exceeded: {total} (smtpgate_connection_limit)"
+        elif cfg.connection_count_limit and count > cfg.connection_count_limit:
+            what = f"Connection concurrency limit exceeded: {count}"
+        elif cfg.connection_rate_limit and rate > cfg.connection_rate_limit:
+            what = f"Connection rate limit exceeded: {rate}"
+        else:
+            return True
+        self.log.warning(f"{what} from {self.namaddr} for service {self.service}")
+        text = f"{cfg.hostname} Error: too many connections from {client.address}"
+        self._reply(Reply(421, "4.7.0", text, disconnect=True))
+        return False
+
+    async def _rate_exceeded(self, event: str) -> bool:
+        """smtpd_client_message_rate_limit (MAIL) or _recipient_rate_limit (RCPT, VRFY)."""
+        cfg, address = self.config, self.client.address
+        limit = cfg.message_rate_limit if event == "mail" else cfg.recipient_rate_limit
+        if not limit or self.excepted:
+            return False
+        if event == "mail":
+            rate = await self.anvil.mail(address, cfg.rate_time_unit)
+            what, text = "Message delivery request", f"Error: too much mail from {address}"
+        else:
+            rate = await self.anvil.rcpt(address, cfg.rate_time_unit)
+            what, text = "Recipient address", f"Error: too many recipients from {address}"
+        if rate <= limit:
+            return False
+        self.log.warning(
+            f"{what} rate limit exceeded: {rate} from {self.namaddr} for service {self.service}"
+        )
+        self._reply(Reply(450, "4.7.1", text))
+        return True
+
+    # -- command lines -------------------------------------------------------------------
+
+    def _next_line(self) -> bytes | None:
+        """The next command line (with its line end), or None until one is complete.
+
+        Postfix reads line_length_limit octets of a line and drops the rest of it.
+        """
+        buf, limit = self._in, self.config.line_limit
+        while self._skip_line:
+            end = buf.find(b"\n")
+            if end < 0:
+                buf.clear()
+                return None
+            del buf[: end + 1]
+            self._skip_line = False
+        end = buf.find(b"\n", 0, limit + 2)
+        if end < 0:
+            if len(buf) < limit + 2:
+                return None
+            line = bytes(buf[:limit])
+            del buf[: limit + 2]
+            self._skip_line = True
+            return line
+        line = bytes(buf[: end + 1])
+        del buf[: end + 1]
+        return line if len(line) <= limit + 2 else line[:limit]
+
+    def _improper_pipelining(self, command: str, pending: bytes | bytearray) -> bool:
+        """Log the first input sent ahead of time, as smtpd_proto() does; True if any."""
+        if self.ill_pipelining or not pending:
+            return False
+        self.ill_pipelining = True
+        self.log.info(
+            f"improper command pipelining after {command} from {self.namaddr}: "
+            f"{escape(bytes(pending[:100]))}"
+        )
+        return True
+
+    def _bare_newline_rejected(self) -> bool:
+        cfg = self.config
+        if cfg.bare_newline != "reject":
+            return False
+        try:
+            return not cfg.bare_newline_exclusions.match(self.client.address)
+        except TableLookupError:
+            return True
+
+    def _bare_newline_reply(self) -> Reply:
+        code = self.config.bare_newline_code
+        return Reply(code, f"{str(code)[0]}.5.2", "Error: bare <LF> received", code in (421, 521))
+
+    def _tokens(self, raw: bytes) -> list[Token] | None:
+        """The words of a command line; None after replying to a line that has none."""
+        line = raw.rstrip(b"\n")
+        bare_lf = raw.endswith(b"\n") and not line.endswith(b"\r")
+        line = line.rstrip(b"\r")
+        if bare_lf and self._bare_newline_rejected():
+            self.counts["unknown"] += 1
+            self._reply(self._bare_newline_reply())
+            return None
+        # Postfix handles the command as a C string: it ends at the first NUL.
+        line = line.split(b"\0", 1)[0]
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            self.counts["unknown"] += 1
+            self._reply(s.BAD_UTF8)
+            return None
+        if self.observer is not None:
+            self.observer.command(text)
+        tokens = smtpd_tokens(text)
+        if not tokens:
+            self.counts["unknown"] += 1
+            self._reply(s.BAD_SYNTAX)
+            return None
+        return tokens
+
+    async def _dispatch(self, raw: bytes) -> None:
+        cfg = self.config
+        tokens = self._tokens(raw)
+        if tokens is None:
+            self.error_count += 1
+            self.requests += 1
+            return
+        verb = tokens[0].text
+        upper = verb.upper()
+        handler = _COMMANDS.get(upper)
+        if handler is None:
+            self.where = "UNKNOWN"
+            self.requests += 1
+            if cfg.forbidden.match(verb):
+                text = raw.split(b"\0", 1)[0].decode("utf-8", "replace").rstrip("\r\n")[:100]
+                self.log.warning(f"non-SMTP command from {self.namaddr}: {text}")
+                self._reply(s.FORBIDDEN)
+                return
+            self.counts["unknown"] += 1
+            self._reply(s.UNKNOWN_COMMAND)
+            self.error_count += 1
+            return
+        name = _COUNTER_NAMES[upper]
+        self.counts[name] += 1
+        if cfg.tls_required and not self.tls_active and upper not in ALLOWED_BEFORE_TLS:
+            self.requests += 1
+            self._reply(s.NEED_STARTTLS)
+            self.error_count += 1
+            return
+        self.where = upper
+        if (not self.esmtp or upper in LAST_IN_GROUP) and self._improper_pipelining(
+            upper, self._in
+        ):
+            if cfg.forbid_unauth_pipelining:
+                self._reply(s.SYNC_ERROR)
+                return
+        assert self.policy is not None
+        self.policy.state.input_pending = bool(self._in)
+        ok = await handler(self, tokens[1:])
+        if ok is None:  # DATA or BDAT: the outcome comes with the content
+            self._pending = name
+            return
+        self._done(name, ok, junk=upper in JUNK_COMMANDS)
+
+    def _done(self, name: str, ok: bool, junk: bool = False) -> None:
+        self.requests += 1
+        if ok:
+            self.successes[name] += 1
+        else:
+            self.error_count += 1
+        if junk:
+            self.junk_cmds += 1
+            if self.junk_cmds > self.config.junk_limit + 1:
+                self.error_count += 1
+
+    # -- HELO, EHLO ----------------------------------------------------------------------
+
+    async def cmd_helo(self, args: list[Token]) -> bool:
+        return await self._hello(args, esmtp=False)
+
+    async def cmd_ehlo(self, args: list[Token]) -> bool:
+        return await self._hello(args, esmtp=True)
+
+    async def _hello(self, args: list[Token], esmtp: bool) -> bool:
+        assert self.policy is not None
+        verb = "EHLO" if esmtp else "HELO"
+        if not args:
+            return self._fail(Reply(501, "", f"Syntax: {verb} hostname"))
+        name = " ".join(t.text for t in args)
+        await self._end_transaction()
+        decision = await self.policy.helo(name, esmtp=esmtp)
+        self._note(decision)
+        if decision.reply is not None:
+            return self._fail(decision.reply)
+        self.esmtp = esmtp
+        hostname = self.config.hostname
+        if not esmtp:
+            self._reply(Reply(250, "", hostname))
+        else:
+            self._reply(Reply(250, "", "\n".join([hostname, *self._extensions()])))
+        return True
+
+    def _extensions(self) -> list[str]:
+        cfg = self.config
+        out = ["PIPELINING", f"SIZE {cfg.size_limit}" if cfg.size_limit else "SIZE"]
+        if not cfg.disable_vrfy:
+            out.append("VRFY")
+        if self.starttls_offered and not self.tls_active:
+            out.append("STARTTLS")
+        out += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8", "CHUNKING"]
+        return out
+
+    # -- MAIL, RCPT ----------------------------------------------------------------------
+
+    async def cmd_mail(self, args: list[Token]) -> bool:
+        assert self.policy is not None
+        if self.policy.state.helo_name is None and self.plan.helo_required:
+            return self._fail(s.NEED_HELO)
+        if self.txn is not None:
+            return self._fail(s.NESTED_MAIL)
+        if len(args) < 2 or args[0].text.lower() != "from:":
+            return self._fail(s.syntax("MAIL FROM:<address>"))
+        if await self._rate_exceeded("mail"):
+            return False
+        if args[1].error:
+            return self._fail(s.BAD_SENDER)
+        params = [t.text for t in args[2:]]
+        problem, size = check_mail_params(params)
+        if problem is not None:
+            return self._fail(problem)
+        address = parse_address(args[1].text, allow_empty=True)
+        if address is None or not acceptable_address(address):
+            return self._fail(s.BAD_SENDER)
+        if self.config.size_limit and size > self.config.size_limit:
+            return self._fail(s.TOO_BIG)
+        decision = await self.policy.mail(address)
+        self._note(decision)
+        if decision.reply is not None:
+            return self._fail(decision.reply)
+        # AUTH= from a client that did not authenticate is ignored, as Postfix does.
+        forwarded = [p for p in params if not p.upper().startswith("AUTH=")]
+        self.txn = Transaction(address, forwarded)
+        self._reply(s.SENDER_OK)
+        return True
+
+    async def cmd_rcpt(self, args: list[Token]) -> bool:
+        assert self.policy is not None
+        txn = self.txn
+        if txn is None:
+            return self._fail(s.NEED_MAIL)
+        if len(args) < 2 or args[0].text.lower() != "to:":
+            return self._fail(s.syntax("RCPT TO:<address>"))
+        if await self._rate_exceeded("rcpt"):
+            return False
+        if args[1].error:
+            return self._fail(s.BAD_RECIPIENT)
+        params = [t.text for t in args[2:]]
+        problem = check_rcpt_params(params)
+        if problem is not None:
+            return self._fail(problem)
+        address = parse_address(args[1].text, allow_empty=False)
+        if address is None or not acceptable_address(address):
+            return self._fail(s.BAD_RECIPIENT)
+        if len(txn.recipients) >= self.config.recipient_limit:
+            # The first smtpd_recipient_overshoot_limit of these are not errors.
+            self._reply(s.TOO_MANY_RECIPIENTS)
+            txn.overshoot += 1
+            return bool(txn.overshoot <= self.config.recipient_overshoot)
+        decision = await self.policy.rcpt(address)
+        self._note(decision)
+        if decision.reply is not None:
+            return self._fail(decision.reply)
+        reply = await self._relay_rcpt(txn, address, params)
+        ok = reply.code // 100 == 2
+        if ok:
+            txn.recipients.append(address)
+            txn.rcpt_params.append(params)
+            self.policy.confirm_rcpt(address)
+        self._reply(reply)
+        return ok
+
+    def _queue_id(self) -> str:
+        assert self.policy is not None
+        st = self.policy.state
+        if st.queue_id is None:
+            st.queue_id = self.new_queue_id()
+            self.log.info(f"{st.queue_id}: client={self.namaddr}")
+        return st.queue_id
+
+    def _facts(self) -> ClientFacts:
+        assert self.policy is not None
+        st = self.policy.state
+        return ClientFacts(
+            name=self.client.name,
+            addr=self.client.address,
+            port=self.client.port,
+            proto=st.protocol,
+            helo=st.helo_name,
+            # XFORWARD IDENT: a Postfix backend logs it as orig_queue_id=, which joins
+            # its log lines to smtpgate's.
+            ident=st.queue_id,
+        )
+
+    def _route(self, txn: Transaction) -> Route:
+        """The envelope and next hop the access(5) actions ask for, so far."""
+        assert self.policy is not None
+        recipients: list[str] = list(txn.recipients)
+        redirect: str | None = None
+        bcc: list[str] = []
+        filter_to: str | None = None
+        hold = False
+        for verb, value in self.policy.state.queue_actions:
+            if verb == "REDIRECT":
+                redirect = value  # the last one wins, as in Postfix's cleanup
+            elif verb == "BCC":
+                bcc.append(value)
+            elif verb == "FILTER":
+                filter_to = value
+            elif verb == "HOLD":
+                hold = True
+        if redirect is not None:
+            recipients = [redirect]
+        for address in bcc:
+            if address not in recipients:
+                recipients.append(address)
+        held_elsewhere = hold and self.backend.holds_elsewhere()
+        return Route(tuple(recipients), None if held_elsewhere else filter_to, held_elsewhere)
+
+    def _lockstep(self) -> bool:
+        """Whether RCPT goes to the backend now: not once REDIRECT, FILTER or a HOLD with
+        its own next hop decided the message goes elsewhere (that transaction is opened
+        at DATA, with the final envelope)."""
+        assert self.policy is not None
+        return not any(
+            verb in ("REDIRECT", "FILTER") or verb == "HOLD" and self.backend.holds_elsewhere()
+            for verb, _ in self.policy.state.queue_actions
+        )
+
+    async def _relay_rcpt(self, txn: Transaction, address: str, params: list[str]) -> Reply:
+        assert self.policy is not None
+        self._queue_id()
+        if self.policy.state.discard or not self._lockstep():
+            return s.RECIPIENT_OK
+        if txn.relay is None:
+            route = self._route(txn)
+            txn.relay = await self.backend.begin(
+                self._facts(), txn.sender, txn.mail_params, filter=route.filter, hold=route.hold
+            )
+            txn.route = Route((), route.filter, route.hold)
+        reply = await txn.relay.rcpt(address, params)
+        if reply.code // 100 != 2:
+            self._log_proxy("proxy-reject", "RCPT", reply, [address])
+        elif txn.route is not None:
+            txn.route = Route((*txn.route.recipients, address), txn.route.filter, txn.route.hold)
+        return reply
+
+    async def _settle_route(self, txn: Transaction) -> Reply | None:
+        """Make the backend transaction carry the final envelope (see rule 5); a reply
+        when that fails (the message cannot go anywhere)."""
+        route = self._route(txn)
+        if txn.relay is not None and txn.route == route:
+            return None
+        if txn.relay is not None:
+            relay, txn.relay = txn.relay, None
+            await asyncio.shield(relay.abort())
+        relay = await self.backend.begin(
+            self._facts(), txn.sender, txn.mail_params, filter=route.filter, hold=route.hold
+        )
+        txn.relay, txn.route = relay, route
+        params = dict(zip(txn.recipients, txn.rcpt_params, strict=True))
+        for address in route.recipients:
+            reply = await relay.rcpt(address, params.get(address, []))
+            if reply.code // 100 != 2:
+                self._log_proxy("proxy-reject", "RCPT", reply, [address])
+                txn.relay = None
+                await asyncio.shield(relay.abort())
+                return reply if reply.code // 100 == 4 else Reply(451, "4.3.0", reply.text)
+        return None
+
+    # -- DATA, BDAT ----------------------------------------------------------------------
+
+    async def _start_content(self, txn: Transaction) -> Reply | None:
+        """What DATA and the first BDAT have in common: the data restrictions, a first
+        reservation in the memory budget; a reply when the message cannot come."""
+        assert self.policy is not None
+        decision = await self.policy.data()
+        self._note(decision)
+        if decision.reply is not None:
+            return decision.reply
+        limit = self.config.data_memory_limit
+        if limit:
+            reserved = await self.anvil.reserve(min(DATA_RESERVE, limit), limit)
+            if not reserved.granted:
+                self.log.warning(
+                    f"smtpgate_data_memory_limit reached ({reserved.in_flight} bytes in "
+                    f"flight): DATA from {self.namaddr} deferred"
+                )
+                return s.NO_MEMORY
+            self.data_held = min(DATA_RESERVE, limit)
+        return None
+
+    async def cmd_data(self, args: list[Token]) -> bool | None:
+        txn = self.txn
+        if txn is None:
+            return self._fail(s.NEED_RCPT)
+        if not txn.recipients:
+            return self._fail(s.NO_VALID_RCPT)
+        if args:
+            return self._fail(s.syntax("DATA"))
+        problem = await self._start_content(txn)
+        if problem is not None:
+            return self._fail(problem)
+        assert self.policy is not None
+        if not self.policy.state.discard:
+            problem = await self._settle_route(txn)
+            if problem is not None:
+                self._release_data()
+                await self._end_transaction()
+                return self._fail(problem)
+            if txn.relay is not None:
+                txn.relay.start_data()  # the backend's 354 comes while the content does
+        self._reply(s.DATA_GO_AHEAD)
+        self._out.append(FLUSH)
+        self._dot = DotReader()
+        self.mode = Mode.DATA
+        return None
+
+    async def cmd_bdat(self, args: list[Token]) -> bool | None:
+        words = [t.text for t in args]
+        if not words or len(words) > 2 or not words[0].isdigit():
+            # The chunk's size is unknown, so its octets cannot be told from commands.
+            return self._fail(
+                Reply(501, "5.5.4", "Syntax: BDAT count [LAST]", disconnect=not words)
+            )
+        if len(words) == 2 and words[1].upper() != "LAST":
+            return self._fail(Reply(501, "5.5.4", "Syntax: BDAT count [LAST]"))
+        size, last = int(words[0]), len(words) == 2
+        txn = self.txn
+        problem: Reply | None = None
+        if txn is None:
+            problem = s.NEED_RCPT
+        elif not txn.recipients:
+            problem = s.NO_VALID_RCPT
+        elif txn.chunk_problem is not None:
+            problem = txn.chunk_problem
+        elif txn.chunks is None:
+            problem = await self._start_content(txn)
+            if problem is None:
+                txn.chunks = bytearray()
+        if problem is None:
+            assert txn is not None and txn.chunks is not None
+            total = len(txn.chunks) + size
+            if self.config.size_limit and total > self.config.size_limit:
+                problem = s.TOO_BIG
+            elif not await self._account(total, complete=True):
+                problem = s.NO_MEMORY
+        if problem is not None and txn is not None and txn.chunks is not None:
+            txn.chunk_problem = problem
+            txn.chunks = None
+            self._release_data()
+        self._chunk = ChunkReader(size, last, keep=problem is None)
+        self._chunk_problem = problem
+        self.mode = Mode.BDAT
+        return None
+
+    async def _content(self) -> bool:
+        """Take content input; True when the content ended (commands follow)."""
+        if self.mode is Mode.DATA:
+            return await self._data_content()
+        return await self._bdat_content()
+
+    async def _data_content(self) -> bool:
+        reader = self._dot
+        assert reader is not None
+        rest = reader.feed(self._in)
+        complete = rest is not None
+        if not reader.discarding:
+            problem = await self._data_problem(reader, complete)
+            if problem is not None:
+                reader.discard()
+                self._release_data()
+                self._data_rejected = problem
+        if rest is None:
+            return False
+        self._in[0:0] = rest  # pipelined commands after the dot
+        self._dot, self.mode = None, Mode.COMMAND
+        problem, self._data_rejected = self._data_rejected, None
+        if problem is not None:
+            await self._end_transaction()
+            reply = problem
+        else:
+            reply = await self._finish_message(reader.content())
+        self._release_data()
+        self._content_done("data", reply, message_done=True)
+        return True
+
+    async def _data_problem(self, reader: DotReader, complete: bool) -> Reply | None:
+        """Once the message is certainly over message_size_limit, or the memory budget
+        has no room for it, it is read to the end and dropped."""
+        size = reader.size
+        if not complete and self.config.size_limit and size > self.config.size_limit + 8:
+            return s.TOO_BIG  # the content can only grow: certainly too big
+        if not await self._account(size, complete):
+            return s.NO_MEMORY
+        return None
+
+    async def _bdat_content(self) -> bool:
+        chunk = self._chunk
+        assert chunk is not None
+        if not chunk.feed(self._in):
+            return False
+        self._chunk, self.mode = None, Mode.COMMAND
+        problem, self._chunk_problem = self._chunk_problem, None
+        txn = self.txn
+        if problem is not None:
+            if chunk.last:
+                await self._end_transaction()
+            self._content_done("bdat", problem, message_done=chunk.last)
+            return True
+        assert txn is not None and txn.chunks is not None and chunk.chunk is not None
+        txn.chunks += chunk.chunk
+        if not chunk.last:
+            self._content_done("bdat", Reply(250, "2.0.0", f"Ok: {chunk.size} bytes"), False)
+            return True
+        content = bytes(txn.chunks)
+        txn.chunks = None
+        assert self.policy is not None
+        reply = None
+        if not self.policy.state.discard:
+            reply = await self._settle_route(txn)
+        if reply is not None:
+            await self._end_transaction()
+        else:
+            reply = await self._finish_message(content)
+        self._release_data()
+        self._content_done("bdat", reply, message_done=True)
+        return True
+
+    def _content_done(self, name: str, reply: Reply, message_done: bool) -> None:
+        ok = reply.code // 100 == 2
+        if ok and message_done:
+            # Postfix forgives earlier errors once a message was received.
+            self.error_count = self.junk_cmds = 0
+        self._pending = None
+        self._reply(reply)
+        self._done(name, ok)
+
+    async def _account(self, size: int, complete: bool) -> bool:
+        """Hold ``size`` bytes of content in the budget; False when there is no room.
+
+        A whole message gives back what it reserved beyond its size (when that is worth
+        a message to the anvil).
+        """
+        limit = self.config.data_memory_limit
+        if not limit:
+            return True
+        if size > self.data_held and not await self._hold(size):
+            self.log.warning(
+                f"smtpgate_data_memory_limit reached: message from {self.namaddr} "
+                "is read and discarded"
+            )
+            self._release_data()
+            return False
+        if complete and self.data_held - size >= DATA_RESERVE:
+            self.anvil.release(self.data_held - size)
+            self.data_held = size
+        return True
+
+    async def _hold(self, size: int) -> bool:
+        """Make this session's reservation cover ``size`` bytes of content.
+
+        It grows by a grain of at least half what it holds (never beyond what
+        message_size_limit lets a message hold); when the budget has no room for the
+        grain, by just what is needed.
+        """
+        cfg, held = self.config, self.data_held
+        need = size - held
+        grain = max(need, held // 2, DATA_RESERVE)
+        if cfg.size_limit:
+            grain = max(need, min(grain, cfg.size_limit + 8 + DATA_RESERVE - held))
+        for amount in (grain, need) if grain > need else (need,):
+            if (await self.anvil.reserve(amount, cfg.data_memory_limit)).granted:
+                self.data_held += amount
+                return True
+        return False
+
+    def _release_data(self) -> None:
+        if self.data_held:
+            self.anvil.release(self.data_held)
+            self.data_held = 0
+
+    def _check_content(self, content: bytes) -> Reply | None:
+        if self.config.size_limit and len(content) > self.config.size_limit:
+            return s.TOO_BIG
+        if b"\x00" in content:
+            return s.NUL_IN_DATA
+        if self._bare_newline_rejected() and has_bare_lf(content):
+            return self._bare_newline_reply()
+        return None
+
+    async def _finish_message(self, content: bytes) -> Reply:
+        """The whole message is in: end-of-data restrictions, then the backend."""
+        txn, policy = self.txn, self.policy
+        assert txn is not None and policy is not None
+        st = policy.state
+        reply = self._check_content(content)
+        if reply is None:
+            decision = await policy.end_of_data()
+            self._note(decision)
+            reply = decision.reply
+        if reply is not None:
+            await self._end_transaction()
+            return reply
+        queue_id = self._queue_id()
+        if st.discard:
+            reply = Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+            self._log_proxy("discard", "END-OF-MESSAGE", reply, txn.recipients)
+            await self._end_transaction()
+            return reply
+        problem = await self._settle_route(txn)  # end-of-data actions may move it
+        if problem is not None:
+            await self._end_transaction()
+            return problem
+        assert txn.relay is not None and txn.route is not None
+        head = self._received_header(txn)
+        if txn.route.hold is False and any(v == "HOLD" for v, _ in st.queue_actions):
+            head = f"{HOLD_HEADER}: {header_safe(self.namaddr)}\r\n".encode() + head
+        reply = await asyncio.shield(txn.relay.data(head + content))
+        whatsup = "proxy-accept" if reply.code // 100 == 2 else "proxy-reject"
+        self._log_proxy(whatsup, "END-OF-MESSAGE", reply, txn.recipients)
+        if txn.relay.outcome_unknown:
+            self.log.warning(
+                f"{queue_id}: backend connection lost after the end of data: "
+                "the message may have been delivered; the client was told 451"
+            )
+        txn.relay = None  # done: nothing to abort
+        await self._end_transaction()
+        return reply
+
+    def _received_header(self, txn: Transaction) -> bytes:
+        assert self.policy is not None
+        st = self.policy.state
+        return received_header(
+            prepend=st.prepend,
+            helo=st.helo_name,
+            client=self.client,
+            hostname=self.config.hostname,
+            proto=("ESMTPS" if self.tls_active else "ESMTP") if self.esmtp else "SMTP",
+            queue_id=st.queue_id or "",
+            recipients=txn.recipients,
+            date=header_date(int(self.clock())),
+        )
+
+    # -- the other commands --------------------------------------------------------------
+
+    async def cmd_rset(self, args: list[Token]) -> bool:
+        if args:
+            return self._fail(s.syntax("RSET"))
+        await self._end_transaction()
+        self._reply(s.OK)
+        return True
+
+    async def cmd_noop(self, args: list[Token]) -> bool:
+        self._reply(s.OK)
+        return True
+
+    async def cmd_quit(self, args: list[Token]) -> bool:
+        self._reply(s.BYE)
+        return True
+
+    async def cmd_vrfy(self, args: list[Token]) -> bool:
+        """Postfix's vrfy_cmd: the recipient restrictions decide; 252 when they pass."""
+        if self.config.disable_vrfy:
+            return self._fail(s.VRFY_DISABLED)
+        if not args:
+            return self._fail(s.syntax("VRFY address [SMTPUTF8]"))
+        if await self._rate_exceeded("rcpt"):
+            return False
+        words = [t.text for t in args]
+        if len(words) > 1 and words[-1].upper() == "SMTPUTF8":
+            words.pop()
+        text = " ".join(words)
+        address = parse_address(text, allow_empty=False, sloppy=True)
+        if address is None:
+            return self._fail(s.BAD_RECIPIENT)
+        assert self.policy is not None
+        decision = await self.policy.vrfy(address)
+        self._note(decision)
+        if decision.reply is not None:
+            return self._fail(decision.reply)
+        self._reply(Reply(252, "2.0.0", text))
+        return True
+
+    async def cmd_etrn(self, args: list[Token]) -> bool:
+        # smtpgate has no queue to flush (a deliberate difference: Postfix runs ETRN).
+        return self._fail(s.NOT_IMPLEMENTED)
+
+    async def cmd_auth(self, args: list[Token]) -> bool:
+        # smtpgate offers no SASL: Postfix's answer with smtpd_sasl_auth_enable = no.
+        return self._fail(s.NO_AUTH)
+
+    async def cmd_xclient(self, args: list[Token]) -> bool:
+        if not args:
+            return self._fail(s.syntax("XCLIENT attribute=value..."))
+        return self._fail(s.NOT_AUTHORIZED)
+
+    async def cmd_xforward(self, args: list[Token]) -> bool:
+        if not args:
+            return self._fail(s.syntax("XFORWARD attribute=value..."))
+        return self._fail(s.NOT_AUTHORIZED)
+
+    async def cmd_starttls(self, args: list[Token]) -> bool:
+        if args:
+            return self._fail(s.syntax("STARTTLS"))
+        if not self.starttls_offered:
+            return self._fail(s.NOT_IMPLEMENTED)
+        if self.tls_active:
+            return self._fail(s.TLS_ACTIVE)
+        await self._end_transaction()
+        self._reply(s.TLS_READY)
+        # Plaintext sent behind STARTTLS is dropped, never read as commands over TLS
+        # (CVE-2011-0411, the command injection).
+        self._in.clear()
+        self._out += (FLUSH, START_TLS)
+        self._stop = True
+        return True
+
+    # -- transaction end and logging -----------------------------------------------------
+
+    async def _end_transaction(self) -> None:
+        txn, self.txn = self.txn, None
+        if txn is not None and txn.relay is not None:
+            try:
+                await asyncio.shield(txn.relay.abort())
+            except Exception:
+                log.exception("backend abort failed")
+        if self.policy is not None:
+            self.policy.reset()
+
+    def _log_proxy(self, whatsup: str, where: str, reply: Reply, recipients: list[str]) -> None:
+        assert self.policy is not None and self.txn is not None
+        st, txn = self.policy.state, self.txn
+        relay = txn.relay
+        self.log.info(
+            whatsup_line(
+                queue_id=st.queue_id,
+                whatsup=whatsup,
+                where=where,
+                namaddr=self.namaddr,
+                text=" ".join(reply.lines()),
+                sender=txn.sender,
+                recipients=recipients,
+                protocol=st.protocol,
+                helo=st.helo_name,
+                extra=f"relay={relay.backend_peer}" if relay is not None else "",
+            )
+        )
+
+    def _log_disconnect(self) -> None:
+        parts = []
+        for name in COUNTED:
+            total = self.counts[name]
+            if total:
+                ok = self.successes[name]
+                parts.append(f"{name}={total}" if ok == total else f"{name}={ok}/{total}")
+        total = sum(self.counts.values())
+        ok = sum(self.successes.values())
+        parts.append(f"commands={total}" if ok == total and total else f"commands={ok}/{total}")
+        self.log.info(f"disconnect from {self.namaddr} {' '.join(parts)}")
+
+
+_COMMANDS: dict[str, Any] = {
+    "HELO": SmtpMachine.cmd_helo,
+    "EHLO": SmtpMachine.cmd_ehlo,
+    "MAIL": SmtpMachine.cmd_mail,
+    "RCPT": SmtpMachine.cmd_rcpt,
+    "DATA": SmtpMachine.cmd_data,
+    "BDAT": SmtpMachine.cmd_bdat,
+    "RSET": SmtpMachine.cmd_rset,
+    "NOOP": SmtpMachine.cmd_noop,
+    "QUIT": SmtpMachine.cmd_quit,
+    "VRFY": SmtpMachine.cmd_vrfy,
+    "STARTTLS": SmtpMachine.cmd_starttls,
+    "ETRN": SmtpMachine.cmd_etrn,
+    "AUTH": SmtpMachine.cmd_auth,
+    "XCLIENT": SmtpMachine.cmd_xclient,
+    "XFORWARD": SmtpMachine.cmd_xforward,
+}
+_COUNTER_NAMES = {verb: verb.lower() for verb in _COMMANDS}
