@@ -55,7 +55,6 @@ from smtpgate.relay import (
     Relay,
     Transaction,
     load_cert_files,
-    plain_content,
     quote_local,
 )
 from smtpgate.reply import R451_LOCAL_ERROR, Reply
@@ -1030,12 +1029,8 @@ class GateProtocol(SMTP):
     async def _finish_data(self, content: bytes) -> Reply:
         assert self.txn is not None and self.policy is not None and self.client is not None
         txn, st = self.txn, self.policy.state
-        # Plain content (CRLF only, no line starting with a dot; the usual message) is
-        # already in its wire form: no unstuffing, normalising or restuffing copies.
-        plain = plain_content(content)
-        if not plain:
-            content = _unstuff(content)
-        reply = self._check_content(content, plain)
+        content = _unstuff(content)  # the same object when no line starts with a dot
+        reply = self._check_content(content)
         if reply is None:
             decision = await self.policy.end_of_data()
             self._log_decision(decision)
@@ -1049,10 +1044,9 @@ class GateProtocol(SMTP):
             # Recipients relayed before the DISCARD: the backend's transaction is dropped.
             await self._end_transaction(completed=txn.relay is None)
             return reply
-        head = self._received_header()
-        plain = plain and plain_content(head)
-        message = head + (content if plain else _crlf(content))
-        reply = await asyncio.shield(txn.relay.data(message, plain))
+        # The relay frames the message itself (line ends, dot-stuffing).
+        message = self._received_header() + content
+        reply = await asyncio.shield(txn.relay.data(message))
         whatsup = "proxy-accept" if reply.code // 100 == 2 else "proxy-reject"
         self._log_proxy(whatsup, "END-OF-MESSAGE", reply)
         if getattr(txn.relay, "outcome_unknown", False):
@@ -1063,12 +1057,16 @@ class GateProtocol(SMTP):
         await self._end_transaction(completed=True)
         return reply
 
-    def _check_content(self, content: bytes, plain: bool = False) -> Reply | None:
+    def _check_content(self, content: bytes) -> Reply | None:
         if self.config.size_limit and len(content) > self.config.size_limit:
             return TOO_BIG
         if b"\x00" in content:
             return NUL_IN_DATA
-        if not plain and self._bare_newline_rejected() and re.search(rb"(?<!\r)\n", content):
+        if (
+            self._bare_newline_rejected()
+            and content.count(b"\n") != content.count(b"\r\n")
+            and re.search(rb"(?<!\r)\n", content)
+        ):
             return self._bare_newline_reply()
         return None
 
@@ -1710,10 +1708,3 @@ def _escape(data: bytes) -> str:
         else:
             out.append(f"\\{byte:03o}")
     return "".join(out)
-
-
-def _crlf(content: bytes) -> bytes:
-    """Bare LF line ends become CRLF (smtpd_forbid_bare_newline = normalize)."""
-    if content.count(b"\n") == content.count(b"\r\n"):
-        return content  # no bare LF: the usual case, without a regex pass over the message
-    return re.sub(rb"(?<!\r)\n", b"\r\n", content)
