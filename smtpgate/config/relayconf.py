@@ -82,11 +82,11 @@ def _parse_port(text: str, whole: str) -> int:
         if 0 < port < 65536:
             return port
         raise ValueError(f"bad port number: {text}")
-    port = SERVICE_PORTS.get(text.lower())
-    if port is None:
+    service = SERVICE_PORTS.get(text.lower())
+    if service is None:
         known = ", ".join(SERVICE_PORTS)
         raise ValueError(f"unknown service name: {text} (use a port number, or one of {known})")
-    return port
+    return service
 
 
 def parse_filter_destination(text: str) -> Relayhost:
