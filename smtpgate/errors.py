@@ -8,6 +8,7 @@
      +-- TableLookupError         a lookup failed for now (a temporary error, never a miss)
      |    +-- TableUnavailableError   the table could not be opened: every lookup fails
      +-- RelayError               the backend MTA failed (refused, timeout, garbled)
+          +-- FilterDestinationError  a FILTER next hop smtpgate cannot relay to
 
 Library code raises these; only ``cli.py`` turns them into messages and exit codes.
 """
@@ -50,3 +51,7 @@ class TableUnavailableError(TableLookupError):
 
 class RelayError(SmtpgateError):
     """The backend MTA did not complete an exchange."""
+
+
+class FilterDestinationError(RelayError):
+    """A FILTER destination smtpgate cannot relay to (``lmtp:``, a master.cf service...)."""

@@ -26,7 +26,7 @@ from smtpgate.errors import ConfigError
 from smtpgate.logs import MailLog, route_python_logging
 from smtpgate.policy.plan import Plan
 from smtpgate.policy.ports import Resolver
-from smtpgate.relay import Relay
+from smtpgate.relay import Relay, relay_config
 from smtpgate.resolver import mx_hosts, resolver_from_settings
 from smtpgate.smtpd import GateConfig, GateProtocol, Shared
 
@@ -103,7 +103,7 @@ def validate_service(settings: Settings) -> list[Diagnostic]:
         # GateConfig's errors name their parameter (and file and line when they have one)
         out.append(Diagnostic("error", str(exc), None))
     try:
-        Relay.from_settings(settings)
+        Relay.from_config(relay_config(settings))
     except ConfigError as exc:
         error(exc, "relayhost")
     try:
@@ -194,7 +194,7 @@ class Generation:
             number,
             plan,
             GateConfig.from_settings(settings),
-            Relay.from_settings(settings),
+            Relay.from_config(relay_config(settings)),
             resolver_from_settings(settings),
         )
 

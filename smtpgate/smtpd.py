@@ -33,18 +33,20 @@ import ssl
 import sys
 import termios
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from smtpgate.anvil import AnvilClient, LocalAnvil
 from smtpgate.config import Settings
-from smtpgate.errors import TableLookupError
+from smtpgate.errors import FilterDestinationError, TableLookupError
 from smtpgate.facts import ClientFacts
 from smtpgate.logs import MailLog, new_queue_id
 from smtpgate.policy.model import ClientInfo
 from smtpgate.policy.plan import Plan
 from smtpgate.policy.ports import Resolver
-from smtpgate.relay import Relay, load_cert_files
+from smtpgate.relay import Relay, load_cert_files, parse_filter_destination
+from smtpgate.reply import Reply
 from smtpgate.smtp.machine import (
     CLOSE,
     FLUSH,
@@ -190,24 +192,59 @@ class Shared:
 
 
 class RelayBackend:
-    """The relay as the machine's backend port."""
+    """The relay as the machine's backend port: FILTER and HOLD choose the next hop."""
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Relay, maillog: MailLog) -> None:
         self.relay = relay
+        self.maillog = maillog
 
     async def begin(
         self,
         client: ClientFacts,
         sender: str,
-        mail_params: Any,
+        mail_params: Sequence[str],
         *,
         filter: str | None = None,
         hold: bool = False,
     ) -> BackendTransaction:
-        return await self.relay.begin(client, sender, mail_params)
+        next_hop = None
+        if hold:
+            next_hop = self.relay.hold_relayhost
+        elif filter is not None:
+            try:
+                next_hop = parse_filter_destination(filter)
+            except FilterDestinationError as exc:
+                self.maillog.warning(f"FILTER {filter}: {exc}")
+                return Unroutable(R451_FILTER)
+        return await self.relay.begin(client, sender, mail_params, next_hop=next_hop)
 
     def holds_elsewhere(self) -> bool:
-        return False
+        return self.relay.hold_relayhost is not None
+
+
+R451_FILTER = Reply(451, "4.3.0", "Error: queue file write error")
+
+
+class Unroutable:
+    """A transaction that cannot go anywhere: every step gets the same reply."""
+
+    backend_peer = "none"
+    outcome_unknown = False
+
+    def __init__(self, reply: Reply) -> None:
+        self.reply = reply
+
+    async def rcpt(self, recipient: str, params: Sequence[str] = ()) -> Reply:
+        return self.reply
+
+    def start_data(self) -> None:
+        pass
+
+    async def data(self, message: bytes) -> Reply:
+        return self.reply
+
+    async def abort(self) -> None:
+        pass
 
 
 class GateProtocol(asyncio.Protocol):
@@ -238,7 +275,7 @@ class GateProtocol(asyncio.Protocol):
         self.machine = SmtpMachine(
             plan=shared.plan,
             config=self.config,
-            backend=RelayBackend(shared.relay),
+            backend=RelayBackend(shared.relay, shared.maillog),
             anvil=shared.anvil,
             log=shared.maillog,
             address=peer.address,

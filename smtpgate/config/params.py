@@ -555,6 +555,14 @@ _SPECS = [
         "smtpgate only (Postfix: postscreen_greet_wait, in postscreen).",
     ),
     ParamSpec(
+        "smtpgate_hold_relayhost",
+        "",
+        "str",
+        "Where a message whose client triggered an access(5) HOLD action is relayed, in "
+        "relayhost syntax (a quarantine MTA); empty: to relayhost, like any other message.",
+        "smtpgate only (Postfix puts such a message in its own hold queue).",
+    ),
+    ParamSpec(
         "smtpgate_data_memory_limit",
         "268435456",
         "int",

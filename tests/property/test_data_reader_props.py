@@ -37,7 +37,8 @@ SOCKET_SETTINGS = settings(
 
 
 def _normalise(body: bytes) -> bytes:
-    return re.sub(rb"\r\n|\n|\r", b"\r\n", body)
+    """What the backend stores: a bare LF ends a line (CRLF); a lone CR is kept, as Postfix does."""
+    return re.sub(rb"(?<!\r)\n", b"\r\n", body)
 
 
 async def _send(client: LineClient, payload: bytes, cuts: list[int]) -> list[str]:

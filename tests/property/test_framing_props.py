@@ -1,8 +1,10 @@
-"""The framing fast path: content that ``plain_content`` passes is its own wire form.
+"""The relay's framing (smtpgate.relay.wire) on arbitrary messages.
 
-The server skips unstuffing, line-end normalisation and restuffing for such content; this
-checks, on arbitrary bytes, that the fast path decides only when the slow path would have
-changed nothing, and gives the same wire bytes.
+The relay is given the message as the client meant it (dots unstuffed, lines ending in
+CRLF or a bare LF, lone CRs kept) and frames it itself. For any such message: the DATA
+frame holds exactly one end of data, at its end; unstuffing it gives the message back
+with its line ends normalised; the BDAT chunks carry the same normalised message, each
+announced with its exact size; canonical content takes the fast path (no copy).
 """
 
 from __future__ import annotations
@@ -12,37 +14,55 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smtpgate.relay import frame_data, plain_content
-from smtpgate.smtp.data import unstuff as _unstuff
+from smtpgate.relay import bdat_chunks, frame_data
+from smtpgate.relay.wire import canonical_lines, data_pieces
 
-PIECES = st.sampled_from([b"a", b"x y", b".", b"..", b"\r", b"\n", b"\r\n", b"\r\n.", b"\0"])
-CONTENT = st.lists(PIECES, max_size=40).map(b"".join)
-
-
-def _crlf(content: bytes) -> bytes:
-    return re.sub(rb"(?<!\r)\n", b"\r\n", content)
+PIECES = st.sampled_from(
+    [b"a", b"x y", b".", b"..", b"\r", b"\n", b"\r\n", b"\r\n.", b"\n.", b"\r.\r", b"\0"]
+)
+MESSAGE = st.lists(PIECES, max_size=40).map(b"".join)
 
 
-@given(CONTENT)
-def test_plain_content_is_its_own_wire_form(content: bytes) -> None:
-    slow = frame_data(_crlf(_unstuff(content)))
-    if plain_content(content):
-        assert _unstuff(content) == content
-        assert _crlf(content) == content
-        assert frame_data(content, plain=True) == slow
-    else:  # something to do: a bare CR or LF, or a line that starts with a dot
-        assert (
-            content.startswith(b".")
-            or b"\n." in content
-            or re.search(rb"\r(?!\n)|(?<!\r)\n", content)
-        )
+def normalised(message: bytes) -> bytes:
+    """The message with every line end CRLF (a bare LF is one; a lone CR is not)."""
+    out = re.sub(rb"(?<!\r)\n", b"\r\n", message)
+    return out if not out or out.endswith(b"\r\n") else out + b"\r\n"
 
 
-def test_plain_content_examples() -> None:
-    assert plain_content(b"")
-    assert plain_content(b"Subject: x\r\n\r\nbody.\r\n")
-    assert not plain_content(b".leading dot\r\n")
-    assert not plain_content(b"a\r\n.b\r\n")
-    assert not plain_content(b"bare\nlf\r\n")
-    assert not plain_content(b"bare\rcr\r\n")
-    assert not plain_content(b"\n\r")  # as many CRs as LFs, but no CRLF
+def unstuff(frame: bytes) -> bytes:
+    """What an RFC 5321 server stores from a DATA frame: up to the end, dots removed."""
+    lines = frame[: -len(b".\r\n")].split(b"\r\n")
+    return b"\r\n".join(line[1:] if line.startswith(b".") else line for line in lines)
+
+
+@given(MESSAGE)
+def test_data_frame_round_trip(message: bytes) -> None:
+    frame = frame_data(message)
+    assert frame.endswith(b".\r\n")
+    assert (b"\r\n" + frame).count(b"\r\n.\r\n") == 1  # the only end of data is the end
+    assert re.search(rb"(?<!\r)\n", frame) is None  # no bare LF reaches the backend
+    assert unstuff(frame) == normalised(message)
+
+
+@given(MESSAGE, st.integers(min_value=1, max_value=16))
+def test_bdat_chunks_carry_the_normalised_message(message: bytes, size: int) -> None:
+    chunks = list(bdat_chunks(message, size))
+    assert b"".join(bytes(chunk) for _, chunk in chunks) == normalised(message)
+    for i, (line, chunk) in enumerate(chunks):
+        last = i == len(chunks) - 1
+        assert line == b"BDAT %d%s\r\n" % (len(chunk), b" LAST" if last else b"")
+        assert len(chunk) <= size
+
+
+@given(MESSAGE)
+def test_canonical_content_is_not_copied(message: bytes) -> None:
+    body, end = data_pieces(message)
+    canonical = (
+        (not message or message.endswith(b"\r\n"))
+        and message.count(b"\n") == message.count(b"\r\n")
+        and not message.startswith(b".")
+        and b"\n." not in message
+    )
+    assert (body is message) == canonical
+    assert (canonical_lines(message) is message) == (normalised(message) == message)
+    assert end == b".\r\n"

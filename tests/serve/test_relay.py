@@ -12,6 +12,7 @@ import math
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 import pytest
 
@@ -25,6 +26,7 @@ from smtpgate.relay import (
     frame_data,
     parse_relayhost,
     peer_name_matches,
+    relay_config,
     xforward_commands,
     xtext,
 )
@@ -44,7 +46,7 @@ def make_relay(backend: RecordingBackend, extra: str = "", **pool: object) -> Re
     )
     settings, diags = parse_settings(text, "main.cf", hostname="mx.example.org")
     assert [d for d in diags if d.severity == "error"] == []
-    return Relay.from_settings(settings, **pool)
+    return Relay.from_config(replace(relay_config(settings), **pool))  # type: ignore[arg-type]
 
 
 @asynccontextmanager
@@ -102,7 +104,7 @@ def test_parse_relayhost_errors(value: str) -> None:
 def test_bad_relayhost_is_a_config_error_naming_the_line() -> None:
     settings, _ = parse_settings("relayhost = [::1\n", "main.cf", hostname="mx.example.org")
     with pytest.raises(ConfigError, match=r"main.cf, line 1: relayhost"):
-        Relay.from_settings(settings)
+        Relay.from_config(relay_config(settings))
 
 
 def test_xtext() -> None:
@@ -147,7 +149,8 @@ TRICKY = [
 
 def _assert_wire_safe(wire: bytes) -> None:
     assert wire.endswith(b"\r\n.\r\n") or wire == b".\r\n"
-    assert re.search(rb"\r(?!\n)|(?<!\r)\n", wire) is None, "bare CR or LF on the wire"
+    assert re.search(rb"(?<!\r)\n", wire) is None, "bare LF on the wire"
+    assert (b"\r\n" + wire).count(b"\r\n.\r\n") == 1, "an end of data before the end"
     lines = wire.split(b"\r\n")
     assert lines[-2:] == [b".", b""]
     assert all(not line.startswith(b".") or line.startswith(b"..") for line in lines[:-2])
@@ -163,7 +166,7 @@ def test_frame_data_stuffing_and_endings() -> None:
     assert frame_data(b"") == b".\r\n"
     assert frame_data(b"a") == b"a\r\n.\r\n"
     assert frame_data(b".\r\n..x\r\n") == b"..\r\n...x\r\n.\r\n"
-    assert frame_data(b"a\nb\rc\r\n.d") == b"a\r\nb\r\nc\r\n..d\r\n.\r\n"
+    assert frame_data(b"a\nb\rc\r\n.d") == b"a\r\nb\rc\r\n..d\r\n.\r\n"  # a lone CR stays
 
 
 def test_peer_name_matching() -> None:
@@ -297,11 +300,13 @@ async def test_dot_stuffing_round_trip() -> None:
 
 
 async def test_bare_line_ends_are_normalised() -> None:
+    """A bare LF ends a line (it becomes CRLF); a lone CR is kept, as Postfix sends it."""
     async with RecordingBackend() as backend:
         async with relay_for(backend) as relay:
             _, done = await send(relay, ["b@example.org"], b"Subject: x\n\nline1\rline2\n.x")
     assert done is not None and done.code == 250
-    assert backend.messages[0].content == b"Subject: x\r\n\r\nline1\r\nline2\r\n.x\r\n"
+    assert backend.messages[0].content == b"Subject: x\r\n\r\nline1\rline2\r\n.x\r\n"
+    assert backend.messages[0].raw == b"Subject: x\r\n\r\nline1\rline2\r\n..x\r\n.\r\n"
 
 
 async def test_large_message_with_flow_control() -> None:
@@ -351,7 +356,7 @@ async def test_backend_down() -> None:
 async def test_empty_relayhost(caplog: pytest.LogCaptureFixture) -> None:
     settings, _ = parse_settings("relayhost =\n", "main.cf", hostname="mx.example.org")
     with caplog.at_level(logging.WARNING, "smtpgate.relay"):
-        relay = Relay.from_settings(settings)
+        relay = Relay.from_config(relay_config(settings))
         tx = await relay.begin(CLIENT, "a@example.net", [])
         assert await tx.rcpt("b@example.org", []) == R451_PROXY
         await tx.abort()
@@ -774,7 +779,7 @@ def test_tls_config_errors() -> None:
             "relayhost = [127.0.0.1]:25\n" + text, "main.cf", hostname="mx.example.org"
         )
         with pytest.raises(ConfigError, match=name):
-            Relay.from_settings(settings)
+            Relay.from_config(relay_config(settings))
 
 
 # -- slowness and cancellation -----------------------------------------------------------------
