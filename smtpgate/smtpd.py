@@ -36,8 +36,9 @@ from typing import Any, NamedTuple
 from aiosmtpd.smtp import SMTP, Session
 
 from smtpgate.anvil import AnvilClient, LocalAnvil
-from smtpgate.config import Settings
+from smtpgate.config.service import ServiceConfig
 from smtpgate.errors import TableLookupError
+from smtpgate.generation import Generation
 from smtpgate.logs import MailLog, new_queue_id
 from smtpgate.policy.address import (
     dup_if_truncate,
@@ -54,12 +55,10 @@ from smtpgate.relay import (
     ClientFacts,
     Relay,
     Transaction,
-    load_cert_files,
     plain_content,
     quote_local,
 )
 from smtpgate.reply import R451_LOCAL_ERROR, Reply
-from smtpgate.tables import AddressList, Table, open_table
 
 log = logging.getLogger("smtpgate.smtpd")
 
@@ -95,10 +94,6 @@ ALLOWED_BEFORE_TLS = {"HELO", "EHLO", "STARTTLS", "NOOP", "RSET", "QUIT"}
 # end a pipelined group, RFC 2920 section 3.1).
 JUNK_COMMANDS = {"HELO", "EHLO", "RSET", "NOOP", "VRFY", "ETRN"}
 LAST_IN_GROUP = {"HELO", "EHLO", "DATA", "NOOP", "VRFY"}
-# smtpd_forbidden_commands default: CONNECT GET POST regexp:{{/^[^A-Z]/ Bogus}} (the
-# regexp is case-insensitive), plus Postfix's own check for a message header line.
-FORBIDDEN_VERBS = {"CONNECT", "GET", "POST"}
-_HEADER_LIKE = re.compile(r"^[\x21-\x39\x3b-\x7e]+:")
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
 _DIGITS = re.compile(r"^[0-9]+$")
 _XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-Fa-f]{2})+$")
@@ -112,118 +107,17 @@ DATA_RESERVE = 65536  # room a new DATA needs in smtpgate_data_memory_limit: one
 # anvil and a 10 MB one about a dozen, never one per read.
 
 
-@dataclass(frozen=True)
-class GateConfig:
-    """What the protocol needs from the settings, converted once per (re)load."""
-
-    hostname: str
-    banner: str
-    mail_name: str
-    size_limit: int
-    line_limit: int
-    timeout: float
-    recipient_limit: int
-    disable_vrfy: bool
-    tls_context: ssl.SSLContext | None
-    tls_required: bool
-    bare_newline: str
-    bare_newline_code: int
-    bare_newline_exclusions: AddressList
-    per_request_deadline: bool = False
-    min_data_rate: int = 500
-    hard_error_limit: int = 20
-    soft_error_limit: int = 10
-    error_sleep: float = 1.0
-    junk_limit: int = 100
-    recipient_overshoot: int = 1000
-    connection_count_limit: int = 50
-    connection_limit: int = 1000
-    connection_rate_limit: int = 0
-    message_rate_limit: int = 0
-    recipient_rate_limit: int = 0
-    rate_time_unit: float = 60.0
-    limit_exceptions: AddressList | None = None
-    forbid_unauth_pipelining: bool = True
-    forbidden: Forbidden = field(default_factory=lambda: Forbidden.parse(list(FORBIDDEN_VERBS)))
-    data_memory_limit: int = 0
-    greet_pause: float = 0.0
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> GateConfig:
-        level = (settings.get("smtpd_tls_security_level") or "").lower()
-        cert = settings.get("smtpd_tls_cert_file") or ""
-        context = None
-        if level in ("may", "encrypt") and cert:
-            context = server_tls_context(settings, cert, settings.get("smtpd_tls_key_file") or cert)
-        exclusions = AddressList.parse(
-            settings.as_list("smtpd_forbid_bare_newline_exclusions"),
-            base_dir=settings.config_directory,
-            title="smtpd_forbid_bare_newline_exclusions",
-        )
-        return cls(
-            hostname=settings["myhostname"],
-            banner=settings["smtpd_banner"],
-            mail_name=settings.get("mail_name") or "Postfix",
-            size_limit=settings.as_int("message_size_limit"),
-            line_limit=max(settings.as_int("line_length_limit"), 512),
-            timeout=settings.as_time("smtpd_timeout"),
-            recipient_limit=settings.as_int("smtpd_recipient_limit"),
-            disable_vrfy=settings.as_bool("disable_vrfy_command"),
-            tls_context=context,
-            tls_required=level == "encrypt" and context is not None,
-            bare_newline=(settings.get("smtpd_forbid_bare_newline") or "normalize").lower(),
-            bare_newline_code=settings.as_int("smtpd_forbid_bare_newline_reject_code"),
-            bare_newline_exclusions=exclusions,
-            per_request_deadline=settings.as_bool("smtpd_per_request_deadline"),
-            min_data_rate=settings.as_int("smtpd_min_data_rate"),
-            hard_error_limit=settings.as_int("smtpd_hard_error_limit"),
-            soft_error_limit=settings.as_int("smtpd_soft_error_limit"),
-            error_sleep=settings.as_time("smtpd_error_sleep_time"),
-            junk_limit=settings.as_int("smtpd_junk_command_limit"),
-            recipient_overshoot=settings.as_int("smtpd_recipient_overshoot_limit"),
-            connection_count_limit=settings.as_int("smtpd_client_connection_count_limit"),
-            connection_limit=settings.as_int("smtpgate_connection_limit"),
-            connection_rate_limit=settings.as_int("smtpd_client_connection_rate_limit"),
-            message_rate_limit=settings.as_int("smtpd_client_message_rate_limit"),
-            recipient_rate_limit=settings.as_int("smtpd_client_recipient_rate_limit"),
-            rate_time_unit=settings.as_time("anvil_rate_time_unit"),
-            limit_exceptions=AddressList.parse(
-                settings.as_list("smtpd_client_event_limit_exceptions"),
-                base_dir=settings.config_directory,
-                title="smtpd_client_event_limit_exceptions",
-            ),
-            forbid_unauth_pipelining=settings.as_bool("smtpd_forbid_unauth_pipelining"),
-            forbidden=Forbidden.parse(
-                settings.as_list("smtpd_forbidden_commands"), settings.config_directory
-            ),
-            data_memory_limit=settings.as_int("smtpgate_data_memory_limit"),
-            greet_pause=settings.as_time("smtpgate_greet_pause"),
-        )
-
-
-def server_tls_context(settings: Settings, cert_file: str, key_file: str) -> ssl.SSLContext:
-    """TLS 1.2 or newer; no client certificate requested.
-
-    The files are read here, once per (re)load, by the supervisor while it is still root:
-    a key that only root may read (``/etc/letsencrypt/live/*/privkey.pem``) works.
-    """
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    load_cert_files(
-        context, settings, ("smtpd_tls_cert_file", cert_file), ("smtpd_tls_key_file", key_file)
-    )
-    return context
+GateConfig = ServiceConfig
+"""The name this module has always used for its configuration."""
 
 
 @dataclass
 class Shared:
-    """State shared by every connection of one server: swapped whole on reload."""
+    """What every connection of one server shares: the generation it serves (immutable,
+    replaced as one reference) and the server's own mutable state beside it."""
 
-    plan: Plan
-    config: GateConfig
-    relay: Relay
+    generation: Generation
     maillog: MailLog
-    resolver: Resolver | None = None
     sessions: set[GateProtocol] = field(default_factory=set)
     draining: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -232,6 +126,26 @@ class Shared:
     """Connection counts and event rates per client address, and the message bytes held
     in memory (smtpgate_data_memory_limit), for the whole server: every worker asks the
     same anvil (kept across reloads)."""
+
+    @property
+    def plan(self) -> Plan:
+        return self.generation.plan
+
+    @property
+    def config(self) -> ServiceConfig:
+        return self.generation.config
+
+    @property
+    def relay(self) -> Relay:
+        return self.generation.relay
+
+    @property
+    def resolver(self) -> Resolver:
+        return self.generation.resolver
+
+    @property
+    def tls_context(self) -> ssl.SSLContext | None:
+        return self.generation.tls_context
 
 
 class _NoHooks:
@@ -302,7 +216,7 @@ class GateProtocol(SMTP):
         self.enable_SMTPUTF8 = True
         self._decode_data = False
         self.hostname = self.config.hostname
-        self.tls_context = self.config.tls_context
+        self.tls_context = self.shared.tls_context
         self.require_starttls = False
         self._timeout_duration = 10**9  # smtpgate keeps its own timers (smtpd_timeout)
         self._timeout_handle = None
@@ -437,7 +351,7 @@ class GateProtocol(SMTP):
                 shared.resolver,
                 peer.address,
                 peer.port,
-                peername_lookup=shared.plan.settings.as_bool("smtpd_peername_lookup"),
+                peername_lookup=self.config.peername_lookup,
             )
             for record in found.logs:
                 shared.maillog.warning(record.text)
@@ -759,7 +673,7 @@ class GateProtocol(SMTP):
         out.append(f"SIZE {self.config.size_limit}" if self.config.size_limit else "SIZE")
         if not self.config.disable_vrfy:
             out.append("VRFY")
-        if self.config.tls_context is not None and not self.tls_active:
+        if self.tls_context is not None and not self.tls_active:
             out.append("STARTTLS")
         out += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8"]
         return out
@@ -1180,7 +1094,7 @@ class GateProtocol(SMTP):
     async def cmd_starttls(self, args: Args) -> bool:
         if args:
             return await self._fail(Reply(501, "5.5.4", "Syntax: STARTTLS"))
-        if self.config.tls_context is None:
+        if self.tls_context is None:
             return await self._fail(NOT_IMPLEMENTED)
         if self.tls_active:
             return await self._fail(Reply(554, "5.5.1", "Error: TLS already active"))
@@ -1612,40 +1526,6 @@ def _join_words(words: list[tuple[str, bool]]) -> str | None:
             return None
         out += word
     return out
-
-
-_TABLE_SPEC = re.compile(r"^[A-Za-z0-9_]+:.")
-
-
-@dataclass(frozen=True)
-class Forbidden:
-    """smtpd_forbidden_commands: words (any case) and tables (any match forbids)."""
-
-    words: frozenset[str]
-    tables: tuple[Table, ...] = ()
-
-    @classmethod
-    def parse(cls, items: list[str], base_dir: str | None = None) -> Forbidden:
-        words: set[str] = set()
-        tables: list[Table] = []
-        for item in items:
-            if _TABLE_SPEC.match(item):
-                tables.append(open_table(item, base_dir=base_dir))
-            else:
-                words.add(item.upper())
-        return cls(frozenset(words), tuple(tables))
-
-    def match(self, verb: str) -> bool:
-        """A header-like line, or a verb in the list (lookup errors are ignored, as Postfix)."""
-        if _HEADER_LIKE.match(verb) or verb.upper() in self.words:
-            return True
-        for table in self.tables:
-            try:
-                if table.lookup(verb.lower()) is not None:
-                    return True
-            except TableLookupError:
-                continue
-        return False
 
 
 @functools.lru_cache(maxsize=2)
