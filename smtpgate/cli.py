@@ -15,10 +15,9 @@ from typing import NoReturn
 import click
 
 from smtpgate import __version__
-from smtpgate.config import Diagnostic, Settings, load_settings
+from smtpgate.config import Diagnostic
 from smtpgate.errors import ConfigError, SmtpgateError, TableLookupError
 from smtpgate.policy.model import ClientInfo
-from smtpgate.policy.plan import Plan, build_plan
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
@@ -34,23 +33,6 @@ def _fail(message: str, code: int = EXIT_CONFIG) -> NoReturn:
 def _print_diagnostics(diagnostics: Sequence[Diagnostic]) -> None:
     for diagnostic in diagnostics:
         click.echo(f"smtpgate: {diagnostic}", err=True)
-
-
-def load_plan(
-    config: str, overrides: Sequence[str], *, strict_tables: bool = True
-) -> tuple[Plan | None, list[Diagnostic]]:
-    """Read the config and compile it: the load step serve, check and explain share.
-
-    The plan is None when any diagnostic is an error, the settings' own included (a
-    parameter that is not supported yet).
-    """
-    settings: Settings
-    settings, diagnostics = load_settings(config, overrides)
-    plan, more = build_plan(settings, strict_tables=strict_tables)
-    found = [*diagnostics, *more]
-    if any(d.severity == "error" for d in found):
-        plan = None
-    return plan, found
 
 
 config_option = click.option(
@@ -81,16 +63,17 @@ def main() -> None:
 @override_option
 def check(config: str, overrides: tuple[str, ...]) -> None:
     """Validate everything serve would load; print warnings and errors with file and line."""
-    from smtpgate.server import load_and_validate
+    from smtpgate.generation import load_generation
 
     try:
-        plan, diagnostics = load_and_validate(config, overrides)
+        # serve's load, with one difference: a table that cannot be read is an error here
+        generation, diagnostics = load_generation(config, overrides, strict_tables=True)
     except ConfigError as exc:
         _fail(str(exc))
     _print_diagnostics(diagnostics)
     warnings = sum(1 for d in diagnostics if d.severity == "warning")
     errors = sum(1 for d in diagnostics if d.severity == "error")
-    if plan is None:
+    if generation is None:
         _fail(f"{config}: {errors} error(s), {warnings} warning(s): smtpgate would not start")
     click.echo(f"smtpgate: {config}: ok, {warnings} warning(s)")
 
@@ -101,26 +84,23 @@ def check(config: str, overrides: tuple[str, ...]) -> None:
 def serve(config: str, overrides: tuple[str, ...]) -> None:
     """Run the SMTP front end: listen, apply the restrictions, relay to relayhost."""
     from smtpgate import supervisor
+    from smtpgate.generation import load_generation
     from smtpgate.logs import MailLog
-    from smtpgate.server import ListenError, validate_service
+    from smtpgate.server import ListenError
 
     try:
-        plan, diagnostics = load_plan(config, overrides, strict_tables=False)
+        generation, diagnostics = load_generation(config, overrides, number=1)
     except ConfigError as exc:
         _fail(str(exc))
     _print_diagnostics(diagnostics)
-    if plan is None:
-        _fail(f"{config}: configuration errors: not starting")
-    service = validate_service(plan.settings)
-    _print_diagnostics(service)
-    if any(d.severity == "error" for d in service):
+    if generation is None:
         _fail(f"{config}: configuration errors: not starting")
     try:
-        maillog = MailLog.from_settings(plan.settings)
+        maillog = MailLog.from_config(generation.config)
     except OSError as exc:
         _fail(f"maillog_file: {exc}")
     try:
-        status = supervisor.serve(config, overrides, plan, maillog)
+        status = supervisor.serve(config, overrides, generation, maillog)
     except ConfigError as exc:
         _fail(str(exc))
     except ListenError as exc:
@@ -163,7 +143,7 @@ def reload(config: str, overrides: tuple[str, ...]) -> None:
 @click.option("--maildir", default="var/mail", show_default=True, help="Where messages go.")
 def sink(listen: str, maildir: str) -> None:
     """A stand-in backend MTA: accept every message and store it in a Maildir."""
-    from smtpgate.server import parse_listen
+    from smtpgate.config.service import parse_listen
     from smtpgate.sink import run_sink
 
     try:
@@ -238,17 +218,18 @@ def explain(
     as_json: bool,
 ) -> None:
     """Run the restrictions on one envelope without a socket and show every step."""
+    from smtpgate.generation import load_configuration
     from smtpgate.policy.address import valid_hostaddr
     from smtpgate.policy.explain import render_json, render_text, run_dialogue
 
     if not valid_hostaddr(client):
         _fail(f"--client {client!r} is not an IPv4 or IPv6 address")
     try:
-        plan, diagnostics = load_plan(config, overrides, strict_tables=False)
+        loaded, diagnostics = load_configuration(config, overrides)
     except ConfigError as exc:
         _fail(str(exc))
     _print_diagnostics(diagnostics)
-    if plan is None:
+    if loaded is None:
         _fail(f"{config}: configuration errors: smtpgate would not start")
     name = client_name or "unknown"
     info = ClientInfo(
@@ -261,16 +242,17 @@ def explain(
     resolver = None
     if dns_servers is not None:
         from smtpgate.config import split_list
-        from smtpgate.resolver import resolver_from_settings
+        from smtpgate.resolver import resolver_from_config
 
         try:
-            resolver = resolver_from_settings(plan.settings, split_list(dns_servers))
+            resolver = resolver_from_config(loaded.config, split_list(dns_servers))
         except ConfigError as exc:
             _fail(f"--dns-servers: {exc}")
     exchanges = asyncio.run(
         run_dialogue(
-            plan,
+            loaded.plan,
             info,
+            config=loaded.config,
             resolver=resolver,
             lookup_client_name=resolver is not None and client_name is None,
             helo=helo,

@@ -25,7 +25,7 @@ import threading
 import time
 from typing import TextIO
 
-from smtpgate.config import Settings
+from smtpgate.config.service import ServiceConfig
 
 _counter = itertools.count(int(time.time() * 1000) & 0xFFFFFF)
 _pid = os.getpid()  # for every log line: getpid() is a system call
@@ -78,13 +78,9 @@ class MailLog:
             self._owned = False
 
     @classmethod
-    def from_settings(cls, settings: Settings, stream: TextIO | None = None) -> MailLog:
-        return cls(
-            settings["myhostname"],
-            settings.get("syslog_name") or "postfix",
-            settings.get("maillog_file") or None,
-            stream,
-        )
+    def from_config(cls, config: ServiceConfig, stream: TextIO | None = None) -> MailLog:
+        """myhostname, syslog_name and maillog_file (empty: ``stream``, else stderr)."""
+        return cls(config.hostname, config.syslog_name, config.maillog_file or None, stream)
 
     def _write(self, text: str) -> None:
         now = int(time.time())

@@ -37,7 +37,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from smtpgate.config import Settings
+from smtpgate.config.service import ServiceConfig
 from smtpgate.errors import ConfigError
 from smtpgate.policy.ports import DnsAnswer, DnsStatus, Resolver
 
@@ -236,24 +236,24 @@ def _servers_detail(exc: dns.resolver.NoNameservers) -> str:
 # -- construction from settings ------------------------------------------------------------
 
 
-def resolver_from_settings(
-    settings: Settings, dns_servers: Sequence[str] | None = None
+def resolver_from_config(
+    config: ServiceConfig, dns_servers: Sequence[str] | None = None
 ) -> DnsPythonResolver:
     """The resolver ``serve`` and ``explain`` use; ``dns_servers`` overrides the setting.
 
     Raises ConfigError for a bad ``dns_servers`` entry.
     """
-    values = list(dns_servers) if dns_servers is not None else settings.as_list("dns_servers")
+    values = list(dns_servers) if dns_servers is not None else list(config.dns_servers)
     try:
         servers = parse_dns_servers(values)
     except ValueError as exc:
         raise ConfigError(f"dns_servers: {exc}") from None
     return DnsPythonResolver(
         servers or None,
-        timeout=settings.as_time("dns_timeout"),
-        tries=settings.as_int("dns_tries"),
-        concurrency=settings.as_int("dns_concurrency_limit"),
-        cache_size=settings.as_int("dns_cache_size"),
+        timeout=config.dns_timeout,
+        tries=config.dns_tries,
+        concurrency=config.dns_concurrency_limit,
+        cache_size=config.dns_cache_size,
     )
 
 

@@ -4,6 +4,10 @@
 answers idle sessions ``421 4.3.2 ... Service shutting down``, lets sessions that are in
 the middle of a command (a relay in progress above all) finish within the drain
 timeout, and only then closes what is left.  SIGTERM and SIGINT call ``stop``.
+
+A ``Server`` serves one :class:`~smtpgate.generation.Generation` (built by the one load,
+immutable); what changes while it runs -- its sessions, whether it drains -- is in its
+:class:`~smtpgate.smtpd.Shared`, beside the generation, not in it.
 """
 
 from __future__ import annotations
@@ -17,186 +21,16 @@ import signal
 import socket
 import struct
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from smtpgate.anvil import AnvilClient, LocalAnvil
-from smtpgate.config import Diagnostic, Settings
+from smtpgate.config.service import ListenAddress
 from smtpgate.errors import ConfigError
+from smtpgate.generation import Generation
 from smtpgate.logs import MailLog, route_python_logging
-from smtpgate.policy.plan import Plan
-from smtpgate.policy.ports import Resolver
-from smtpgate.relay import Relay, relay_config
-from smtpgate.resolver import mx_hosts, resolver_from_settings
-from smtpgate.smtpd import GateConfig, GateProtocol, Shared
+from smtpgate.smtpd import GateProtocol, Shared
 
 DRAIN_TIMEOUT = 30.0
-
-
-@dataclass(frozen=True)
-class ListenAddress:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def parse_listen(entries: Sequence[str]) -> list[ListenAddress]:
-    """``host:port``, ``[ipv6]:port``, ``:port`` (all addresses) or ``port``."""
-    out = []
-    for entry in entries:
-        text = entry.strip()
-        if text.startswith("["):
-            host, sep, port = text[1:].partition("]:")
-            if not sep:
-                raise ConfigError(f'listen: bad address "{entry}" (expected [ipv6]:port)')
-        elif text.isdigit():
-            host, port = "", text
-        else:
-            host, sep, port = text.rpartition(":")
-            if not sep:
-                raise ConfigError(f'listen: bad address "{entry}" (expected host:port)')
-        if not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ConfigError(f'listen: bad port in "{entry}"')
-        out.append(ListenAddress(host or "0.0.0.0", int(port)))
-    if not out:
-        raise ConfigError("listen: no address to listen on")
-    return out
-
-
-def workers_from_settings(settings: Settings) -> int:
-    """``smtpgate_workers``: ``auto`` (one per CPU core) or a whole number, at least 1."""
-    text = (settings.get("smtpgate_workers") or "auto").strip().lower()
-    if text == "auto":
-        return max(1, os.cpu_count() or 1)
-    if text.isdigit() and int(text) >= 1:
-        return int(text)
-    raise ConfigError(
-        f"smtpgate_workers = {text}: use auto (one process per CPU core) or a number, 1 or more"
-    )
-
-
-def validate_service(settings: Settings) -> list[Diagnostic]:
-    """Check what ``serve`` builds besides the Plan: listeners, TLS files, the relay.
-
-    ``check`` runs this; ``Server`` builds the same objects, so a config that passes here
-    starts (unless its port is taken or needs privileges).
-    """
-    out: list[Diagnostic] = []
-
-    def error(exc: ConfigError, parameter: str) -> None:
-        where = None if exc.path else settings.location(parameter)
-        out.append(Diagnostic("error", str(exc), where))
-
-    try:
-        parse_listen(settings.as_list("listen"))
-    except ConfigError as exc:
-        error(exc, "listen")
-    try:
-        workers_from_settings(settings)
-    except ConfigError as exc:
-        error(exc, "smtpgate_workers")
-    try:
-        GateConfig.from_settings(settings)
-    except ConfigError as exc:
-        # GateConfig's errors name their parameter (and file and line when they have one)
-        out.append(Diagnostic("error", str(exc), None))
-    try:
-        Relay.from_config(relay_config(settings))
-    except ConfigError as exc:
-        error(exc, "relayhost")
-    try:
-        resolver_from_settings(settings)
-    except ConfigError as exc:
-        error(exc, "dns_servers")
-    if not (settings.get("relayhost") or "").strip():
-        # smtpgate exists to relay: without a backend every message would get 451.
-        typos = "".join(
-            f" ({where} sets {name}: did you mean relayhost?)"
-            for name, where in settings.misspellings("relayhost")
-        )
-        out.append(
-            Diagnostic(
-                "error",
-                "relayhost is empty: smtpgate relays every accepted message to it; "
-                f"set relayhost = [backend.example]:25{typos}",
-                settings.blame("relayhost"),
-            )
-        )
-    level = (settings.get("smtp_tls_security_level") or "").lower()
-    has_ca = settings.get("smtp_tls_CAfile") or settings.get("smtp_tls_CApath")
-    if level in ("verify", "secure") and not has_ca:
-        out.append(
-            Diagnostic(
-                "warning",
-                f"smtp_tls_security_level = {level} without smtp_tls_CAfile or "
-                "smtp_tls_CApath: no backend certificate can be verified",
-                settings.location("smtp_tls_security_level"),
-            )
-        )
-    tls_level = (settings.get("smtpd_tls_security_level") or "").lower()
-    if tls_level in ("may", "encrypt") and not settings.get("smtpd_tls_cert_file"):
-        out.append(
-            Diagnostic(
-                "warning" if tls_level == "may" else "error",
-                f"smtpd_tls_security_level = {tls_level} needs smtpd_tls_cert_file",
-                settings.location("smtpd_tls_security_level"),
-            )
-        )
-    return out
-
-
-def load_and_validate(
-    config_path: str, overrides: Sequence[str] = ()
-) -> tuple[Plan | None, list[Diagnostic]]:
-    """Read and check everything serve would load: the step check, reload and SIGHUP share.
-
-    The plan is None when any diagnostic is an error. Raises ConfigError when the file
-    cannot be read or parsed at all.
-    """
-    from smtpgate.config import load_settings
-    from smtpgate.policy.plan import build_plan
-
-    settings, diagnostics = load_settings(config_path, overrides)
-    plan, more = build_plan(settings)
-    diagnostics = [*diagnostics, *more]
-    if plan is not None:
-        diagnostics += validate_service(settings)
-    if any(d.severity == "error" for d in diagnostics):
-        plan = None
-    return plan, diagnostics
-
-
-@dataclass(frozen=True)
-class Generation:
-    """Everything the workers serve with, built from one (re)load of the configuration.
-
-    ``serve``'s supervisor builds it while it is root (the TLS keys and the tables may be
-    readable by root only) and forks the workers around it; a reload builds the next one.
-    """
-
-    number: int
-    plan: Plan
-    config: GateConfig
-    relay: Relay
-    resolver: Resolver | None
-
-    @property
-    def settings(self) -> Settings:
-        return self.plan.settings
-
-    @classmethod
-    def build(cls, number: int, plan: Plan) -> Generation:
-        """Read the TLS files and build the relay; ConfigError names what failed."""
-        settings = plan.settings
-        return cls(
-            number,
-            plan,
-            GateConfig.from_settings(settings),
-            Relay.from_config(relay_config(settings)),
-            resolver_from_settings(settings),
-        )
 
 
 class ListenError(Exception):
@@ -416,44 +250,26 @@ class Server:
 
     def __init__(
         self,
-        settings: Settings,
-        plan: Plan,
+        generation: Generation,
         maillog: MailLog,
         *,
-        generation: Generation | None = None,
         anvil: AnvilClient | None = None,
     ) -> None:
-        """``anvil``: the counters shared with the other workers (a ``RemoteAnvil`` on the
-        supervisor's ``AnvilService``); by default this process's own."""
-        self.settings = settings
+        """Serve ``generation`` (see :mod:`smtpgate.generation`); ``anvil``: the counters
+        shared with the other workers (a ``RemoteAnvil`` on the supervisor's
+        ``AnvilService``); by default this process's own."""
         self.maillog = maillog
-        built = generation or Generation.build(0, plan)
         self.shared = Shared(
-            plan=built.plan,
-            config=built.config,
-            relay=built.relay,
+            generation=generation,
             maillog=maillog,
-            resolver=built.resolver,
             anvil=anvil if anvil is not None else LocalAnvil(),
         )
         self.retiring = False
         self.on_closed: Callable[[], None] | None = None
         """Called once the listeners are closed (a worker tells its supervisor)."""
-        self._wire_next_hops()
-        self.addresses = parse_listen(settings.as_list("listen"))
+        self.addresses = list(generation.config.listen)
         self.servers: list[asyncio.base_events.Server] = []
         self.stopped = asyncio.Event()
-
-    def _wire_next_hops(self) -> None:
-        """Give the relay the MX lookup for an unbracketed relayhost."""
-        resolver = self.shared.resolver
-        if resolver is None:
-            return
-
-        async def next_hops(host: str, port: int) -> list[tuple[str, int]]:
-            return await mx_hosts(resolver, host, port)
-
-        self.shared.relay.next_hops = next_hops
 
     @property
     def sockets(self) -> list[tuple[str, int]]:
@@ -505,7 +321,7 @@ class Server:
         if relayhost is None:
             self.maillog.warning("relayhost is empty: every message will be deferred (451)")
             return
-        timeout = min(self.settings.as_time("smtp_connect_timeout"), 5.0)
+        timeout = min(relay.config.connect_timeout, 5.0)
         why = "no address to connect to"
         try:
             if relayhost.mx_lookup and relay.next_hops is not None:
@@ -529,7 +345,7 @@ class Server:
                 await writer.wait_closed()
             return
         self.maillog.warning(
-            f"relayhost {self.settings['relayhost']} is not reachable now ({why}): "
+            f"relayhost {relayhost} is not reachable now ({why}): "
             "smtpgate keeps serving and answers 451 4.3.0 until the backend is back"
         )
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
-import re
 import socket
 import ssl
 import sys
@@ -38,14 +37,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from smtpgate.anvil import AnvilClient, LocalAnvil
-from smtpgate.config import Settings
-from smtpgate.errors import FilterDestinationError, TableLookupError
+from smtpgate.config.service import ServiceConfig
+from smtpgate.errors import FilterDestinationError
 from smtpgate.facts import ClientFacts
+from smtpgate.generation import Generation
 from smtpgate.logs import MailLog, new_queue_id
 from smtpgate.policy.model import ClientInfo
 from smtpgate.policy.plan import Plan
 from smtpgate.policy.ports import Resolver
-from smtpgate.relay import Relay, load_cert_files, parse_filter_destination
+from smtpgate.relay import Relay, parse_filter_destination
 from smtpgate.reply import Reply
 from smtpgate.smtp.machine import (
     CLOSE,
@@ -55,132 +55,20 @@ from smtpgate.smtp.machine import (
     Effect,
     SmtpMachine,
 )
-from smtpgate.tables import AddressList, Table, open_table
 
 log = logging.getLogger("smtpgate.smtpd")
 
 WRITE_BACKLOG = 65536  # reply bytes held back for a partial command before writing anyway
 READ_BACKLOG = 1 << 20  # unprocessed input at which reading pauses
-# smtpd_forbidden_commands default: CONNECT GET POST regexp:{{/^[^A-Z]/ Bogus}} (the
-# regexp is case-insensitive), plus Postfix's own check for a message header line.
-FORBIDDEN_VERBS = {"CONNECT", "GET", "POST"}
-_HEADER_LIKE = re.compile(r"^[\x21-\x39\x3b-\x7e]+:")
-
-
-@dataclass(frozen=True)
-class GateConfig:
-    """What the protocol needs from the settings, converted once per (re)load."""
-
-    hostname: str
-    banner: str
-    mail_name: str
-    size_limit: int
-    line_limit: int
-    timeout: float
-    recipient_limit: int
-    disable_vrfy: bool
-    tls_context: ssl.SSLContext | None
-    tls_required: bool
-    bare_newline: str
-    bare_newline_code: int
-    bare_newline_exclusions: AddressList
-    per_request_deadline: bool = False
-    min_data_rate: int = 500
-    hard_error_limit: int = 20
-    soft_error_limit: int = 10
-    error_sleep: float = 1.0
-    junk_limit: int = 100
-    recipient_overshoot: int = 1000
-    connection_count_limit: int = 50
-    connection_limit: int = 1000
-    connection_rate_limit: int = 0
-    message_rate_limit: int = 0
-    recipient_rate_limit: int = 0
-    rate_time_unit: float = 60.0
-    limit_exceptions: AddressList | None = None
-    forbid_unauth_pipelining: bool = True
-    forbidden: Forbidden = field(default_factory=lambda: Forbidden.parse(list(FORBIDDEN_VERBS)))
-    data_memory_limit: int = 0
-    greet_pause: float = 0.0
-    peername_lookup: bool = True
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> GateConfig:
-        level = (settings.get("smtpd_tls_security_level") or "").lower()
-        cert = settings.get("smtpd_tls_cert_file") or ""
-        context = None
-        if level in ("may", "encrypt") and cert:
-            context = server_tls_context(settings, cert, settings.get("smtpd_tls_key_file") or cert)
-        exclusions = AddressList.parse(
-            settings.as_list("smtpd_forbid_bare_newline_exclusions"),
-            base_dir=settings.config_directory,
-            title="smtpd_forbid_bare_newline_exclusions",
-        )
-        return cls(
-            hostname=settings["myhostname"],
-            banner=settings["smtpd_banner"],
-            mail_name=settings.get("mail_name") or "Postfix",
-            size_limit=settings.as_int("message_size_limit"),
-            line_limit=max(settings.as_int("line_length_limit"), 512),
-            timeout=settings.as_time("smtpd_timeout"),
-            recipient_limit=settings.as_int("smtpd_recipient_limit"),
-            disable_vrfy=settings.as_bool("disable_vrfy_command"),
-            tls_context=context,
-            tls_required=level == "encrypt" and context is not None,
-            bare_newline=(settings.get("smtpd_forbid_bare_newline") or "normalize").lower(),
-            bare_newline_code=settings.as_int("smtpd_forbid_bare_newline_reject_code"),
-            bare_newline_exclusions=exclusions,
-            per_request_deadline=settings.as_bool("smtpd_per_request_deadline"),
-            min_data_rate=settings.as_int("smtpd_min_data_rate"),
-            hard_error_limit=settings.as_int("smtpd_hard_error_limit"),
-            soft_error_limit=settings.as_int("smtpd_soft_error_limit"),
-            error_sleep=settings.as_time("smtpd_error_sleep_time"),
-            junk_limit=settings.as_int("smtpd_junk_command_limit"),
-            recipient_overshoot=settings.as_int("smtpd_recipient_overshoot_limit"),
-            connection_count_limit=settings.as_int("smtpd_client_connection_count_limit"),
-            connection_limit=settings.as_int("smtpgate_connection_limit"),
-            connection_rate_limit=settings.as_int("smtpd_client_connection_rate_limit"),
-            message_rate_limit=settings.as_int("smtpd_client_message_rate_limit"),
-            recipient_rate_limit=settings.as_int("smtpd_client_recipient_rate_limit"),
-            rate_time_unit=settings.as_time("anvil_rate_time_unit"),
-            limit_exceptions=AddressList.parse(
-                settings.as_list("smtpd_client_event_limit_exceptions"),
-                base_dir=settings.config_directory,
-                title="smtpd_client_event_limit_exceptions",
-            ),
-            forbid_unauth_pipelining=settings.as_bool("smtpd_forbid_unauth_pipelining"),
-            forbidden=Forbidden.parse(
-                settings.as_list("smtpd_forbidden_commands"), settings.config_directory
-            ),
-            data_memory_limit=settings.as_int("smtpgate_data_memory_limit"),
-            greet_pause=settings.as_time("smtpgate_greet_pause"),
-            peername_lookup=settings.as_bool("smtpd_peername_lookup"),
-        )
-
-
-def server_tls_context(settings: Settings, cert_file: str, key_file: str) -> ssl.SSLContext:
-    """TLS 1.2 or newer; no client certificate requested.
-
-    The files are read here, once per (re)load, by the supervisor while it is still root:
-    a key that only root may read (``/etc/letsencrypt/live/*/privkey.pem``) works.
-    """
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    load_cert_files(
-        context, settings, ("smtpd_tls_cert_file", cert_file), ("smtpd_tls_key_file", key_file)
-    )
-    return context
 
 
 @dataclass
 class Shared:
-    """State shared by every connection of one server."""
+    """What every connection of one server shares: the generation it serves (immutable,
+    replaced as one reference) and the server's own mutable state beside it."""
 
-    plan: Plan
-    config: GateConfig
-    relay: Relay
+    generation: Generation
     maillog: MailLog
-    resolver: Resolver | None = None
     sessions: set[GateProtocol] = field(default_factory=set)
     draining: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -189,6 +77,26 @@ class Shared:
     """Connection counts and event rates per client address, and the message bytes held
     in memory (smtpgate_data_memory_limit), for the whole server: every worker asks the
     same anvil."""
+
+    @property
+    def plan(self) -> Plan:
+        return self.generation.plan
+
+    @property
+    def config(self) -> ServiceConfig:
+        return self.generation.config
+
+    @property
+    def relay(self) -> Relay:
+        return self.generation.relay
+
+    @property
+    def resolver(self) -> Resolver:
+        return self.generation.resolver
+
+    @property
+    def tls_context(self) -> ssl.SSLContext | None:
+        return self.generation.tls_context
 
 
 class RelayBackend:
@@ -282,7 +190,7 @@ class GateProtocol(asyncio.Protocol):
             port=peer.port,
             service=_service(transport),
             resolver=shared.resolver,
-            starttls=self.config.tls_context is not None,
+            starttls=shared.tls_context is not None,
             queue_ids=new_queue_id,
         )
         shared.sessions.add(self)
@@ -473,7 +381,7 @@ class GateProtocol(asyncio.Protocol):
 
     async def _start_tls(self) -> None:
         machine, transport = self.machine, self.transport
-        context = self.config.tls_context
+        context = self.shared.tls_context
         assert machine is not None and transport is not None and context is not None
         machine.discard_input()  # plaintext behind STARTTLS is never read as commands
         loop = asyncio.get_running_loop()
@@ -583,37 +491,3 @@ def _client_info(peer: Any) -> ClientInfo:
     if host.startswith("::ffff:") and "." in host:
         host = host[7:]
     return ClientInfo(address=host, port=port)
-
-
-_TABLE_SPEC = re.compile(r"^[A-Za-z0-9_]+:.")
-
-
-@dataclass(frozen=True)
-class Forbidden:
-    """smtpd_forbidden_commands: words (any case) and tables (any match forbids)."""
-
-    words: frozenset[str]
-    tables: tuple[Table, ...] = ()
-
-    @classmethod
-    def parse(cls, items: list[str], base_dir: str | None = None) -> Forbidden:
-        words: set[str] = set()
-        tables: list[Table] = []
-        for item in items:
-            if _TABLE_SPEC.match(item):
-                tables.append(open_table(item, base_dir=base_dir))
-            else:
-                words.add(item.upper())
-        return cls(frozenset(words), tuple(tables))
-
-    def match(self, verb: str) -> bool:
-        """A header-like line, or a verb in the list (lookup errors are ignored, as Postfix)."""
-        if _HEADER_LIKE.match(verb) or verb.upper() in self.words:
-            return True
-        for table in self.tables:
-            try:
-                if table.lookup(verb.lower()) is not None:
-                    return True
-            except TableLookupError:
-                continue
-        return False

@@ -7,8 +7,10 @@ Postfix's master(8) model, in one program::
 
 At start and at every reload the supervisor reads everything ``serve`` needs -- main.cf,
 the tables, the TLS certificates and keys (often readable by root only), the relayhost --
-into a :class:`Generation`, and forks one worker per listening socket set around it.  A
-worker drops its privileges first thing after the fork; it never opens those files again.
+into a :class:`~smtpgate.generation.Generation` with the one load
+(:func:`~smtpgate.generation.load_generation`, the same tables strictness both times), and
+forks one worker per listening socket set around it.  A worker drops its privileges
+first thing after the fork; it never opens those files again.
 
 A reload (SIGHUP, or ``smtpgate reload`` over the control socket) is a generation swap:
 the new configuration is loaded and validated completely; a new worker starts for each
@@ -45,15 +47,14 @@ from dataclasses import dataclass, field
 
 from smtpgate.anvil import AnvilService, RemoteAnvil
 from smtpgate.config import Diagnostic, load_settings
+from smtpgate.config.service import pid_file_of as _pid_file
 from smtpgate.errors import ConfigError
+from smtpgate.generation import Generation, load_generation
 from smtpgate.logs import MailLog
-from smtpgate.policy.plan import Plan
 from smtpgate.server import (
     WORKER_SIGNALS,
-    Generation,
     Server,
     drop_privileges,
-    load_and_validate,
     unprivileged_user,
     worker_ready,
     write_pid_file,
@@ -383,11 +384,11 @@ class Supervisor:
             return
         self.maillog.info(f"reload: reading {self.config_path}")
         lines: list[str] = []
+        generation: Generation | None
         try:
-            plan, diagnostics = load_and_validate(self.config_path, self.overrides)
-            generation = None
-            if plan is not None:
-                generation = Generation.build(self.generation.number + 1, plan)
+            generation, diagnostics = load_generation(
+                self.config_path, self.overrides, number=self.generation.number + 1
+            )
         except ConfigError as exc:
             diagnostics, generation = [Diagnostic("error", str(exc), None)], None
         for diagnostic in diagnostics:
@@ -400,7 +401,7 @@ class Supervisor:
             if waiter is not None:
                 _answer(waiter, [*lines, f"failed: {why}; the running configuration is kept"])
             return
-        if generation.settings.as_list("listen") != self.generation.settings.as_list("listen"):
+        if generation.config.listen != self.generation.config.listen:
             warning = "reload: listen changed; restart smtpgate to rebind"
             self.maillog.warning(warning)
             lines.append(f"diagnostic: warning: {warning}")
@@ -489,13 +490,7 @@ def run_worker(
 
     async def work() -> None:
         loop = asyncio.get_running_loop()
-        server = Server(
-            generation.settings,
-            generation.plan,
-            maillog,
-            generation=generation,
-            anvil=RemoteAnvil(anvil),
-        )
+        server = Server(generation, maillog, anvil=RemoteAnvil(anvil))
         await server.start(sockets)
         loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(server.stop()))
         loop.add_signal_handler(signal.SIGINT, lambda: asyncio.ensure_future(server.stop()))
@@ -511,21 +506,20 @@ def run_worker(
     run_fast(work())
 
 
-def serve(config: str, overrides: Sequence[str], plan: Plan, maillog: MailLog) -> int:
-    """``smtpgate serve`` after the configuration has loaded: bind, supervise; exit code.
+def serve(config: str, overrides: Sequence[str], generation: Generation, maillog: MailLog) -> int:
+    """``smtpgate serve`` once the first generation is loaded (by root, before any fork):
+    bind, supervise; the exit code.
 
     Raises ListenError (a listener cannot be bound) and ConfigError.
     """
-    from smtpgate.server import bind_listeners, parse_listen, preload_modules, workers_from_settings
+    from smtpgate.server import bind_listeners, preload_modules
 
-    settings = plan.settings
-    user = settings.get("smtpgate_user") or "smtpgate"
+    service = generation.config
+    user = service.user
     unprivileged_user(user)  # a user that cannot be used stops serve here, not each worker
-    generation = Generation.build(1, plan)
-    workers = workers_from_settings(settings)
     preload_modules()  # the workers would import these on first use, after the drop
-    socket_sets = bind_listeners(parse_listen(settings.as_list("listen")), copies=workers)
-    pid_file = settings.get("pid_file") or ""
+    socket_sets = bind_listeners(service.listen, copies=service.workers)
+    pid_file = service.pid_file
     supervisor = Supervisor(
         socket_sets=socket_sets,
         generation=generation,
@@ -551,4 +545,4 @@ def serve(config: str, overrides: Sequence[str], plan: Plan, maillog: MailLog) -
 def pid_file_of(config: str, overrides: Sequence[str]) -> str:
     """The pid_file a configuration names (for ``smtpgate reload``)."""
     settings, _ = load_settings(config, overrides)
-    return settings.get("pid_file") or ""
+    return _pid_file(settings)

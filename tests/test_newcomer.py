@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from smtpgate.config import load_settings
+from smtpgate.generation import load_generation
 from smtpgate.logs import MailLog
-from smtpgate.policy.plan import compile_plan
 from smtpgate.server import Server
 from tests.processes import children, session
 from tests.serve.client import LineClient
@@ -191,10 +190,10 @@ async def test_unreachable_relayhost_warns_and_keeps_serving(tmp_path: Path):
     cf = write_config(
         tmp_path / "etc", f"listen = 127.0.0.1:0\nrelayhost = [127.0.0.1]:{free_port()}\n"
     )
-    settings, _ = load_settings(cf)
-    plan, _ = compile_plan(settings)
+    generation, _ = load_generation(str(cf))
+    assert generation is not None
     log = io.StringIO()
-    server = Server(settings, plan, MailLog("mx.example.org", stream=log))
+    server = Server(generation, MailLog("mx.example.org", stream=log))
     await server.start()
     try:
         await server.probe_relayhost()

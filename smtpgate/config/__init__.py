@@ -1,10 +1,12 @@
 """Configuration in Postfix main.cf syntax: lexer, ``$name`` expansion, defaults, diagnostics.
 
 The config layer owns turning one main.cf-syntax file plus ``-o name=value`` overrides
-into an immutable :class:`Settings`, and saying where every problem is. It imports only
-the standard library and :mod:`smtpgate.errors`; table specifications stay strings here
-(the policy layer opens them), and the only file it reads is the one given to
-:func:`load_settings`.
+into an immutable :class:`Settings`, converting the values once into typed, frozen
+configurations, and saying where every problem is.  Outside this package nothing reads a
+parameter by its name (``tests/test_parameter_reads.py``): the rest of the program gets
+typed fields.  Besides the file given to :func:`load_settings`, the only files read here
+are the three tables and match lists of the front end (:mod:`.service`); the plan's
+tables are opened by the policy layer.
 
 - :mod:`.maincf` -- logical lines, ``name = value``, :func:`split_list` (Postfix
   ``readlline.c``, ``split_nameval.c``, ``mystrtok.c``).
@@ -13,6 +15,9 @@ the standard library and :mod:`smtpgate.errors`; table specifications stay strin
 - :mod:`.params` -- :data:`PARAMETERS` (what smtpgate supports, with Postfix's defaults)
   and the Postfix 3.7 parameter list.
 - :mod:`.settings` -- :class:`Settings`, :func:`parse_settings`, :func:`load_settings`.
+- :mod:`.service` -- :class:`~.service.ServiceConfig`: what the SMTP front end, the server,
+  the supervisor, the mail log and the DNS resolver use.
+- :mod:`.policyconf` -- :class:`~.policyconf.PolicyConfig`: the plan compiler's input.
 """
 
 from smtpgate.config.diagnostics import Diagnostic, Location

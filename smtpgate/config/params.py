@@ -302,6 +302,12 @@ _SPECS = [
         "code",
         "Reply code for a local recipient that no table lists.",
     ),
+    _p(
+        "multi_recipient_bounce_reject_code",
+        "550",
+        "code",
+        "Reply code for reject_multi_recipient_bounce.",
+    ),
     _p("plaintext_reject_code", "450", "code", "Reply code for restrictions that require TLS."),
     _p(
         "smtpd_peername_lookup",

@@ -267,7 +267,7 @@ class Settings:
             "bool": self.as_bool,
             "int": self.as_int,
             "size": self.as_int,
-            "code": self._as_code,
+            "code": self.as_code,
             "time": self.as_time,
         }
         for name, spec in PARAMETERS.items():
@@ -368,7 +368,8 @@ class Settings:
             raise self._bad(name, "numerical", "use a whole number")
         return int(text)
 
-    def _as_code(self, name: str) -> int:
+    def as_code(self, name: str) -> int:
+        """An SMTP reply code, 4xx or 5xx."""
         code = self.as_int(name)
         if not 400 <= code <= 599:
             raise self._bad(name, "reply code", "use a 4xx or 5xx SMTP code")

@@ -355,7 +355,8 @@ def _act_reject(c: Checker, a: object, table: str, datum: str, name: str, klass:
     assert hasattr(a, "text") and hasattr(a, "verb")
     is_reject = a.verb == "REJECT"
     dsn, text = dsn_split("5.7.1" if is_reject else "4.7.1", a.text)
-    code = c.plan.codes["access_map_reject_code" if is_reject else "access_map_defer_code"]
+    codes = c.plan.codes
+    code = codes.access_map_reject_code if is_reject else codes.access_map_defer_code
     return c.reject(
         ErrorClass.POLICY,
         code,
@@ -387,7 +388,7 @@ def _act_defer_if(c: Checker, a: object, table: str, datum: str, name: str, klas
     dsn, text = dsn_split("4.7.1", a.text)
     args = (
         ErrorClass.POLICY,
-        c.plan.codes["access_map_defer_code"],
+        c.plan.codes.access_map_defer_code,
         smtpd_dsn_fix(dsn, klass),
         f"<{name}>: {klass} rejected: {text or 'Service unavailable'}",
     )

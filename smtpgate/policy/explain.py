@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from smtpgate.config.service import ServiceConfig
 from smtpgate.policy.model import ClientInfo, Decision, LogRecord, Stage, Step
 from smtpgate.policy.peer import lookup_client
 from smtpgate.policy.plan import Plan
@@ -56,6 +57,7 @@ async def run_dialogue(
     plan: Plan,
     client: ClientInfo,
     *,
+    config: ServiceConfig,
     helo: str | None,
     sender: str,
     recipients: Sequence[str],
@@ -71,7 +73,9 @@ async def run_dialogue(
     the trail); without one, every lookup is a temporary failure.  With
     ``lookup_client_name`` the client's name is found as ``serve`` finds it at connect
     (PTR, then A/AAAA), and those lookups open the trail.  ``trace=False`` leaves the
-    trail out, as ``serve`` does (same replies and log lines, no steps).
+    trail out, as ``serve`` does (same replies and log lines, no steps).  ``config`` is
+    the front end's configuration, from the same load as ``plan`` (the banner,
+    smtpd_peername_lookup).
     """
     peer_steps: list[Step] = []
     peer_logs: list[LogRecord] = []
@@ -80,7 +84,7 @@ async def run_dialogue(
             resolver,
             client.address,
             client.port,
-            peername_lookup=bool(plan.settings.as_bool("smtpd_peername_lookup")),
+            peername_lookup=config.peername_lookup,
         )
         client, peer_steps, peer_logs = found.client, found.steps, found.logs
     session = PolicySession(plan, client, resolver, trace=trace)
@@ -88,7 +92,7 @@ async def run_dialogue(
     greeting = await session.connect()
     greeting.steps[:0] = peer_steps
     greeting.logs[:0] = peer_logs
-    banner = Reply(220, "", plan.settings.get("smtpd_banner") or plan.myhostname)
+    banner = Reply(220, "", config.banner or plan.myhostname)
     exchanges.append(Exchange(GREETING, greeting.reply or banner, greeting))
     if exchanges[0].reply.disconnect:
         return exchanges

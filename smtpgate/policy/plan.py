@@ -1,9 +1,11 @@
 """Compile settings into a Plan: every name resolved and every table opened, once.
 
-``build_plan`` is the single load step that ``check``, ``explain``, ``serve`` and the
-reload share.  It returns the plan and all diagnostics at once (errors and warnings,
-each naming file and line); :func:`compile_plan` raises when there is an error.  A plan
-is immutable: a reload builds a new one and swaps it in.
+``build_plan`` is the policy half of the one load (:mod:`smtpgate.generation`) that
+``check``, ``explain``, ``serve`` and the reload share.  Its input is the typed
+:class:`~smtpgate.config.policyconf.PolicyConfig`; the Settings only say where a value was
+set.  It returns the plan and all diagnostics at once (errors and warnings, each naming
+file and line); :func:`compile_plan` raises when there is an error.  A plan is
+immutable: a reload builds a new one, in a new generation.
 
 Restriction lists compile to :class:`Compiled` items.  A table argument is opened
 here, so a missing file stops startup instead of failing at the first RCPT.  Restriction
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from smtpgate.config import Diagnostic, Location, Settings
+from smtpgate.config.policyconf import STAGE_PARAMETERS, PolicyConfig, ReplyCodes, policy_config
 from smtpgate.errors import ConfigError, SmtpgateError
 from smtpgate.policy import restrictions as _restrictions  # noqa: F401  (fills the registry)
 from smtpgate.policy.actions import lint_action
@@ -27,16 +30,6 @@ from smtpgate.policy.address import Resolver
 from smtpgate.policy.dnsbl import ZoneError, parse_zone, unescape
 from smtpgate.policy.registry import RestrictionSpec, lookup
 from smtpgate.tables import AddressList, DomainList, Maps, SurrogateTable, Table, open_table
-
-STAGE_PARAMETERS = (
-    "smtpd_client_restrictions",
-    "smtpd_helo_restrictions",
-    "smtpd_sender_restrictions",
-    "smtpd_relay_restrictions",
-    "smtpd_recipient_restrictions",
-    "smtpd_data_restrictions",
-    "smtpd_end_of_data_restrictions",
-)
 
 # The access restriction a bare "type:table" stands for in each list (Postfix def_acl).
 DEFAULT_ACL = {
@@ -55,24 +48,6 @@ REQUIRED_FOR_RELAY = (
     "defer_if_permit",
 )
 
-CODE_PARAMETERS = {
-    "access_map_reject_code": 554,
-    "access_map_defer_code": 450,
-    "reject_code": 554,
-    "defer_code": 450,
-    "relay_domains_reject_code": 554,
-    "unknown_relay_recipient_reject_code": 550,
-    "unknown_local_recipient_reject_code": 550,
-    "non_fqdn_reject_code": 504,
-    "invalid_hostname_reject_code": 501,
-    "unknown_address_reject_code": 450,
-    "unknown_client_reject_code": 450,
-    "unknown_hostname_reject_code": 450,
-    "multi_recipient_bounce_reject_code": 550,
-    "maps_rbl_reject_code": 554,
-}
-
-TEMPFAIL_ACTIONS = ("defer", "defer_if_permit")
 DEFAULT_RBL_REPLY = (
     "$rbl_code Service unavailable; $rbl_class [$rbl_what] blocked using "
     "$rbl_domain${rbl_reason?; $rbl_reason}"
@@ -111,7 +86,6 @@ class DnsPolicy:
 class Plan:
     """Everything the engine needs, validated; shared by every session."""
 
-    settings: Settings
     myhostname: str
     lists: dict[str, tuple[Compiled, ...]]
     classes: dict[str, tuple[Compiled, ...]]
@@ -122,7 +96,7 @@ class Plan:
     local_recipient_maps: Maps | None
     show_unknown_table_name: bool
     resolver: Resolver
-    codes: dict[str, int]
+    codes: ReplyCodes
     parent_style: bool
     recipient_delimiter: str
     null_access_lookup_key: str
@@ -188,9 +162,8 @@ class _Builder:
             self.warning(f"{spec}: {warning}", None)
         return table
 
-    def maps(self, parameter: str) -> Maps | None:
+    def maps(self, parameter: str, specs: Sequence[str]) -> Maps | None:
         """The tables a parameter lists, as one ordered search; None when it lists none."""
-        specs = self.settings.as_list(parameter)
         if not specs:
             return None
         tables = [t for t in (self.open(spec, parameter) for spec in specs) if t is not None]
@@ -277,55 +250,14 @@ class _Builder:
         return Compiled(token, token, error=f'unknown smtpd restriction: "{token}"')
 
 
-def _tokens(value: str) -> list[str]:
-    from smtpgate.config import split_list
-
-    return split_list(value)
-
-
-def _bool(settings: Settings, name: str, default: bool) -> bool:
-    try:
-        return settings.as_bool(name)
-    except KeyError:
-        return default
-
-
-def _codes(settings: Settings, b: _Builder) -> dict[str, int]:
-    codes: dict[str, int] = {}
-    for name, default in CODE_PARAMETERS.items():
-        raw = settings.get(name)
-        if raw is None:
-            codes[name] = default
-            continue
-        if not raw.strip().isdigit() or not 400 <= int(raw) <= 599:
-            b.error(f"{name}: bad reply code: {raw!r} (expected 4xx or 5xx)", b.where(name))
-            codes[name] = default
-        else:
-            codes[name] = int(raw)
-    return codes
-
-
-def _tempfail_action(settings: Settings, b: _Builder, name: str, extra: tuple[str, ...]) -> str:
-    value = (settings.get(name) or "defer_if_permit").strip().lower()
-    allowed = TEMPFAIL_ACTIONS + extra
-    if value not in allowed:
-        b.error(f"{name}: bad value {value!r} (expected {' or '.join(allowed)})", b.where(name))
-        return "defer_if_permit"
-    return value
-
-
-def _dns_policy(settings: Settings, b: _Builder) -> DnsPolicy:
+def _dns_policy(config: PolicyConfig, b: _Builder) -> DnsPolicy:
     return DnsPolicy(
-        default_rbl_reply=settings.get("default_rbl_reply") or DEFAULT_RBL_REPLY,
-        rbl_reply_maps=b.maps("rbl_reply_maps"),
-        expansion_filter=unescape(settings.get("smtpd_expansion_filter") or ""),
-        unknown_address_tempfail_action=_tempfail_action(
-            settings, b, "unknown_address_tempfail_action", ()
-        ),
-        unknown_helo_hostname_tempfail_action=_tempfail_action(
-            settings, b, "unknown_helo_hostname_tempfail_action", ()
-        ),
-        rbl_tempfail_action=_tempfail_action(settings, b, "rbl_tempfail_action", ("dunno",)),
+        default_rbl_reply=config.default_rbl_reply or DEFAULT_RBL_REPLY,
+        rbl_reply_maps=b.maps("rbl_reply_maps", config.rbl_reply_maps),
+        expansion_filter=unescape(config.expansion_filter),
+        unknown_address_tempfail_action=config.unknown_address_tempfail_action,
+        unknown_helo_hostname_tempfail_action=config.unknown_helo_hostname_tempfail_action,
+        rbl_tempfail_action=config.rbl_tempfail_action,
     )
 
 
@@ -334,43 +266,47 @@ def build_plan(
 ) -> tuple[Plan | None, list[Diagnostic]]:
     """Compile ``settings``; the plan is None when any diagnostic is an error.
 
+    The values come typed from :func:`~smtpgate.config.policyconf.policy_config`; the
+    settings themselves only say where each parameter was set (for the diagnostics) and
+    whether a name is set at all (the hint for an unlisted class).
+
     With ``strict_tables`` (``check``), a table that cannot be opened is an error.
-    Without (``serve``, ``explain``), it is a warning and the table is replaced by a
-    surrogate whose every lookup answers ``451 4.3.5``, as Postfix's daemons do.
+    Without (``serve``, its reload, ``explain``), it is a warning and the table is
+    replaced by a surrogate whose every lookup answers ``451 4.3.5``, as Postfix's
+    daemons do.
     """
+    config, diagnostics = policy_config(settings)
     b = _Builder(settings, strict_tables)
-    b.class_names = settings.as_list("smtpd_restriction_classes")
+    b.diagnostics.extend(diagnostics)
+    b.class_names = list(config.restriction_classes)
     for name in b.class_names:
-        if not settings.get(name, ""):
+        if not config.class_definitions[name]:
             b.error(
                 f"restriction class `{name}' needs a definition",
                 b.where("smtpd_restriction_classes"),
             )
-    lists = {p: b.compile_list(p, settings.as_list(p)) for p in STAGE_PARAMETERS}
-    classes = {
-        name: b.compile_list(name, _tokens(settings.get(name, "") or "")) for name in b.class_names
-    }
+    lists = {p: b.compile_list(p, config.restriction_lists[p]) for p in STAGE_PARAMETERS}
+    classes = {name: b.compile_list(name, config.class_definitions[name]) for name in b.class_names}
     _check_cycles(b, classes)
     _check_required(b, lists, classes)
     _lint_relay_order(b, lists)
-    parent = "smtpd_access_maps" in settings.as_list("parent_domain_matches_subdomains")
-    pdms = settings.as_list("parent_domain_matches_subdomains")
+    pdms = config.parent_domain_matches_subdomains
     try:
         mynetworks = AddressList.parse(
-            settings.as_list("mynetworks"),
+            config.mynetworks,
             base_dir=settings.config_directory,
             title="mynetworks",
             location=b.loc_tuple("mynetworks"),
         )
         relay_domains = DomainList.parse(
-            settings.as_list("relay_domains"),
+            config.relay_domains,
             base_dir=settings.config_directory,
             parent_matches_subdomains="relay_domains" in pdms,
             title="relay_domains",
             location=b.loc_tuple("relay_domains"),
         )
         mydestination = DomainList.parse(
-            settings.as_list("mydestination"),
+            config.mydestination,
             base_dir=settings.config_directory,
             parent_matches_subdomains="mydestination" in pdms,
             title="mydestination",
@@ -379,23 +315,21 @@ def build_plan(
     except SmtpgateError as exc:
         b.error(str(exc), None)
         return None, b.diagnostics
-    relay_recipient_maps = b.maps("relay_recipient_maps")
-    local_recipient_maps = b.maps("local_recipient_maps")
-    codes = _codes(settings, b)
-    dns = _dns_policy(settings, b)
+    relay_recipient_maps = b.maps("relay_recipient_maps", config.relay_recipient_maps)
+    local_recipient_maps = b.maps("local_recipient_maps", config.local_recipient_maps)
+    dns = _dns_policy(config, b)
     _lint_tables(b, classes)
     if any(d.severity == "error" for d in b.diagnostics):
         return None, b.diagnostics
     resolver = Resolver(
-        myorigin=settings["myorigin"],
+        myorigin=config.myorigin,
         is_local_domain=mydestination.match,
         is_relay_domain=relay_domains.match,
-        allow_percent_hack=_bool(settings, "allow_percent_hack", True),
-        swap_bangpath=_bool(settings, "swap_bangpath", True),
+        allow_percent_hack=config.allow_percent_hack,
+        swap_bangpath=config.swap_bangpath,
     )
     plan = Plan(
-        settings=settings,
-        myhostname=settings["myhostname"],
+        myhostname=config.myhostname,
         lists=lists,
         classes=classes,
         mynetworks=mynetworks,
@@ -403,19 +337,19 @@ def build_plan(
         mydestination=mydestination,
         relay_recipient_maps=relay_recipient_maps,
         local_recipient_maps=local_recipient_maps,
-        show_unknown_table_name=_bool(settings, "show_user_unknown_table_name", True),
+        show_unknown_table_name=config.show_unknown_table_name,
         resolver=resolver,
-        codes=codes,
-        parent_style=parent,
-        recipient_delimiter=settings.get("recipient_delimiter", "") or "",
-        null_access_lookup_key=settings.get("smtpd_null_access_lookup_key", "<>") or "<>",
-        delay_reject=_bool(settings, "smtpd_delay_reject", True),
-        helo_required=_bool(settings, "smtpd_helo_required", False),
-        soft_bounce=_bool(settings, "soft_bounce", False),
-        relay_before_recipient=_bool(settings, "smtpd_relay_before_recipient_restrictions", True),
-        reject_unlisted_sender=_bool(settings, "smtpd_reject_unlisted_sender", False),
-        reject_unlisted_recipient=_bool(settings, "smtpd_reject_unlisted_recipient", True),
-        allow_untrusted_routing=_bool(settings, "allow_untrusted_routing", False),
+        codes=config.codes,
+        parent_style="smtpd_access_maps" in pdms,
+        recipient_delimiter=config.recipient_delimiter,
+        null_access_lookup_key=config.null_access_lookup_key,
+        delay_reject=config.delay_reject,
+        helo_required=config.helo_required,
+        soft_bounce=config.soft_bounce,
+        relay_before_recipient=config.relay_before_recipient,
+        reject_unlisted_sender=config.reject_unlisted_sender,
+        reject_unlisted_recipient=config.reject_unlisted_recipient,
+        allow_untrusted_routing=config.allow_untrusted_routing,
         dns=dns,
     )
     return plan, b.diagnostics

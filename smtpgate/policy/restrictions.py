@@ -70,7 +70,7 @@ def permit(ctx: Ctx, arg: None, reply_name: str, reply_class: str) -> Status:
 def reject(ctx: Ctx, arg: None, reply_name: str, reply_class: str) -> Status:
     return ctx.reject(
         ErrorClass.POLICY,
-        ctx.plan.codes["reject_code"],
+        ctx.plan.codes.reject_code,
         "5.7.1",
         f"<{reply_name}>: {reply_class} rejected: Access denied",
     )
@@ -80,7 +80,7 @@ def reject(ctx: Ctx, arg: None, reply_name: str, reply_class: str) -> Status:
 def defer(ctx: Ctx, arg: None, reply_name: str, reply_class: str) -> Status:
     return ctx.reject(
         ErrorClass.POLICY,
-        ctx.plan.codes["defer_code"],
+        ctx.plan.codes.defer_code,
         "4.3.2",
         f"<{reply_name}>: {reply_class} rejected: Try again later",
     )
@@ -90,7 +90,7 @@ def defer(ctx: Ctx, arg: None, reply_name: str, reply_class: str) -> Status:
 def defer_if_permit(ctx: Ctx, arg: None, reply_name: str, reply_class: str) -> Status:
     ctx.defer_if_permit(
         ErrorClass.POLICY,
-        ctx.plan.codes["defer_code"],
+        ctx.plan.codes.defer_code,
         "4.7.0",
         f"<{reply_name}>: {reply_class} rejected: defer_if_permit requested",
     )
@@ -101,7 +101,7 @@ def defer_if_permit(ctx: Ctx, arg: None, reply_name: str, reply_class: str) -> S
 def defer_if_reject(ctx: Ctx, arg: None, reply_name: str, reply_class: str) -> Status:
     ctx.defer_if_reject(
         ErrorClass.POLICY,
-        ctx.plan.codes["defer_code"],
+        ctx.plan.codes.defer_code,
         "4.7.0",
         f"<{reply_name}>: {reply_class} rejected: defer_if_reject requested",
     )
@@ -174,7 +174,7 @@ def _reject_invalid_hostaddr(ctx: Ctx, addr: str, reply_name: str, reply_class: 
         return DUNNO
     return ctx.reject(
         ErrorClass.POLICY,
-        ctx.plan.codes["invalid_hostname_reject_code"],
+        ctx.plan.codes.invalid_hostname_reject_code,
         "5.5.2",
         f"<{reply_name}>: {reply_class} rejected: invalid ip address",
     )
@@ -192,7 +192,7 @@ def reject_invalid_helo_hostname(ctx: Ctx, arg: None, reply_name: str, reply_cla
         return DUNNO
     return ctx.reject(
         ErrorClass.POLICY,
-        ctx.plan.codes["invalid_hostname_reject_code"],
+        ctx.plan.codes.invalid_hostname_reject_code,
         "5.5.2",
         f"<{helo}>: {HELO} rejected: Invalid name",
     )
@@ -210,7 +210,7 @@ def reject_non_fqdn_helo_hostname(ctx: Ctx, arg: None, reply_name: str, reply_cl
         return DUNNO
     return ctx.reject(
         ErrorClass.POLICY,
-        ctx.plan.codes["non_fqdn_reject_code"],
+        ctx.plan.codes.non_fqdn_reject_code,
         "5.5.2",
         f"<{helo}>: {HELO} rejected: need fully-qualified hostname",
     )
@@ -260,7 +260,7 @@ def _reject_non_fqdn_address(ctx: Ctx, addr: str, reply_class: str) -> Status:
         return DUNNO
     return ctx.reject(
         ErrorClass.POLICY,
-        ctx.plan.codes["non_fqdn_reject_code"],
+        ctx.plan.codes.non_fqdn_reject_code,
         "4.5.2",
         f"<{addr}>: {reply_class} rejected: need fully-qualified address",
     )
@@ -320,9 +320,12 @@ def check_rcpt_maps(ctx: Ctx, addr: str, reply_class: str) -> Status:
                 return DUNNO
     except TableLookupError:
         return ctx.lookup_failed(addr)
-    code = plan.codes[
-        "unknown_local_recipient_reject_code" if local else "unknown_relay_recipient_reject_code"
-    ]
+    codes = plan.codes
+    code = (
+        codes.unknown_local_recipient_reject_code
+        if local
+        else codes.unknown_relay_recipient_reject_code
+    )
     where = f" in {title}" if plan.show_unknown_table_name else ""
     return ctx.reject(
         ErrorClass.BOUNCE,
@@ -387,12 +390,12 @@ def _unauth_destination(ctx: Ctx, code: int, dsn: str) -> Status:
 
 @restriction("reject_unauth_destination")
 def reject_unauth_destination(ctx: Ctx, arg: None, reply_name: str, reply_class: str) -> Status:
-    return _unauth_destination(ctx, ctx.plan.codes["relay_domains_reject_code"], "5.7.1")
+    return _unauth_destination(ctx, ctx.plan.codes.relay_domains_reject_code, "5.7.1")
 
 
 @restriction("defer_unauth_destination")
 def defer_unauth_destination(ctx: Ctx, arg: None, reply_name: str, reply_class: str) -> Status:
-    return _unauth_destination(ctx, ctx.plan.codes["relay_domains_reject_code"] - 100, "4.7.1")
+    return _unauth_destination(ctx, ctx.plan.codes.relay_domains_reject_code - 100, "4.7.1")
 
 
 @restriction("reject_multi_recipient_bounce")
@@ -402,7 +405,7 @@ def reject_multi_recipient_bounce(ctx: Ctx, arg: None, reply_name: str, reply_cl
     if st.sender == "" and st.rcpt_count > limit:
         return ctx.reject(
             ErrorClass.POLICY,
-            ctx.plan.codes["multi_recipient_bounce_reject_code"],
+            ctx.plan.codes.multi_recipient_bounce_reject_code,
             "5.5.3",
             f"<{reply_name}>: {reply_class} rejected: Multi-recipient bounce",
         )
@@ -492,7 +495,7 @@ def reject_unknown_client_hostname(
     client = ctx.state.client
     if client.name_status == "ok":
         return DUNNO
-    code = 450 if client.name_status == "temp" else ctx.plan.codes["unknown_client_reject_code"]
+    code = 450 if client.name_status == "temp" else ctx.plan.codes.unknown_client_reject_code
     return ctx.reject(
         ErrorClass.POLICY,
         code,
@@ -511,7 +514,7 @@ def reject_unknown_reverse_client_hostname(
     perm = client.reverse_name_status != "temp"
     return ctx.reject(
         ErrorClass.POLICY,
-        ctx.plan.codes["unknown_client_reject_code"] if perm else 450,
+        ctx.plan.codes.unknown_client_reject_code if perm else 450,
         "4.7.1",
         f"Client host rejected: cannot find your reverse hostname, [{client.address}]",
     )
@@ -528,7 +531,7 @@ async def _reject_unknown_hostname(ctx: Ctx, name: str, reply_name: str, klass: 
         why = "Malformed DNS server reply" if status is _Dns.INVAL else "Host not found"
         return ctx.reject(
             ErrorClass.POLICY,
-            ctx.plan.codes["unknown_hostname_reject_code"],
+            ctx.plan.codes.unknown_hostname_reject_code,
             "4.7.1",
             f"<{reply_name}>: {klass} rejected: {why}",
         )
@@ -572,7 +575,7 @@ async def _reject_unknown_mailhost(ctx: Ctx, name: str, reply_name: str, klass: 
         why = "Malformed DNS server reply" if status is _Dns.INVAL else "Domain not found"
         return ctx.reject(
             ErrorClass.POLICY,
-            ctx.plan.codes["unknown_address_reject_code"],
+            ctx.plan.codes.unknown_address_reject_code,
             dsn,
             f"<{reply_name}>: {klass} rejected: {why}",
         )
@@ -691,7 +694,7 @@ def _rbl_macros(ctx: Ctx, zone: Zone, what: str, reply_class: str, txt: str) -> 
     st = ctx.state
     client = st.client
     return {
-        "rbl_code": str(ctx.plan.codes["maps_rbl_reject_code"]),
+        "rbl_code": str(ctx.plan.codes.maps_rbl_reject_code),
         "rbl_domain": zone.domain,
         "rbl_reason": txt,
         "rbl_txt": txt,

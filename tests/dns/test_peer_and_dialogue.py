@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 
+from smtpgate.config import parse_settings
+from smtpgate.config.service import ServiceConfig
 from smtpgate.policy.dnsbl import (
     TemplateError,
     ZoneError,
@@ -21,6 +23,7 @@ from smtpgate.policy.explain import run_dialogue
 from smtpgate.policy.model import ClientInfo
 from smtpgate.policy.peer import lookup_client
 from smtpgate.resolver import DnsPythonResolver
+from tests.dns.conftest import BASE
 from tests.dns.dnsserver import FakeDns
 
 # -- lookup_client ----------------------------------------------------------------------
@@ -185,6 +188,12 @@ MAIN_CF = (
 )
 
 
+def _service() -> ServiceConfig:
+    """The front end's configuration of the dialogues: Postfix's defaults."""
+    settings, _ = parse_settings(BASE, "main.cf", hostname="mx.example.org")
+    return ServiceConfig.from_settings(settings)
+
+
 async def test_dialogue_rbl_reject_lines(
     dns_server: FakeDns, resolver: DnsPythonResolver, make_plan: Any
 ) -> None:
@@ -195,6 +204,7 @@ async def test_dialogue_rbl_reject_lines(
     exchanges = await run_dialogue(
         make_plan(MAIN_CF),
         ClientInfo("192.0.2.10"),
+        config=_service(),
         helo="mail.sender.test",
         sender="alice@sender.test",
         recipients=["bob@example.org"],
@@ -228,6 +238,7 @@ async def test_dialogue_unlisted_and_outage(dns_server: FakeDns, make_plan: Any)
         "recipients": ["bob@example.org"],
         "resolver": resolver,
         "lookup_client_name": True,
+        "config": _service(),
     }
     passed = await run_dialogue(plan, ClientInfo("192.0.2.11"), **kwargs)
     assert passed[-1].reply.lines() == ["250 2.1.5 Ok"]

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from smtpgate.config import parse_settings
+from smtpgate.config.service import ServiceConfig
 from smtpgate.errors import ConfigError
 from smtpgate.policy.ports import DnsStatus
 from smtpgate.resolver import (
@@ -15,7 +16,7 @@ from smtpgate.resolver import (
     mx_hosts,
     mx_targets,
     parse_dns_servers,
-    resolver_from_settings,
+    resolver_from_config,
 )
 from tests.dns.dnsserver import FakeDns
 
@@ -141,19 +142,20 @@ def test_parse_dns_servers() -> None:
             parse_dns_servers([bad])
 
 
-def test_resolver_from_settings() -> None:
+def test_resolver_from_config() -> None:
     text = "dns_servers = 127.0.0.1:5353\ndns_timeout = 2s\ndns_tries = 3\n"
     settings, _ = parse_settings(text, "main.cf", hostname="mx.example.org")
-    resolver = resolver_from_settings(settings)
+    config = ServiceConfig.from_settings(settings)
+    resolver = resolver_from_config(config)
     assert (resolver.servers, resolver.timeout, resolver.tries) == (
         ["Do53:127.0.0.1@5353"],
         2.0,
         3,
     )
-    override = resolver_from_settings(settings, ["[::1]:53"])
+    override = resolver_from_config(config, ["[::1]:53"])
     assert override.servers == ["Do53:::1@53"]
     with pytest.raises(ConfigError, match="dns_servers"):
-        resolver_from_settings(settings, ["not-an-ip"])
+        resolver_from_config(config, ["not-an-ip"])
 
 
 # -- relayhost MX lookup ----------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from smtpgate.config import parse_settings
+from smtpgate.config.service import ServiceConfig
 from smtpgate.policy.explain import GREETING, Exchange, run_dialogue
 from smtpgate.policy.model import ClientInfo
 from smtpgate.policy.plan import build_plan
@@ -57,7 +58,9 @@ def _plan(config: dict[str, Any], tmp_path: Path) -> Any:
         (tmp_path / name).write_text(text)
     text = config["main_cf"].replace("@DIR@", str(tmp_path))
     settings, _ = parse_settings(text, str(tmp_path / "main.cf"), hostname="mx.example.org")
-    return build_plan(settings, strict_tables=False)
+    plan, diagnostics = build_plan(settings, strict_tables=False)
+    service = ServiceConfig.from_settings(settings) if plan is not None else None
+    return plan, service, diagnostics
 
 
 def _action_logs(lines: list[str]) -> list[str]:
@@ -70,7 +73,7 @@ def _action_logs(lines: list[str]) -> list[str]:
 
 @pytest.mark.parametrize(("config", "case"), _sessions())
 def test_session_matches_postfix(config: dict[str, Any], case: dict[str, Any], tmp_path: Path):
-    plan, diagnostics = _plan(config, tmp_path)
+    plan, service, diagnostics = _plan(config, tmp_path)
     assert plan is not None, [str(d) for d in diagnostics]
     if case["mail_from"] is None:
         pytest.fail("the reference has a session without MAIL; explain always sends MAIL")
@@ -80,6 +83,7 @@ def test_session_matches_postfix(config: dict[str, Any], case: dict[str, Any], t
             run_dialogue(
                 plan,
                 ClientInfo(address=case["client"]),
+                config=service,
                 helo=case["helo"],
                 sender=case["mail_from"],
                 recipients=case["rcpts"],
@@ -118,7 +122,7 @@ def test_session_matches_postfix(config: dict[str, Any], case: dict[str, Any], t
 @pytest.mark.parametrize("name", sorted(DELIBERATE))
 def test_deliberate_differences(name: str, tmp_path: Path):
     config = next(c for c in CONFIGS if c["config"] == name)
-    plan, diagnostics = _plan(config, tmp_path)
+    plan, service, diagnostics = _plan(config, tmp_path)
     assert plan is None
     assert any("unknown restriction" in str(d) for d in diagnostics)
 
@@ -129,6 +133,6 @@ def test_configs_postfix_refuses_are_refused(tmp_path: Path):
     for config in refused:
         sub = tmp_path / config["config"]
         sub.mkdir()
-        plan, diagnostics = _plan(config, sub)
+        plan, _, diagnostics = _plan(config, sub)
         assert plan is None, config["config"]
         assert any(d.severity == "error" for d in diagnostics)

@@ -30,8 +30,8 @@ from typing import Any
 import pytest
 
 from smtpgate.config import parse_settings
+from smtpgate.generation import Generation
 from smtpgate.logs import MailLog
-from smtpgate.policy.plan import compile_plan
 from smtpgate.server import Server
 from tests.serve.backend import ConnectionRecord, RecordingBackend
 from tests.serve.client import LineClient
@@ -198,9 +198,10 @@ async def _in_process_gate(
     settings, _ = parse_settings(
         text, str(tmp_path / "main.cf"), overrides, hostname="mx.example.org"
     )
-    plan, _ = compile_plan(settings, strict_tables=False)
     log = io.StringIO()
-    server = Server(settings, plan, MailLog("mx.example.org", "postfix", stream=log))
+    server = Server(
+        Generation.from_settings(settings), MailLog("mx.example.org", "postfix", stream=log)
+    )
     await server.start()
     gate = InProcessGate(server, log)
     try:

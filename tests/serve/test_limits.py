@@ -4,7 +4,7 @@ Each test checks the reply text (Postfix's, read off smtpd.c and a real Postfix 
 tests/differential/test_sessions_vs_postfix.py runs the ``limits/`` scripts against both),
 whether the connection closed, the log lines (the ``disconnect from`` counters above all),
 and that a normal message still goes through afterwards. Time limits below one second are
-set on the running server's GateConfig (main.cf times are whole seconds); every wait is
+set on the running server's ServiceConfig (main.cf times are whole seconds); every wait is
 bounded, and no sleep stands in for synchronisation.
 """
 
@@ -44,7 +44,7 @@ BOUND = 5.0  # seconds: the longest any single wait in these tests may take
 READS_ANVIL = "reads the anvil's counters (gate.server.shared.anvil)"
 READS_BUDGET = "reads the data memory budget (gate.server.shared.budget)"
 READS_SESSIONS = "reaches into the server's session (gate.server.shared.sessions)"
-SETS_CONFIG = "sets GateConfig fields (sub-second timeouts) in the running server"
+SETS_CONFIG = "sets ServiceConfig fields (sub-second timeouts) in the running server"
 
 
 @asynccontextmanager
@@ -56,15 +56,16 @@ async def gate_with(
     workers: int = 2,
     **config: Any,
 ) -> AsyncIterator[Gate]:
-    """A gate with ``-o`` style overrides; keyword arguments replace GateConfig fields,
+    """A gate with ``-o`` style overrides; keyword arguments replace ServiceConfig fields,
     which needs the server in this process (``in_process``)."""
     in_process = in_process or (SETS_CONFIG if config else "")
     async with running_gate(
         tmp_path, MAIN_CF, backend, overrides=overrides, workers=workers, in_process=in_process
     ) as gate:
         if config:
-            shared = gate.server.shared
-            shared.config = dataclasses.replace(shared.config, **config)
+            shared = gate.server.shared  # a new generation, swapped in as one reference
+            new = dataclasses.replace(shared.generation.config, **config)
+            shared.generation = dataclasses.replace(shared.generation, config=new)
         yield gate
 
 

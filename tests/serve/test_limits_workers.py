@@ -24,9 +24,10 @@ import pytest
 
 from smtpgate.anvil import AnvilService, RemoteAnvil
 from smtpgate.config import parse_settings
+from smtpgate.config.service import ListenAddress
+from smtpgate.generation import Generation
 from smtpgate.logs import MailLog
-from smtpgate.policy.plan import compile_plan
-from smtpgate.server import ListenAddress, Server, bind_listeners
+from smtpgate.server import Server, bind_listeners
 from tests.serve.backend import RecordingBackend
 from tests.serve.client import LineClient
 
@@ -56,11 +57,12 @@ class Worker(threading.Thread):
         settings, _ = parse_settings(
             text, str(tmp_path / "main.cf"), overrides, hostname="mx.example.org"
         )
-        plan, _ = compile_plan(settings, strict_tables=False)
         self.log = io.StringIO()
         self.anvil = RemoteAnvil(sock)
         self.server = Server(
-            settings, plan, MailLog("mx.example.org", stream=self.log), anvil=self.anvil
+            Generation.from_settings(settings),
+            MailLog("mx.example.org", stream=self.log),
+            anvil=self.anvil,
         )
         self.sockets = sockets
         self.started = threading.Event()

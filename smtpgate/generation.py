@@ -1,0 +1,188 @@
+"""One load, one generation: everything ``serve`` uses, built from one read of main.cf.
+
+Theory of operation:
+
+1. :func:`load_generation` reads the file (``-o`` overrides last) and hands the
+   :class:`~smtpgate.config.Settings` to :func:`build_generation`.  ``check``, ``serve``
+   and every reload call it; ``explain`` calls its first half,
+   :func:`compile_configuration` (the plan and the typed front-end configuration: no
+   certificate, no backend).
+2. The first half converts every value once: the :class:`Plan` (restriction lists,
+   tables opened) and the :class:`ServiceConfig` (limits, banner, listeners, workers,
+   files).  The second half builds what needs files or the network later: the front end's
+   ``ssl.SSLContext`` (the key is often readable by root only: the supervisor loads it
+   before it forks the workers), the relay to the backend and the DNS resolver, with the
+   relay's MX lookup wired to that resolver.
+3. Every problem is a :class:`Diagnostic` naming file and line, collected from all the
+   steps at once (each reported once: the settings and the typed conversions find a bad
+   number alike); the generation is None when one of them is an error.
+4. A :class:`Generation` is immutable.  A reload builds the next one completely and the
+   supervisor's new workers serve it; nothing changes a generation in place.
+
+Tables: ``check`` opens them strictly (a table that cannot be read is an error); ``serve``,
+its reloads and ``explain`` replace it by a surrogate whose every lookup answers
+``451 4.3.5``, with a warning, as Postfix's daemons do.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from smtpgate.config import Diagnostic, Settings, load_settings
+from smtpgate.config.relayconf import relay_config
+from smtpgate.config.service import ServiceConfig, relay_diagnostics, service_config
+from smtpgate.errors import ConfigError
+from smtpgate.policy.plan import Plan, build_plan
+from smtpgate.policy.ports import Resolver
+from smtpgate.relay import Relay, load_cert_files
+from smtpgate.resolver import mx_hosts, resolver_from_config
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """The values of one load, before anything needs a file besides the tables."""
+
+    plan: Plan
+    config: ServiceConfig
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Everything the workers serve with, built from one (re)load of the configuration.
+
+    ``serve``'s supervisor builds it while it is root and forks the workers around it; a
+    reload builds the next one (``number`` counts them, 1 at start).
+    """
+
+    number: int
+    plan: Plan
+    config: ServiceConfig
+    tls_context: ssl.SSLContext | None
+    """The front end's STARTTLS context; None when STARTTLS is not offered."""
+    relay: Relay
+    resolver: Resolver
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, number: int = 0, strict_tables: bool = False
+    ) -> Generation:
+        """:func:`build_generation`, raising ConfigError that lists every error."""
+        generation, diagnostics = build_generation(
+            settings, number=number, strict_tables=strict_tables
+        )
+        if generation is None:
+            errors = [str(d) for d in diagnostics if d.severity == "error"]
+            raise ConfigError("\n".join(errors))
+        return generation
+
+
+def _unique(diagnostics: Iterable[Diagnostic]) -> list[Diagnostic]:
+    return list(dict.fromkeys(diagnostics))
+
+
+def _failed(diagnostics: Sequence[Diagnostic]) -> bool:
+    return any(d.severity == "error" for d in diagnostics)
+
+
+def compile_configuration(
+    settings: Settings, diagnostics: Sequence[Diagnostic] = (), *, strict_tables: bool = False
+) -> tuple[Configuration | None, list[Diagnostic]]:
+    """The plan and the typed front-end configuration; None when there is an error.
+
+    ``diagnostics`` are those of reading the settings, merged into the result.
+    """
+    plan, from_plan = build_plan(settings, strict_tables=strict_tables)
+    config, from_service = service_config(settings)
+    found = _unique([*diagnostics, *from_plan, *from_service])
+    if plan is None or config is None or _failed(found):
+        return None, found
+    return Configuration(plan, config), found
+
+
+def build_generation(
+    settings: Settings,
+    diagnostics: Sequence[Diagnostic] = (),
+    *,
+    number: int = 0,
+    strict_tables: bool = False,
+) -> tuple[Generation | None, list[Diagnostic]]:
+    """Everything serve uses, from ``settings``; None when any diagnostic is an error."""
+    compiled, found = compile_configuration(settings, diagnostics, strict_tables=strict_tables)
+    found += relay_diagnostics(settings)
+    relay = resolver = context = None
+    try:
+        relay = Relay.from_config(relay_config(settings))
+    except ConfigError as exc:
+        found.append(_located(settings, exc, "relayhost"))
+    if compiled is not None:
+        try:
+            resolver = resolver_from_config(compiled.config)
+        except ConfigError as exc:
+            found.append(_located(settings, exc, "dns_servers"))
+        try:
+            context = server_tls_context(settings, compiled.config)
+        except ConfigError as exc:
+            found.append(Diagnostic("error", str(exc), None))
+    found = _unique(found)
+    if compiled is None or relay is None or resolver is None or _failed(found):
+        return None, found
+    _wire_next_hops(relay, resolver)
+    return Generation(number, compiled.plan, compiled.config, context, relay, resolver), found
+
+
+def load_generation(
+    config_path: str, overrides: Sequence[str] = (), *, number: int = 0, strict_tables: bool = False
+) -> tuple[Generation | None, list[Diagnostic]]:
+    """Read ``config_path`` and build everything serve uses: the one load.
+
+    Raises ConfigError when the file cannot be read or parsed at all.
+    """
+    settings, diagnostics = load_settings(config_path, overrides)
+    return build_generation(settings, diagnostics, number=number, strict_tables=strict_tables)
+
+
+def load_configuration(
+    config_path: str, overrides: Sequence[str] = ()
+) -> tuple[Configuration | None, list[Diagnostic]]:
+    """The first half of :func:`load_generation` (``explain``: no certificate, no backend).
+
+    Raises ConfigError when the file cannot be read or parsed at all.
+    """
+    settings, diagnostics = load_settings(config_path, overrides)
+    return compile_configuration(settings, diagnostics)
+
+
+def server_tls_context(settings: Settings, config: ServiceConfig) -> ssl.SSLContext | None:
+    """TLS 1.2 or newer, no client certificate requested; None when STARTTLS is off.
+
+    The files are read here, once per (re)load, by the supervisor while it is still root:
+    a key that only root may read (``/etc/letsencrypt/live/*/privkey.pem``) works.
+    """
+    if not config.tls_offered:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    load_cert_files(
+        context,
+        settings,
+        ("smtpd_tls_cert_file", config.tls_cert_file),
+        ("smtpd_tls_key_file", config.tls_key_file),
+    )
+    return context
+
+
+def _wire_next_hops(relay: Relay, resolver: Resolver) -> None:
+    """Give the relay the MX lookup for an unbracketed relayhost."""
+
+    async def next_hops(host: str, port: int) -> list[tuple[str, int]]:
+        return await mx_hosts(resolver, host, port)
+
+    relay.next_hops = next_hops
+
+
+def _located(settings: Settings, exc: ConfigError, parameter: str) -> Diagnostic:
+    """An error that does not say where: where ``parameter`` is set."""
+    where = None if exc.path else settings.location(parameter)
+    return Diagnostic("error", str(exc), where)
