@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from smtpgate.errors import TableLookupError, TableUnavailableError
 from smtpgate.policy import model, restrictions  # noqa: F401  (registers restrictions)
 from smtpgate.policy.actions import dsn_split, dsn_valid, parse_action
+from smtpgate.policy.address import quote_822_local
 from smtpgate.policy.dsn import smtpd_dsn_fix
 from smtpgate.policy.model import (
     DUNNO,
@@ -96,10 +97,12 @@ class Checker:
         line = (
             f"{st.queue_id or 'NOQUEUE'}: {whatsup}: {st.where} from {st.client.namaddr}: {text};"
         )
+        # Postfix logs the addresses in external form (quote_822_local), the reply text
+        # keeps the internal one: <a b@x.org>: ...; from=<"a b"@x.org>.
         if st.sender is not None:
-            line += f" from=<{st.sender}>"
+            line += f" from=<{quote_822_local(st.sender)}>"
         if st.recipient is not None:
-            line += f" to=<{st.recipient}>"
+            line += f" to=<{quote_822_local(st.recipient)}>"
         if st.protocol:
             line += f" proto={st.protocol}"
         if st.helo_name is not None:

@@ -36,6 +36,7 @@ STAGE_PARAMETERS = (
     "smtpd_recipient_restrictions",
     "smtpd_data_restrictions",
     "smtpd_end_of_data_restrictions",
+    "smtpd_etrn_restrictions",
 )
 
 # The access restriction a bare "type:table" stands for in each list (Postfix def_acl).
@@ -45,6 +46,7 @@ DEFAULT_ACL = {
     "smtpd_sender_restrictions": "check_sender_access",
     "smtpd_relay_restrictions": "check_recipient_access",
     "smtpd_recipient_restrictions": "check_recipient_access",
+    "smtpd_etrn_restrictions": "check_etrn_access",
 }
 
 REQUIRED_FOR_RELAY = (
