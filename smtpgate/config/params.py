@@ -207,6 +207,13 @@ _SPECS = [
         "Restrictions applied after the end of the message content.",
     ),
     _p(
+        "smtpd_etrn_restrictions",
+        "",
+        "restrictions",
+        "Restrictions applied to the ETRN domain (after the client and HELO restrictions "
+        "with smtpd_delay_reject = yes).",
+    ),
+    _p(
         "smtpd_relay_before_recipient_restrictions",
         "${{$compatibility_level} <level {3.6} ? {no} : {yes}}",
         "bool",

@@ -27,6 +27,7 @@ STAGE_PARAMETERS = (
     "smtpd_recipient_restrictions",
     "smtpd_data_restrictions",
     "smtpd_end_of_data_restrictions",
+    "smtpd_etrn_restrictions",
 )
 """The restriction lists, one per SMTP stage, in the order smtpd checks them."""
 

@@ -294,31 +294,35 @@ def header_safe(text: str, neuter: bool = False) -> str:
     return (_NEUTERED if neuter else _UNPRINTABLE).sub("?", text)
 
 
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
-_NEUTERED = re.compile(r'[\x00-\x20\x7f<>()\\";@]')
-
-
-_ATOM_SPECIALS = frozenset('()<>@,;:\\".[] \t')
-
-
 def quote_822_local(address: str) -> str:
-    """An internal-form address in its external form (Postfix ``quote_822_local``).
+    """An internal-form address in Postfix's external (RFC 822) form, for log lines.
 
-    The SMTP layer keeps addresses in internal form (``a b@example`` for the client's
-    ``"a b"@example``); a local part that is not a dot-atom is quoted again for the wire,
-    the Received header and the log lines (info_log_address_format = external).
+    Postfix keeps addresses unquoted inside (``a b@x.org``) and writes the ``from=<>``
+    and ``to=<>`` fields of its smtpd log lines through ``quote_822_local()``
+    (info_log_address_format = external): a local part that is not a dot-string is put in
+    double quotes, with ``"``, ``\\`` and CR escaped by a backslash.  Observed with Postfix
+    3.7: ``"a b"@x.org``, ``"a@b"@x.org``, ``"a."@x.org`` (a trailing dot), ``"a\\"b"@x.org``;
+    ``ab@x.org`` stays as it is, and so does the null address ``""`` (logged ``<>``).
+    The reply texts keep the internal form (``<a b@x.org>: Sender address rejected``).
     """
+    if not address:
+        return address
     local, at, domain = address.rpartition("@")
     if not at:
         local, domain = address, ""
-    dot_atom = (
-        local != ""
-        and not local.startswith(".")
-        and not local.endswith(".")
-        and ".." not in local
-        and not any(c in _ATOM_SPECIALS and c != "." for c in local)
-    )
-    if dot_atom or not local:
+    if _dot_string(local):
         return address
-    quoted = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return f"{quoted}@{domain}" if at else quoted
+    quoted = "".join("\\" + ch if ch in '"\\\r' else ch for ch in local)
+    return f'"{quoted}"{at}{domain}'
+
+
+def _dot_string(local: str) -> bool:
+    """RFC 822 dot-atoms: atoms of printable non-special characters joined by single dots."""
+    if not local or local[0] == "." or local[-1] == "." or ".." in local:
+        return False
+    return not _NOT_ATOM.search(local)
+
+
+_NOT_ATOM = re.compile(r'[\x00-\x20\x7f()<>@,;:\\"\[\]]')
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
+_NEUTERED = re.compile(r'[\x00-\x20\x7f<>()\\";@]')

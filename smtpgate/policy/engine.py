@@ -30,6 +30,7 @@ from smtpgate.errors import TableLookupError, TableUnavailableError
 from smtpgate.policy import model, restrictions  # noqa: F401  (registers restrictions)
 from smtpgate.policy.actions import dsn_split, dsn_valid, parse_action
 from smtpgate.policy.dsn import smtpd_dsn_fix
+from smtpgate.policy.logline import whatsup_line
 from smtpgate.policy.model import (
     DUNNO,
     OK,
@@ -93,17 +94,17 @@ class Checker:
 
     def log_whatsup(self, whatsup: str, text: str) -> None:
         st = self.state
-        line = (
-            f"{st.queue_id or 'NOQUEUE'}: {whatsup}: {st.where} from {st.client.namaddr}: {text};"
+        line = whatsup_line(
+            queue_id=st.queue_id,
+            whatsup=whatsup,
+            where=st.where,
+            namaddr=st.client.namaddr,
+            text=text,
+            sender=st.sender,
+            recipients=() if st.recipient is None else (st.recipient,),
+            protocol=st.protocol,
+            helo=st.helo_name,
         )
-        if st.sender is not None:
-            line += f" from=<{st.sender}>"
-        if st.recipient is not None:
-            line += f" to=<{st.recipient}>"
-        if st.protocol:
-            line += f" proto={st.protocol}"
-        if st.helo_name is not None:
-            line += f" helo=<{st.helo_name}>"
         self.logs.append(LogRecord("info", line))
 
     # -- the reject path (smtpd_check_reject) --------------------------------------

@@ -24,6 +24,7 @@ class Stage(StrEnum):
     RCPT = "RCPT"
     DATA = "DATA"
     END_OF_DATA = "END-OF-MESSAGE"
+    ETRN = "ETRN"
 
 
 class Status(IntEnum):
@@ -57,6 +58,7 @@ SENDER = "Sender address"
 RECIPIENT = "Recipient address"
 DATA = "Data command"
 EOD = "End-of-data"
+ETRN = "Etrn command"
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +153,11 @@ class SessionState:
     rcpt_count: int = 0
     first_recipient: str | None = None
     input_pending: bool = False
+    illegal_pipelining: bool = False
+    """Sticky: the SMTP layer saw improper pipelining (it logged "improper command
+    pipelining after ..."); Postfix >= 2.6 reject_unauth_pipelining tests only this."""
+    etrn_name: str | None = None
+    """The ETRN domain while smtpd_etrn_restrictions run (Postfix state->etrn_name)."""
     discard: bool = False
     access_denied: Reply | None = None
     queue_id: str | None = None

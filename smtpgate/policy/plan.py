@@ -38,6 +38,7 @@ DEFAULT_ACL = {
     "smtpd_sender_restrictions": "check_sender_access",
     "smtpd_relay_restrictions": "check_recipient_access",
     "smtpd_recipient_restrictions": "check_recipient_access",
+    "smtpd_etrn_restrictions": "check_etrn_access",
 }
 
 REQUIRED_FOR_RELAY = (

@@ -44,6 +44,7 @@ from smtpgate.policy.dsn import smtpd_dsn_fix
 from smtpgate.policy.model import (
     CLIENT,
     DUNNO,
+    ETRN,
     HELO,
     OK,
     RECIPIENT,
@@ -110,8 +111,15 @@ def defer_if_reject(ctx: Ctx, arg: None, reply_name: str, reply_class: str) -> S
 
 @restriction("reject_unauth_pipelining")
 def reject_unauth_pipelining(ctx: Ctx, arg: None, reply_name: str, reply_class: str) -> Status:
+    # Postfix (since 2.6) tests a per-session flag that the SMTP layer sets when it logs
+    # "improper command pipelining after X": once set, every later use rejects (a HELO
+    # client that sent HELO and MAIL in one write is refused at its next, unpipelined,
+    # RCPT).  input_pending is the older per-command approximation, kept for an SMTP
+    # layer that does not set the flag yet; it is a subset of the flag's cases.
     st = ctx.state
-    if st.input_pending and (st.protocol.upper() != "ESMTP" or st.where == "DATA"):
+    if st.illegal_pipelining or (
+        st.input_pending and (st.protocol.upper() != "ESMTP" or st.where == "DATA")
+    ):
         return ctx.reject(
             ErrorClass.PROTOCOL,
             503,
@@ -155,6 +163,19 @@ def check_reverse_client_hostname_access(
     ctx: Ctx, table: Table, reply_name: str, reply_class: str
 ) -> Status:
     return _namadr_access(ctx, table, ctx.state.client.reverse_name, CLIENT)
+
+
+# -- ETRN ------------------------------------------------------------------------------
+
+
+@restriction("check_etrn_access", arg="table")
+def check_etrn_access(ctx: Ctx, table: Table, reply_name: str, reply_class: str) -> Status:
+    """Postfix CHECK_ETRN_ACL: the ETRN domain and its parents (check_domain_access)."""
+    domain = ctx.state.etrn_name
+    if domain is None:
+        return DUNNO
+    keys = domain_keys(domain, ctx.plan.parent_style)
+    return ctx.check_access(table, keys, domain, domain, ETRN)
 
 
 # -- HELO ------------------------------------------------------------------------------
@@ -1009,7 +1030,6 @@ known_later(_SASL, "table", "check_sasl_access")
 _CCERT = "smtpgate does not check client TLS certificates"
 known_later(_CCERT, "none", "permit_tls_clientcerts", "permit_tls_all_clientcerts")
 known_later(_CCERT, "table", "check_ccert_access")
-known_later("smtpgate does not implement ETRN", "table", "check_etrn_access")
 known_later("smtpgate has no TLS-only restriction yet", "none", "reject_plaintext_session")
 known_later(
     "smtpgate does not look up the client's forward name separately",

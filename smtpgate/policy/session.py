@@ -16,6 +16,7 @@ from smtpgate.policy.model import (
     DATA,
     DUNNO,
     EOD,
+    ETRN,
     HELO,
     RECIPIENT,
     REJECT,
@@ -75,6 +76,21 @@ class PolicySession:
             return None
         text = f"Error: access denied for {self.state.client.namaddr}"
         return Decision(stage, Reply(503, "5.7.0", text))
+
+    def access_denied(self, command: str) -> Reply | None:
+        """The reply to any command of a client refused at connect, else None.
+
+        With smtpd_delay_reject = no a client that smtpd_client_restrictions reject gets
+        the rejection instead of the 220 greeting (:meth:`connect`), and the session stays
+        open: every later command except QUIT -- HELO, EHLO, MAIL, RCPT, DATA, BDAT, RSET,
+        NOOP, VRFY, ETRN, STARTTLS, AUTH, an unknown verb -- is answered
+        ``503 5.7.0 Error: access denied for unknown[192.0.2.1]`` without a log line, and
+        counts as an error (smtpd.c: ``state->error_count++``).  QUIT gets its 221.
+        """
+        if self.state.access_denied is None or command.upper() == "QUIT":
+            return None
+        text = f"Error: access denied for {self.state.client.namaddr}"
+        return Reply(503, "5.7.0", text)
 
     async def _check_client(self, c: Checker) -> Status:
         st = self.state
@@ -146,12 +162,20 @@ class PolicySession:
             return denied
         c = self._checker(Stage.HELO)
         self.state.where = "EHLO" if esmtp else "HELO"
-        self.state.protocol = "ESMTP" if esmtp else "SMTP"
-        self.reset()
         if not self.plan.delay_reject:
+            # Postfix's helo_cmd()/ehlo_cmd() check first and change nothing on a reject:
+            # the log line has the protocol of before (proto=SMTP for a first, rejected
+            # EHLO), a transaction in progress stays, the HELO name is not kept.
             status = await self._check_helo(c, name)
             if status is REJECT:
                 return self._decision(c, Stage.HELO, status)
+        # ehlo_cmd() sets ESMTP; helo_cmd() keeps ESMTP after an EHLO ("downgrading the
+        # protocol name breaks the unauthorized pipelining test").
+        if esmtp:
+            self.state.protocol = "ESMTP"
+        elif self.state.protocol not in ("ESMTP", "SMTP"):
+            self.state.protocol = "SMTP"
+        self.reset()
         # Postfix's helo_cmd(): what is kept (for delayed restrictions, logs, headers) is the
         # name with control and special characters as "?"; an immediate check saw it as sent.
         self.state.helo_name = header_safe(name, neuter=True)
@@ -285,6 +309,42 @@ class PolicySession:
         return await self._generic_stage(
             Stage.END_OF_DATA, "smtpd_end_of_data_restrictions", "END-OF-MESSAGE", EOD
         )
+
+    async def etrn(self, domain: str) -> Decision:
+        """ETRN's restrictions (Postfix smtpd_check_etrn), after etrn_cmd()'s own checks.
+
+        The SMTP layer answers first, without calling this: ``503 Error: MAIL transaction
+        in progress`` (no enhanced code) inside a transaction, ``500 Syntax: ETRN domain``
+        without exactly one argument, ``501 Error: invalid parameter syntax`` for a domain
+        that is not a valid host name (one leading ``@`` or ``#`` is dropped first).  Then,
+        with smtpd_delay_reject = yes, the client and the HELO restrictions run (their
+        reject is the reply, logged ``NOQUEUE: reject: ETRN from ...``), then
+        smtpd_etrn_restrictions with the domain (``<example.org>: Etrn command rejected:
+        ...``).  ``decision.reply is None``: the domain passed; the caller gives the
+        queue-less answer.  No ``from=``/``to=`` in these log lines.
+        """
+        denied = self._denied(Stage.ETRN)
+        if denied:
+            return denied
+        st = self.state
+        c = self._checker(Stage.ETRN)
+        if self.plan.delay_reject:
+            if await self._check_client(c) is REJECT:
+                return self._decision(c, Stage.ETRN, REJECT)
+            if await self._check_helo(c, st.helo_name) is REJECT:
+                return self._decision(c, Stage.ETRN, REJECT)
+        st.etrn_name = domain
+        try:
+            st.defer_if_permit.active = False
+            c.note("smtpd_etrn_restrictions", domain, "evaluate")
+            items = self.plan.stage_list("smtpd_etrn_restrictions")
+            status = await c.run_list(items, domain, ETRN)
+            if status is not REJECT and st.defer_if_permit.active:
+                saved = st.defer_if_permit
+                status = c.reject(saved.error_class, saved.code, saved.dsn, saved.text)
+        finally:
+            st.etrn_name = None
+        return self._decision(c, Stage.ETRN, status)
 
     def reset(self) -> None:
         """End the mail transaction (RSET, HELO, or after the final dot)."""

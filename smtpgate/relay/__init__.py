@@ -34,8 +34,8 @@ from smtpgate.relay.wire import (
     bdat_chunks,
     frame_data,
     xforward_commands,
-    xtext,
 )
+from smtpgate.smtp.syntax import xtext
 
 __all__ = [
     "R451_PROXY",

@@ -27,6 +27,7 @@ from collections.abc import Collection, Iterator, Sequence
 
 from smtpgate.facts import ClientFacts
 from smtpgate.reply import Reply
+from smtpgate.smtp.syntax import xtext
 
 END_OF_DATA = b".\r\n"
 
@@ -45,7 +46,6 @@ _LEADING_DOT = re.compile(rb"(?m)^\.")
 _DOT_LINE = re.compile(rb"\n\.")  # a regex search beats bytes.find for a 2-byte needle
 _DSN = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")
-_XTEXT_PLAIN = re.compile(r"[!-*,-<>-~]*")  # "!".."~" without "+" and "="
 
 
 # -- the message ----------------------------------------------------------------------------
@@ -93,27 +93,6 @@ def bdat_chunks(message: bytes, chunk_size: int) -> Iterator[tuple[bytes, memory
 
 
 # -- XFORWARD -------------------------------------------------------------------------------
-
-
-def xtext(value: str, limit: int = XFORWARD_VALUE_LIMIT) -> str:
-    """RFC 3461 xtext (``+HH`` for octets outside ``!``..``~`` and for ``+``/``=``).
-
-    The result is cut at a character boundary so that it is at most *limit* octets.
-    """
-    if len(value) <= limit and _XTEXT_PLAIN.fullmatch(value):
-        return value  # the usual case: nothing to encode
-    out: list[str] = []
-    size = 0
-    for char in value:
-        piece = "".join(
-            chr(b) if 33 <= b <= 126 and b not in (43, 61) else f"+{b:02X}"
-            for b in char.encode("utf-8", "surrogateescape")
-        )
-        if size + len(piece) > limit:
-            break
-        out.append(piece)
-        size += len(piece)
-    return "".join(out)
 
 
 def _xforward_value(client: ClientFacts, attribute: str) -> str | None:

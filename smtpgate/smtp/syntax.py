@@ -63,6 +63,7 @@ _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
 _DIGITS = re.compile(r"^[0-9]+$")
 _XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-Fa-f]{2})+$")
 _NOTIFY = {"SUCCESS", "FAILURE", "DELAY"}
+_XTEXT_PLAIN = re.compile(r"[!-*,-<>-~]*")  # "!".."~" without "+" and "="
 OFF_T_MAX = 2**63 - 1  # SIZE beyond this: Postfix's "file system imposed limit"
 
 
@@ -362,3 +363,24 @@ def wire(reply: Reply) -> bytes:
     """
     lines = (_UNPRINTABLE.sub(" ", line) for line in reply.lines())
     return "".join(line + "\r\n" for line in lines).encode("utf-8", "replace")
+
+
+def xtext(value: str, limit: int = 255) -> str:
+    """RFC 3461 xtext (``+HH`` for octets outside ``!``..``~`` and for ``+``/``=``).
+
+    The result is cut at a character boundary so that it is at most *limit* octets.
+    """
+    if len(value) <= limit and _XTEXT_PLAIN.fullmatch(value):
+        return value  # the usual case: nothing to encode
+    out: list[str] = []
+    size = 0
+    for char in value:
+        piece = "".join(
+            chr(b) if 33 <= b <= 126 and b not in (43, 61) else f"+{b:02X}"
+            for b in char.encode("utf-8", "surrogateescape")
+        )
+        if size + len(piece) > limit:
+            break
+        out.append(piece)
+        size += len(piece)
+    return "".join(out)

@@ -69,6 +69,8 @@ class SessionConfig:
     main_cf: str = ""
     tables: tuple[tuple[str, str], ...] = ()
     limits: str = RELAXED
+    postfix_only: str = POSTFIX_ONLY
+    """Lines for Postfix alone; "" keeps ETRN and CHUNKING in its EHLO reply."""
 
     @property
     def main_cf_text(self) -> str:
@@ -117,6 +119,16 @@ class Script:
     steps: tuple[Step, ...]
     config: SessionConfig = PLAIN
     note: str = ""
+    logs: bool = False
+    """Compare the action log lines too (reject/discard/redirect/... and "improper
+    command pipelining"), queue ids normalised."""
+    xfail: str = ""
+    """Why today's smtpd cannot pass it yet: a strict xfail until the SMTP state machine."""
+    relayed: bytes | None = None
+    """The content the relayhost must get (after the Received: header): what Postfix's
+    smtp client sent on for the same input (docs/postfix-behaviour.md), dot-unstuffed."""
+    envelope: frozenset[str] | None = None
+    """The recipients the relayhost must get for the (single) message; empty: nothing."""
 
 
 EHLO = "EHLO client.example.net"
@@ -126,8 +138,17 @@ MESSAGE = RawStep(b"Subject: test\r\n\r\nhello\r\n.\r\n", 1)
 LONG = "NOOP " + "x" * 2995  # 3000 characters before CRLF
 
 
-def s(name: str, *steps: Step, config: SessionConfig = PLAIN, note: str = "") -> Script:
-    return Script(name, tuple(steps), config, note)
+def s(
+    name: str,
+    *steps: Step,
+    config: SessionConfig = PLAIN,
+    note: str = "",
+    logs: bool = False,
+    xfail: str = "",
+    relayed: bytes | None = None,
+    envelope: frozenset[str] | None = None,
+) -> Script:
+    return Script(name, tuple(steps), config, note, logs, xfail, relayed, envelope)
 
 
 def mail_form(name: str, line: str | bytes, *more: Step) -> Script:
@@ -569,6 +590,717 @@ SEED = [
     ),
 ]
 
+
+# --------------------------------------------------------------------------- issue 12 item 5
+# The Postfix-fidelity points of issue 12, from docs/postfix-behaviour.md. A script with
+# ``xfail`` needs the SMTP state machine (smtpgate/smtp/); the lead flips it.
+
+SM = "needs the SMTP state machine: "
+CLIENT_REJECT = "smtpd_client_restrictions = check_client_access inline:{ 127.0.0.2=REJECT }\n"
+NO_FORBID = RELAXED.replace(
+    "smtpd_forbid_unauth_pipelining = yes", "smtpd_forbid_unauth_pipelining = no"
+)
+
+DELAY_NO_CLIENT = SessionConfig("delay_no_client", "smtpd_delay_reject = no\n" + CLIENT_REJECT)
+DELAY_NO_HELO = SessionConfig(
+    "delay_no_helo",
+    "smtpd_delay_reject = no\n"
+    "smtpd_helo_restrictions = check_helo_access inline:{ bad.example=REJECT }\n",
+)
+
+DELAY_REJECT_NO = [
+    s(
+        "delay-no/connect-reject-every-command",
+        "HELO x.example",
+        EHLO,
+        MAIL,
+        RCPT,
+        "DATA",
+        "RSET",
+        "NOOP",
+        "VRFY bob@bar.org",
+        "ETRN bar.org",
+        "STARTTLS",
+        "AUTH PLAIN AGFsaWNlAHNlY3JldA==",
+        "BDAT 1 LAST",
+        "FOO",
+        "QUIT",
+        config=DELAY_NO_CLIENT,
+        logs=True,
+        xfail=SM + "503 5.7.0 access denied for every command but QUIT "
+        "(PolicySession.access_denied)",
+        note="554 instead of the 220 greeting, the session stays open",
+    ),
+    s("delay-no/connect-reject-quit", "QUIT", config=DELAY_NO_CLIENT, logs=True),
+    s(
+        "delay-no/helo-reject-then-mail",
+        "HELO bad.example",
+        MAIL,
+        RCPT,
+        "RSET",
+        config=DELAY_NO_HELO,
+        logs=True,
+    ),
+    s(
+        "delay-no/ehlo-reject-proto-smtp",
+        "EHLO bad.example",
+        MAIL,
+        RCPT,
+        config=DELAY_NO_HELO,
+        logs=True,
+    ),
+    s(
+        "delay-no/ehlo-reject-keeps-transaction",
+        EHLO,
+        MAIL,
+        "EHLO bad.example",
+        RCPT,
+        "HELO again.example",
+        RCPT,
+        config=DELAY_NO_HELO,
+        logs=True,
+        xfail=SM + "a rejected EHLO/HELO leaves the MAIL transaction as it was",
+    ),
+]
+
+#: ETRN and CHUNKING offered, as Postfix does by default (no POSTFIX_ONLY); the scripts
+#: say HELO, so the EHLO keyword list plays no part.
+ETRN_PLAIN = SessionConfig("etrn_plain", postfix_only="")
+ETRN_CLIENT_REJECT = SessionConfig("etrn_client_reject", CLIENT_REJECT, postfix_only="")
+ETRN_HELO_REQUIRED = SessionConfig(
+    "etrn_helo_required", "smtpd_helo_required = yes\n" + CLIENT_REJECT, postfix_only=""
+)
+ETRN_RESTRICTED = SessionConfig(
+    "etrn_restricted",
+    "smtpd_helo_restrictions = check_helo_access inline:{ bad.example=REJECT }\n"
+    "smtpd_etrn_restrictions = check_etrn_access inline:{ example.org=REJECT }, "
+    "check_client_access inline:{ 127.0.0.2=REJECT }\n",
+    postfix_only="",
+)
+ETRN_XFAIL = SM + "ETRN (etrn_cmd's checks, then PolicySession.etrn)"
+
+ETRN = [
+    s(
+        "etrn/syntax",
+        "HELO client.example.net",
+        "ETRN",
+        "ETRN a b",
+        "ETRN <bar.org>",
+        config=ETRN_PLAIN,
+        xfail=ETRN_XFAIL,
+    ),
+    s(
+        "etrn/not-a-fast-flush-domain",
+        "HELO client.example.net",
+        "ETRN example.org",
+        config=ETRN_PLAIN,
+        xfail=ETRN_XFAIL,
+        note="459 <example.org>: service unavailable (example.org is not in fast_flush_domains)",
+    ),
+    s(
+        "etrn/in-transaction",
+        "HELO client.example.net",
+        MAIL,
+        "ETRN example.org",
+        RCPT,
+        "ETRN example.org",
+        config=ETRN_PLAIN,
+        xfail=ETRN_XFAIL,
+    ),
+    s(
+        "etrn/client-rejected",
+        "HELO client.example.net",
+        "ETRN example.org",
+        "ETRN",
+        "ETRN <bar.org>",
+        config=ETRN_CLIENT_REJECT,
+        logs=True,
+        xfail=ETRN_XFAIL,
+    ),
+    s(
+        "etrn/client-rejected-before-helo",
+        "ETRN example.org",
+        config=ETRN_CLIENT_REJECT,
+        logs=True,
+        xfail=ETRN_XFAIL,
+    ),
+    s(
+        "etrn/helo-required",
+        "ETRN example.org",
+        "ETRN",
+        "HELO client.example.net",
+        "ETRN example.org",
+        config=ETRN_HELO_REQUIRED,
+        logs=True,
+        xfail=ETRN_XFAIL,
+    ),
+    s(
+        "etrn/restrictions",
+        "HELO client.example.net",
+        "ETRN example.org",
+        "ETRN sub.example.org",
+        "ETRN other.org",
+        config=ETRN_RESTRICTED,
+        logs=True,
+        xfail=ETRN_XFAIL,
+    ),
+    s(
+        "etrn/helo-restriction",
+        "HELO bad.example",
+        "ETRN other.org",
+        config=ETRN_RESTRICTED,
+        logs=True,
+        xfail=ETRN_XFAIL,
+    ),
+    s(
+        "etrn/delay-no-access-denied",
+        "ETRN example.org",
+        "QUIT",
+        config=DELAY_NO_CLIENT,
+        logs=True,
+        xfail=SM + "503 5.7.0 access denied for ETRN",
+    ),
+]
+
+NL_NORMALIZE = SessionConfig("bare_newline_normalize", "smtpd_forbid_bare_newline = normalize\n")
+NL_REJECT = SessionConfig("bare_newline_reject", "smtpd_forbid_bare_newline = reject\n")
+NL_TEXT = (
+    SM + "the bare <LF> reply names the host: 550 5.5.2 mx.example.org Error: bare <LF> received"
+)
+NL_CLOSE = NL_TEXT + "; after a command line that ends in a bare LF the session closes"
+
+
+def _content(
+    name: str, data: bytes, relayed: bytes | None, config: SessionConfig, **kw: object
+) -> Script:
+    return s(
+        f"bare-newline/{name}",
+        EHLO,
+        MAIL,
+        RCPT,
+        "DATA",
+        RawStep(data, 1),
+        "QUIT",
+        config=config,
+        relayed=relayed,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+BARE_NEWLINE = [
+    _content(
+        "normalize-bare-cr",
+        b"Subject: cr\r\n\r\nab\rcd\r\nend\r\n.\r\n",
+        b"Subject: cr\r\n\r\nab cd\r\nend\r\n",
+        NL_NORMALIZE,
+        xfail=SM + "a bare CR inside a line reaches the backend as a space",
+    ),
+    _content(
+        "normalize-bare-lf",
+        b"Subject: lf\r\n\r\nab\ncd\r\nend\r\n.\r\n",
+        b"Subject: lf\r\n\r\nab\r\ncd\r\nend\r\n",
+        NL_NORMALIZE,
+    ),
+    _content(
+        "normalize-dot-stuffed",
+        b"Subject: dots\r\n\r\nx\r\n..\r\n..x\r\ny\r\n.\r\n",
+        b"Subject: dots\r\n\r\nx\r\n.\r\n.x\r\ny\r\n",
+        NL_NORMALIZE,
+    ),
+    _content(
+        "normalize-lf-dot-lf",
+        b"Subject: lfdot\r\n\r\nhi\n.\nafter\r\n.\r\n",
+        b"Subject: lfdot\r\n\r\nhi\r\nafter\r\n",
+        NL_NORMALIZE,
+        xfail=SM + 'a "." line after a bare LF is dropped, not kept as "."',
+    ),
+    _content(
+        "normalize-lf-dot-crlf",
+        b"Subject: x\r\n\r\nhi\n.\r\nafter\r\n.\r\n",
+        b"Subject: x\r\n\r\nhi\r\nafter\r\n",
+        NL_NORMALIZE,
+        xfail=SM + 'LF "." CRLF neither ends DATA nor stays in the content',
+    ),
+    _content(
+        "normalize-cr-dot",
+        b"Subject: x\r\n\r\nhi\r.\r\nafter\r\n.\r\n",
+        b"Subject: x\r\n\r\nhi .\r\nafter\r\n",
+        NL_NORMALIZE,
+        xfail=SM + "a bare CR inside a line reaches the backend as a space",
+    ),
+    s("bare-newline/normalize-command", b"EHLO client.example.net\n", "NOOP", config=NL_NORMALIZE),
+    _content(
+        "reject-bare-lf",
+        b"Subject: lf\r\n\r\nab\ncd\r\nend\r\n.\r\n",
+        None,
+        NL_REJECT,
+        logs=True,
+        envelope=frozenset(),
+        xfail=NL_TEXT,
+    ),
+    _content(
+        "reject-lf-dot-lf",
+        b"Subject: lfdot\r\n\r\nhi\n.\nafter\r\n.\r\n",
+        None,
+        NL_REJECT,
+        logs=True,
+        envelope=frozenset(),
+        xfail=NL_TEXT,
+    ),
+    _content(
+        "reject-crlf-lf",
+        b"Subject: x\r\n\r\nhi\r\n\nafter\r\n.\r\n",
+        None,
+        NL_REJECT,
+        logs=True,
+        envelope=frozenset(),
+        xfail=NL_TEXT,
+    ),
+    _content(
+        "reject-bare-cr-accepted",
+        b"Subject: cr\r\n\r\nab\rcd\r\nend\r\n.\r\n",
+        b"Subject: cr\r\n\r\nab cd\r\nend\r\n",
+        NL_REJECT,
+        xfail=SM + "a bare CR inside a line reaches the backend as a space",
+    ),
+    s(
+        "bare-newline/reject-command",
+        b"EHLO client.example.net\n",
+        "NOOP",
+        config=NL_REJECT,
+        logs=True,
+        xfail=NL_CLOSE,
+    ),
+    s(
+        "bare-newline/reject-mail-command",
+        EHLO,
+        b"MAIL FROM:<a@example.net>\n",
+        "NOOP",
+        config=NL_REJECT,
+        logs=True,
+        xfail=NL_CLOSE,
+    ),
+    s(
+        "bare-newline/reject-pipelined",
+        EHLO,
+        RawStep(b"MAIL FROM:<a@example.net>\nRCPT TO:<bob@bar.org>\r\n", 2),
+        "NOOP",
+        config=NL_REJECT,
+        logs=True,
+        xfail=NL_CLOSE,
+    ),
+]
+
+PIPE = b"MAIL FROM:<a@example.net>\r\nRCPT TO:<bob@bar.org>\r\nDATA\r\n"
+UNAUTH_DATA = SessionConfig(
+    "unauth_pipelining_data",
+    "smtpd_data_restrictions = reject_unauth_pipelining\n",
+    limits=NO_FORBID,
+)
+UNAUTH_CLIENT = SessionConfig(
+    "unauth_pipelining_client",
+    "smtpd_client_restrictions = reject_unauth_pipelining\n",
+    limits=NO_FORBID,
+)
+UNAUTH_FORBID = SessionConfig(
+    "unauth_pipelining_forbid", "smtpd_data_restrictions = reject_unauth_pipelining\n"
+)
+
+UNAUTH_PIPELINING = [
+    s(
+        "unauth-pipelining/data-helo",
+        "HELO client.example.net",
+        RawStep(PIPE, 3),
+        MESSAGE,
+        config=UNAUTH_DATA,
+        xfail=SM + "the sticky SessionState.illegal_pipelining (set after MAIL, checked at DATA)",
+        logs=True,
+        note="503 5.5.0 <DATA>: Data command rejected; the content is then junk: 221 2.7.0",
+    ),
+    s(
+        "unauth-pipelining/data-helo-mail-in-one-write",
+        RawStep(b"HELO a.example\r\nMAIL FROM:<a@example.net>\r\n", 2),
+        RCPT,
+        "DATA",
+        MESSAGE,
+        config=UNAUTH_DATA,
+        logs=True,
+        xfail=SM + "the sticky SessionState.illegal_pipelining (DATA sent alone is refused)",
+    ),
+    s(
+        "unauth-pipelining/data-ehlo",
+        EHLO,
+        RawStep(PIPE, 3),
+        MESSAGE,
+        "QUIT",
+        config=UNAUTH_DATA,
+        logs=True,
+    ),
+    s(
+        "unauth-pipelining/client-helo",
+        "HELO client.example.net",
+        RawStep(PIPE, 3),
+        MESSAGE,
+        config=UNAUTH_CLIENT,
+        logs=True,
+    ),
+    s(
+        "unauth-pipelining/client-helo-mail-in-one-write",
+        RawStep(b"HELO a.example\r\nMAIL FROM:<a@example.net>\r\n", 2),
+        RCPT,
+        "DATA",
+        MESSAGE,
+        config=UNAUTH_CLIENT,
+        logs=True,
+        xfail=SM + "the sticky SessionState.illegal_pipelining (RCPT sent alone is refused)",
+    ),
+    s(
+        "unauth-pipelining/forbid-helo",
+        "HELO client.example.net",
+        RawStep(PIPE, 3),
+        config=UNAUTH_FORBID,
+        logs=True,
+    ),
+]
+
+QUOTED = SessionConfig(
+    "quoted_log", "smtpd_sender_restrictions = check_sender_access inline:{ x.org=REJECT }\n"
+)
+DISCARD = SessionConfig(
+    "discard",
+    "smtpd_recipient_restrictions = check_recipient_access "
+    "inline:{ disc@bar.org=DISCARD d.@bar.org=DISCARD }, permit\n"
+    "smtpd_data_restrictions = check_sender_access inline:{ d@example.net=DISCARD }\n"
+    "smtpd_end_of_data_restrictions = check_sender_access inline:{ e@example.net=DISCARD }\n",
+)
+NO_MESSAGE = frozenset[str]()
+
+LOG_FORMS = [
+    *[
+        s(f"log/sender-{name}", EHLO, f"MAIL FROM:<{addr}>", RCPT, config=QUOTED, logs=True)
+        for name, addr in [
+            ("space", '"a b"@x.org'),
+            ("at", '"a@b"@x.org'),
+            ("trailing-dot", "a.@x.org"),
+            ("quoted-trailing-dot", '"a."@x.org'),
+            ("quoted-plain", '"ab"@x.org'),
+            ("backslash-space", "a\\ b@x.org"),
+            ("escaped-quote", '"a\\"b"@x.org'),
+        ]
+    ],
+    *[
+        s(
+            f"log/recipient-{name}",
+            EHLO,
+            'MAIL FROM:<"s p"@example.net>',
+            f"RCPT TO:<{addr}>",
+            config=QUOTED,
+            logs=True,
+        )
+        for name, addr in [
+            ("space", '"a b"@other.org'),
+            ("at", '"a@b"@other.org'),
+            ("trailing-dot", "a.@other.org"),
+        ]
+    ],
+    s("log/null-sender", EHLO, "MAIL FROM:<>", "RCPT TO:<x@other.org>", config=QUOTED, logs=True),
+    s(
+        "discard/second-of-three",
+        EHLO,
+        MAIL,
+        RCPT,
+        "RCPT TO:<disc@bar.org>",
+        "RCPT TO:<carol@bar.org>",
+        "DATA",
+        MESSAGE,
+        "QUIT",
+        config=DISCARD,
+        logs=True,
+        envelope=NO_MESSAGE,
+        xfail=SM + "DISCARD: nothing reaches the backend, one discard line per transaction",
+    ),
+    s(
+        "discard/first-then-unroutable",
+        EHLO,
+        'MAIL FROM:<"s p"@example.net>',
+        "RCPT TO:<d.@bar.org>",
+        RCPT,
+        "RCPT TO:<other@other.org>",
+        "DATA",
+        MESSAGE,
+        "QUIT",
+        config=DISCARD,
+        logs=True,
+        envelope=NO_MESSAGE,
+        note="after a DISCARD even other.org is accepted: no more checks",
+        xfail=SM + "one discard line per transaction (today a second one at END-OF-MESSAGE)",
+    ),
+    s(
+        "discard/rset-then-normal",
+        EHLO,
+        MAIL,
+        "RCPT TO:<disc@bar.org>",
+        "RSET",
+        MAIL,
+        RCPT,
+        "DATA",
+        MESSAGE,
+        "QUIT",
+        config=DISCARD,
+        logs=True,
+        envelope=frozenset({"bob@bar.org"}),
+    ),
+    s(
+        "discard/at-data",
+        EHLO,
+        "MAIL FROM:<d@example.net>",
+        RCPT,
+        "RCPT TO:<carol@bar.org>",
+        "DATA",
+        MESSAGE,
+        "QUIT",
+        config=DISCARD,
+        logs=True,
+        envelope=NO_MESSAGE,
+        xfail=SM + "DISCARD at DATA: 354, read the content, 250 queued as, nothing relayed",
+    ),
+    s(
+        "discard/at-end-of-message",
+        EHLO,
+        "MAIL FROM:<e@example.net>",
+        RCPT,
+        "RCPT TO:<carol@bar.org>",
+        "DATA",
+        MESSAGE,
+        "QUIT",
+        config=DISCARD,
+        logs=True,
+        envelope=NO_MESSAGE,
+        xfail=SM + "DISCARD at END-OF-MESSAGE: 250 queued as, nothing relayed",
+    ),
+]
+
+
+def _bdat(count: int, last: bool = False, data: bytes | None = None) -> bytes:
+    chunk = data if data is not None else b"x" * count
+    return f"BDAT {count}{' LAST' if last else ''}\r\n".encode() + chunk
+
+
+BODY = b"Subject: b\r\n\r\nhello\r\n"
+CHUNKING = SessionConfig("chunking", "message_size_limit = 2000\n", postfix_only="")
+CHUNKING_RULES = SessionConfig(
+    "chunking_rules",
+    "smtpd_data_restrictions = check_sender_access inline:{ d@example.net=REJECT }\n"
+    "smtpd_end_of_data_restrictions = check_sender_access inline:{ e@example.net=REJECT }\n",
+    postfix_only="",
+)
+CHUNKING_NL_REJECT = SessionConfig(
+    "chunking_nl_reject", "smtpd_forbid_bare_newline = reject\n", postfix_only=""
+)
+BDAT_XFAIL = SM + "CHUNKING and BDAT"
+
+
+def bdat(name: str, *steps: Step, config: SessionConfig = CHUNKING, **kw: object) -> Script:
+    return s(f"bdat/{name}", *steps, config=config, xfail=BDAT_XFAIL, **kw)  # type: ignore[arg-type]
+
+
+BDAT = [
+    bdat("ehlo-keywords", EHLO),
+    bdat(
+        "one-chunk",
+        EHLO,
+        MAIL,
+        RCPT,
+        RawStep(_bdat(len(BODY), True, BODY), 1),
+        "QUIT",
+        relayed=BODY,
+    ),
+    bdat(
+        "two-chunks-then-empty-last",
+        EHLO,
+        MAIL,
+        RCPT,
+        RawStep(_bdat(12, False, BODY[:12]), 1),
+        RawStep(_bdat(9, False, BODY[12:]), 1),
+        RawStep(b"BDAT 0 LAST\r\n", 1),
+        "QUIT",
+        relayed=BODY,
+    ),
+    bdat("zero-last", EHLO, MAIL, RCPT, RawStep(b"BDAT 0 LAST\r\n", 1), "QUIT"),
+    bdat("zero-not-last", EHLO, MAIL, RCPT, "BDAT 0", RawStep(b"BDAT 0 LAST\r\n", 1), "QUIT"),
+    bdat("no-mail", EHLO, RawStep(_bdat(10), 1), "NOOP"),
+    bdat("no-rcpt", EHLO, MAIL, RawStep(_bdat(10), 1), "NOOP"),
+    bdat(
+        "rejected-rcpt-only",
+        EHLO,
+        MAIL,
+        "RCPT TO:<x@other.org>",
+        RawStep(_bdat(10, True), 1),
+        "NOOP",
+    ),
+    bdat("syntax-word", EHLO, MAIL, RCPT, "BDAT x"),
+    bdat("syntax-extra", EHLO, MAIL, RCPT, RawStep(b"BDAT 10 FOO\r\n" + b"x" * 10, 1)),
+    bdat("syntax-none", EHLO, MAIL, RCPT, "BDAT"),
+    bdat("syntax-huge", EHLO, MAIL, RCPT, "BDAT 99999999999999999999"),
+    bdat("lower-case-last", EHLO, MAIL, RCPT, RawStep(b"bdat 10 last\r\n" + b"x" * 10, 1), "QUIT"),
+    bdat("chunk-over-size-limit", EHLO, MAIL, RCPT, RawStep(_bdat(3000, True), 1), "NOOP", MAIL),
+    bdat(
+        "total-over-size-limit",
+        EHLO,
+        MAIL,
+        RCPT,
+        RawStep(_bdat(1500), 1),
+        RawStep(_bdat(1500, True), 1),
+        "NOOP",
+    ),
+    bdat("then-data", EHLO, MAIL, RCPT, RawStep(_bdat(10), 1), "DATA", "NOOP"),
+    bdat(
+        "rset-between-chunks",
+        EHLO,
+        MAIL,
+        RCPT,
+        RawStep(_bdat(10), 1),
+        "RSET",
+        RawStep(_bdat(3, True), 1),
+    ),
+    bdat(
+        "noop-between-chunks",
+        EHLO,
+        MAIL,
+        RCPT,
+        RawStep(_bdat(10), 1),
+        "NOOP",
+        RawStep(_bdat(3, True), 1),
+        "QUIT",
+    ),
+    bdat(
+        "pipelined-chunks",
+        EHLO,
+        RawStep(f"{MAIL}\r\n{RCPT}\r\n".encode(), 2),
+        RawStep(_bdat(12, False, BODY[:12]) + _bdat(9, True, BODY[12:]), 2),
+        "QUIT",
+        relayed=BODY,
+    ),
+    bdat(
+        "pipelined-transaction",
+        EHLO,
+        RawStep(f"{MAIL}\r\n{RCPT}\r\n".encode() + _bdat(len(BODY), True, BODY), 3),
+        "QUIT",
+    ),
+    bdat(
+        "content-bare-lf-cr-dot",
+        EHLO,
+        MAIL,
+        RCPT,
+        RawStep(_bdat(24, True, b"Subject: z\r\n\r\na\nb\rc\r\n.\r\n"), 1),
+        "QUIT",
+        relayed=b"Subject: z\r\n\r\na\r\nb c\r\n.\r\n",
+    ),
+    bdat(
+        "data-restrictions-at-first-chunk",
+        EHLO,
+        "MAIL FROM:<d@example.net>",
+        RCPT,
+        RawStep(_bdat(10), 1),
+        RawStep(_bdat(3, True), 1),
+        "NOOP",
+        config=CHUNKING_RULES,
+        logs=True,
+    ),
+    bdat(
+        "end-of-data-restrictions-at-last",
+        EHLO,
+        "MAIL FROM:<e@example.net>",
+        RCPT,
+        RawStep(_bdat(10), 1),
+        RawStep(_bdat(3, True), 1),
+        "NOOP",
+        config=CHUNKING_RULES,
+        logs=True,
+    ),
+    bdat(
+        "bare-lf-reject",
+        EHLO,
+        MAIL,
+        RCPT,
+        RawStep(_bdat(22, True, b"Subject: z\r\n\r\na\nb\r\n.\r\n"), 1),
+        "NOOP",
+        config=CHUNKING_NL_REJECT,
+        logs=True,
+    ),
+    bdat(
+        "command-bare-lf-reject",
+        EHLO,
+        MAIL,
+        RCPT,
+        RawStep(b"BDAT 3 LAST\nabc", 1),
+        "NOOP",
+        config=CHUNKING_NL_REJECT,
+        logs=True,
+    ),
+]
+
+ACTIONS = SessionConfig(
+    "access_actions",
+    "smtpd_recipient_restrictions = check_recipient_access inline:{ "
+    "{r@bar.org=REDIRECT target@bar.org} {b@bar.org=BCC copy@bar.org} "
+    "{f@bar.org=FILTER smtp:[127.0.0.1]:10025} {h@bar.org=HOLD} "
+    "{h2@bar.org=HOLD held for review} }, permit\n"
+    "smtpd_sender_restrictions = check_sender_access inline:{ "
+    "{rs@example.net=REDIRECT target@bar.org} {bs@example.net=BCC copy@bar.org} }\n",
+)
+
+
+def action(name: str, *steps: Step, **kw: object) -> Script:
+    return s(
+        f"access/{name}", EHLO, *steps, "DATA", MESSAGE, "QUIT", config=ACTIONS, logs=True, **kw
+    )  # type: ignore[arg-type]
+
+
+ACCESS_ACTIONS = [
+    action(
+        "redirect-one-of-two",
+        MAIL,
+        RCPT,
+        "RCPT TO:<r@bar.org>",
+        envelope=frozenset({"target@bar.org"}),
+        xfail=SM + "REDIRECT replaces every recipient of the relayed message",
+    ),
+    action(
+        "redirect-at-mail",
+        "MAIL FROM:<rs@example.net>",
+        RCPT,
+        "RCPT TO:<carol@bar.org>",
+        envelope=frozenset({"target@bar.org"}),
+        xfail=SM + "REDIRECT replaces every recipient of the relayed message",
+    ),
+    action(
+        "bcc",
+        MAIL,
+        RCPT,
+        "RCPT TO:<b@bar.org>",
+        envelope=frozenset({"bob@bar.org", "b@bar.org", "copy@bar.org"}),
+        xfail=SM + "BCC adds its recipient to the relayed message",
+    ),
+    action(
+        "bcc-at-mail",
+        "MAIL FROM:<bs@example.net>",
+        RCPT,
+        envelope=frozenset({"bob@bar.org", "copy@bar.org"}),
+        xfail=SM + "BCC adds its recipient to the relayed message",
+    ),
+    action(
+        "filter",
+        MAIL,
+        RCPT,
+        "RCPT TO:<f@bar.org>",
+        envelope=NO_MESSAGE,
+        xfail=SM + "FILTER relays the message to its next hop, not to relayhost",
+    ),
+    action("hold-once", MAIL, RCPT, "RCPT TO:<h@bar.org>", "RCPT TO:<h2@bar.org>"),
+]
+
+
 SCRIPTS: list[Script] = [
     *HELLO,
     *MAIL_FORMS,
@@ -579,6 +1311,13 @@ SCRIPTS: list[Script] = [
     *PIPELINED,
     *LIMITS,
     *SEED,
+    *DELAY_REJECT_NO,
+    *ETRN,
+    *BARE_NEWLINE,
+    *UNAUTH_PIPELINING,
+    *LOG_FORMS,
+    *BDAT,
+    *ACCESS_ACTIONS,
 ]
 
 

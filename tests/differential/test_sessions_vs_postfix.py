@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.differential.sessions import POSTFIX_ONLY, SCRIPTS, Script, SessionConfig
+from tests.differential.sessions import SCRIPTS, Script, SessionConfig
 from tests.postfix_instance import (
     DIR_PLACEHOLDER,
     POSTFIX,
@@ -194,9 +194,41 @@ class PostfixRuns:
 
 
 def _run_postfix(config: SessionConfig, scripts: list[Script]) -> dict[str, RawDialogue]:
-    main_cf = config.main_cf_text + POSTFIX_ONLY
+    main_cf = config.main_cf_text + config.postfix_only
     with PostfixInstance(main_cf, dict(config.tables)) as pf:
-        return {s.name: pf.raw_dialogue(CLIENT, s.steps, logs=False) for s in scripts}
+        return {s.name: pf.raw_dialogue(CLIENT, s.steps, logs=s.logs) for s in scripts}
+
+
+# --------------------------------------------------------------------------- log lines
+
+_ACTION_LINE = re.compile(
+    r"^(?:NOQUEUE|QUEUEID|[0-9A-F]{6,}|[0-9B-DF-HJ-NP-TV-Zb-df-hj-np-tv-z]{10,}): "
+    r"(?P<rest>(?:reject|reject_warning|warn|info|discard|hold|redirect|filter|bcc|"
+    r"prepend): .*)$"
+)
+
+
+def action_log(lines: list[str]) -> list[str]:
+    """The lines a script with ``logs`` compares: the action lines with the queue id as
+    ``QID`` (a proxy has no queue file of its own), and the pipelining complaints."""
+    out = []
+    for line in lines:
+        m = _ACTION_LINE.match(line)
+        if m:
+            out.append("QID: " + m["rest"])
+        elif line.startswith("improper command pipelining after "):
+            out.append(line)
+    return out
+
+
+def smtpd_messages(log: str) -> list[str]:
+    """The message part of each smtpgate log line of the session from 127.0.0.2."""
+    out = []
+    for line in log.splitlines():
+        head, sep, msg = line.partition("]: ")
+        if sep:
+            out.append(msg)
+    return out
 
 
 _RUNS = PostfixRuns()
@@ -214,12 +246,37 @@ async def smtpgate_result(script: Script, tmp_path: Path) -> RawDialogue:
     tables = {k: v.replace(DIR_PLACEHOLDER, str(tmp_path)) for k, v in config.tables}
     async with RecordingBackend() as backend:
         async with running_gate(tmp_path, main_cf, backend, tables) as gate:
-            return await asyncio.to_thread(
+            d = await asyncio.to_thread(
                 raw_session, gate.host, gate.port, CLIENT, script.steps, timeout=10.0
             )
+            if script.logs:
+                log = await gate.wait_log(f"disconnect from unknown[{CLIENT}]")
+                d.log = smtpd_messages(log)
+        if script.relayed is not None or script.envelope is not None:
+            d.relayed = list(backend.messages)  # type: ignore[attr-defined]
+    return d
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=[s.name for s in SCRIPTS])
+def _after_received(content: bytes) -> bytes:
+    """The content without the Received: header the relaying server prepended."""
+    lines = content.split(b"\r\n")
+    i = 0
+    if lines and lines[0].startswith(b"Received:"):
+        i = 1
+        while i < len(lines) and lines[i][:1] in (b" ", b"\t"):
+            i += 1
+    return b"\r\n".join(lines[i:])
+
+
+def _params() -> list[object]:
+    out = []
+    for script in SCRIPTS:
+        marks = [pytest.mark.xfail(strict=True, reason=script.xfail)] if script.xfail else []
+        out.append(pytest.param(script, id=script.name, marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("script", _params())
 async def test_session_matches_postfix(script: Script, tmp_path: Path) -> None:
     # Start Postfix for this config (in a thread) before smtpgate's run, then join.
     future = _RUNS.get(script.config, _BY_CONFIG[script.config.name])
@@ -237,3 +294,15 @@ async def test_session_matches_postfix(script: Script, tmp_path: Path) -> None:
         assert expected != own, f"stale KNOWN_DIFFERENCES entry ({reason}): Postfix agrees now"
         return
     assert got == expected
+    if script.logs:
+        assert action_log(gate.log) == action_log(postfix[script.name].log)
+    relayed = getattr(gate, "relayed", None)
+    if script.envelope is not None:
+        assert relayed is not None
+        got_rcpts = frozenset(r for m in relayed for r in m.rcpt_tos)
+        assert got_rcpts == script.envelope
+        if not script.envelope:
+            assert relayed == []
+    if script.relayed is not None:
+        assert relayed is not None and len(relayed) == 1
+        assert _after_received(relayed[0].content) == script.relayed
