@@ -220,7 +220,7 @@ def explain(
     """Run the restrictions on one envelope without a socket and show every step."""
     from smtpgate.generation import load_configuration
     from smtpgate.policy.address import valid_hostaddr
-    from smtpgate.policy.explain import render_json, render_text, run_dialogue
+    from smtpgate.smtp.explain import render_json, render_text, run_dialogue
 
     if not valid_hostaddr(client):
         _fail(f"--client {client!r} is not an IPv4 or IPv6 address")

@@ -284,8 +284,12 @@ class PolicySession:
             status = check_rcpt_maps(c, recipient, RECIPIENT)
         return status
 
-    async def _generic_stage(self, stage: Stage, parameter: str, name: str, klass: str) -> Decision:
+    async def _generic_stage(
+        self, stage: Stage, parameter: str, name: str, klass: str, where: str | None = None
+    ) -> Decision:
         c = self._checker(stage)
+        if where is not None:
+            self.state.where = where
         st = self.state
         if st.rcpt_count == 1 and st.recipient is None:
             st.recipient = st.first_recipient
@@ -300,9 +304,12 @@ class PolicySession:
             st.recipient = None
         return self._decision(c, stage, status)
 
-    async def data(self) -> Decision:
-        """smtpd_data_restrictions, after the client said DATA."""
-        return await self._generic_stage(Stage.DATA, "smtpd_data_restrictions", "DATA", DATA)
+    async def data(self, where: str = "DATA") -> Decision:
+        """smtpd_data_restrictions, after the client said DATA (or its first BDAT: the
+        log lines then say ``BDAT from``)."""
+        return await self._generic_stage(
+            Stage.DATA, "smtpd_data_restrictions", "DATA", DATA, where=where
+        )
 
     async def end_of_data(self) -> Decision:
         """smtpd_end_of_data_restrictions, after the final dot."""

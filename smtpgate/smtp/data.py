@@ -67,7 +67,8 @@ class DotReader:
 
     def content(self) -> bytes:
         """The message, transparency removed (call after the end was found)."""
-        return unstuff(memoryview(self.buffer)[2:])
+        raw = bytes(memoryview(self.buffer)[2:])
+        return unstuff(drop_false_ends(raw))
 
 
 class ChunkReader:
@@ -100,6 +101,30 @@ def unstuff(content: bytes | memoryview) -> bytes:
     if b"\n." not in data:
         return data
     return data.replace(b"\n.", b"\n")
+
+
+def drop_false_ends(raw: bytes) -> bytes:
+    """Drop the ``.`` lines that a bare LF makes look like an end of data.
+
+    Under smtpd_forbid_bare_newline = normalize only CRLF.CRLF ends the message; a line
+    that is just ``.`` next to a bare LF (``hi LF . LF``, ``hi LF . CRLF``) is what a
+    smuggling client sends, and Postfix 3.7 drops it rather than pass it on as content.
+    Content with CRLF line ends only (the usual) cannot hold such a line.
+    """
+    if not has_bare_lf(raw):
+        return raw
+    lines = raw.split(b"\n")
+    out: list[bytes] = []
+    bare_before = False
+    for i, line in enumerate(lines):
+        last = i == len(lines) - 1
+        bare = not last and not line.endswith(b"\r")
+        if not last and (line == b"." and (bare or bare_before) or line == b".\r" and bare_before):
+            bare_before = bare
+            continue
+        out.append(line)
+        bare_before = bare
+    return b"\n".join(out)
 
 
 def has_bare_lf(content: bytes) -> bool:

@@ -46,10 +46,10 @@ from typing import Any, Protocol
 
 from smtpgate.errors import TableLookupError
 from smtpgate.facts import ClientFacts
-from smtpgate.policy.address import header_safe
+from smtpgate.policy.address import header_safe, valid_hostname
 from smtpgate.policy.logline import whatsup_line
 from smtpgate.policy.model import ClientInfo, Decision
-from smtpgate.policy.peer import lookup_client
+from smtpgate.policy.peer import PeerLookup, lookup_client
 from smtpgate.policy.plan import Plan
 from smtpgate.policy.ports import Resolver
 from smtpgate.policy.session import PolicySession
@@ -75,6 +75,7 @@ from smtpgate.smtp.syntax import (
     parse_address,
     smtpd_tokens,
     wire,
+    xtext,
 )
 
 log = logging.getLogger("smtpgate.smtp")
@@ -161,6 +162,44 @@ class Anvil(Protocol):
     def release(self, nbytes: int) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class _Counts:
+    count: int
+    rate: int
+    total: int
+
+    def __iter__(self) -> Any:
+        return iter((self.count, self.rate, self.total))
+
+
+@dataclass(frozen=True, slots=True)
+class _Granted:
+    granted: bool = True
+    in_flight: int = 0
+
+
+class LocalCounters:
+    """The counters of a single dialogue (``explain``): one connection, no limit reached."""
+
+    async def connect(self, address: str | None, unit: float) -> _Counts:
+        return _Counts(1, 1, 1)
+
+    def disconnect(self, address: str | None) -> None:
+        pass
+
+    async def mail(self, address: str, unit: float) -> int:
+        return 1
+
+    async def rcpt(self, address: str, unit: float) -> int:
+        return 1
+
+    async def reserve(self, nbytes: int, limit: int) -> _Granted:
+        return _Granted()
+
+    def release(self, nbytes: int) -> None:
+        pass
+
+
 class Observer(Protocol):
     """Follows the dialogue (``explain`` builds its trail from these calls)."""
 
@@ -230,6 +269,7 @@ class Route:
     recipients: tuple[str, ...]
     filter: str | None = None
     hold: bool = False
+    redirected: bool = False
 
 
 @dataclass
@@ -267,6 +307,7 @@ class SmtpMachine:
         observer: Observer | None = None,
         trace: bool = False,
         clock: Callable[[], float] = time.time,
+        known_client: ClientInfo | None = None,
     ) -> None:
         self.plan = plan
         self.config = config
@@ -281,6 +322,7 @@ class SmtpMachine:
         self.trace = trace
         self.clock = clock
         self.client = ClientInfo(address=address, port=port or 0)
+        self.known_client = known_client  # found already: no lookup at connect
         self.policy: PolicySession | None = None
         self.txn: Transaction | None = None
         self.counts: defaultdict[str, int] = defaultdict(int)
@@ -311,6 +353,8 @@ class SmtpMachine:
         self._pending: str | None = None  # counter name of the command awaiting content
         self._data_rejected: Reply | None = None  # DATA content read to the end and dropped
         self._chunk_problem: Reply | None = None  # the BDAT chunk being read is dropped
+        self._reset_after_chunk = False  # the transaction ends once that chunk is read
+        self._last_rcpt: str | None = None  # for the bare <LF> log line
 
     # -- driver interface ----------------------------------------------------------------
 
@@ -360,12 +404,15 @@ class SmtpMachine:
     async def open(self, *, draining: bool = False) -> list[Effect]:
         """The connection is made: find the client's name, count it, run the connect
         restrictions.  Then the driver waits out any greet pause and calls :meth:`greet`."""
-        found = await lookup_client(
-            self.resolver,
-            self.client.address,
-            self.client.port,
-            peername_lookup=self.config.peername_lookup,
-        )
+        if self.known_client is not None:
+            found = PeerLookup(self.known_client)
+        else:
+            found = await lookup_client(
+                self.resolver,
+                self.client.address,
+                self.client.port,
+                peername_lookup=self.config.peername_lookup,
+            )
         for record in found.logs:
             self.log.warning(record.text)
         self.client = found.client
@@ -609,6 +656,8 @@ class SmtpMachine:
         if self.ill_pipelining or not pending:
             return False
         self.ill_pipelining = True
+        if self.policy is not None:
+            self.policy.state.illegal_pipelining = True  # reject_unauth_pipelining reads it
         self.log.info(
             f"improper command pipelining after {command} from {self.namaddr}: "
             f"{escape(bytes(pending[:100]))}"
@@ -624,9 +673,28 @@ class SmtpMachine:
         except TableLookupError:
             return True
 
-    def _bare_newline_reply(self) -> Reply:
+    def _bare_newline_reply(self, disconnect: bool = False) -> Reply:
         code = self.config.bare_newline_code
-        return Reply(code, f"{str(code)[0]}.5.2", "Error: bare <LF> received", code in (421, 521))
+        text = f"{self.config.hostname} Error: bare <LF> received"
+        return Reply(code, f"{str(code)[0]}.5.2", text, disconnect or code in (421, 521))
+
+    def _log_reject(self, text: str, recipients: Sequence[str] = ()) -> None:
+        """A ``reject:`` line of the machine's own (bare <LF>), at the current stage."""
+        assert self.policy is not None
+        st = self.policy.state
+        self.log.info(
+            whatsup_line(
+                queue_id=st.queue_id,
+                whatsup="reject",
+                where=self.where,
+                namaddr=self.namaddr,
+                text=text,
+                sender=self.txn.sender if self.txn is not None else None,
+                recipients=recipients,
+                protocol=st.protocol,
+                helo=st.helo_name,
+            )
+        )
 
     def _tokens(self, raw: bytes) -> list[Token] | None:
         """The words of a command line; None after replying to a line that has none."""
@@ -634,8 +702,11 @@ class SmtpMachine:
         bare_lf = raw.endswith(b"\n") and not line.endswith(b"\r")
         line = line.rstrip(b"\r")
         if bare_lf and self._bare_newline_rejected():
-            self.counts["unknown"] += 1
-            self._reply(self._bare_newline_reply())
+            # Postfix refuses the line before it is a command: not counted, the log line
+            # names the stage before it, and the connection closes.
+            last = [self._last_rcpt] if self.txn is not None and self._last_rcpt else []
+            self._log_reject("bare <LF> received", last)
+            self._reply(self._bare_newline_reply(disconnect=True))
             return None
         # Postfix handles the command as a C string: it ends at the first NUL.
         line = line.split(b"\0", 1)[0]
@@ -673,11 +744,19 @@ class SmtpMachine:
                 self._reply(s.FORBIDDEN)
                 return
             self.counts["unknown"] += 1
-            self._reply(s.UNKNOWN_COMMAND)
+            assert self.policy is not None
+            self._reply(self.policy.access_denied(verb) or s.UNKNOWN_COMMAND)
             self.error_count += 1
             return
         name = _COUNTER_NAMES[upper]
         self.counts[name] += 1
+        assert self.policy is not None
+        denied = self.policy.access_denied(upper)
+        if denied is not None:  # smtpd_delay_reject = no, refused at connect
+            self.requests += 1
+            self._reply(denied)
+            self.error_count += 1
+            return
         if cfg.tls_required and not self.tls_active and upper not in ALLOWED_BEFORE_TLS:
             self.requests += 1
             self._reply(s.NEED_STARTTLS)
@@ -723,12 +802,15 @@ class SmtpMachine:
         if not args:
             return self._fail(Reply(501, "", f"Syntax: {verb} hostname"))
         name = " ".join(t.text for t in args)
-        await self._end_transaction()
+        # Postfix checks first: a rejected HELO leaves the session as it was (a
+        # transaction in progress stays).
         decision = await self.policy.helo(name, esmtp=esmtp)
         self._note(decision)
         if decision.reply is not None:
             return self._fail(decision.reply)
-        self.esmtp = esmtp
+        await self._end_transaction()
+        # HELO after EHLO keeps ESMTP (and with it the pipelining rules of EHLO).
+        self.esmtp = self.policy.state.protocol == "ESMTP"
         hostname = self.config.hostname
         if not esmtp:
             self._reply(Reply(250, "", hostname))
@@ -741,6 +823,7 @@ class SmtpMachine:
         out = ["PIPELINING", f"SIZE {cfg.size_limit}" if cfg.size_limit else "SIZE"]
         if not cfg.disable_vrfy:
             out.append("VRFY")
+        out.append("ETRN")
         if self.starttls_offered and not self.tls_active:
             out.append("STARTTLS")
         out += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8", "CHUNKING"]
@@ -808,6 +891,7 @@ class SmtpMachine:
             return self._fail(decision.reply)
         reply = await self._relay_rcpt(txn, address, params)
         ok = reply.code // 100 == 2
+        self._last_rcpt = address
         if ok:
             txn.recipients.append(address)
             txn.rcpt_params.append(params)
@@ -854,12 +938,14 @@ class SmtpMachine:
                 filter_to = value
             elif verb == "HOLD":
                 hold = True
+        held_elsewhere = hold and self.backend.holds_elsewhere()
         if redirect is not None:
-            recipients = [redirect]
+            # REDIRECT wins over BCC and FILTER: one delivery to the target, through
+            # relayhost, as Postfix's queue makes it.
+            return Route((redirect,), None, held_elsewhere, redirected=True)
         for address in bcc:
             if address not in recipients:
                 recipients.append(address)
-        held_elsewhere = hold and self.backend.holds_elsewhere()
         return Route(tuple(recipients), None if held_elsewhere else filter_to, held_elsewhere)
 
     def _lockstep(self) -> bool:
@@ -904,6 +990,9 @@ class SmtpMachine:
         )
         txn.relay, txn.route = relay, route
         params = dict(zip(txn.recipients, txn.rcpt_params, strict=True))
+        if route.redirected and txn.recipients:
+            # Postfix's queue keeps the first original recipient as the ORCPT.
+            params = {route.recipients[0]: [f"ORCPT=rfc822;{xtext(txn.recipients[0])}"]}
         for address in route.recipients:
             reply = await relay.rcpt(address, params.get(address, []))
             if reply.code // 100 != 2:
@@ -915,11 +1004,11 @@ class SmtpMachine:
 
     # -- DATA, BDAT ----------------------------------------------------------------------
 
-    async def _start_content(self, txn: Transaction) -> Reply | None:
+    async def _start_content(self, txn: Transaction, where: str = "DATA") -> Reply | None:
         """What DATA and the first BDAT have in common: the data restrictions, a first
         reservation in the memory budget; a reply when the message cannot come."""
         assert self.policy is not None
-        decision = await self.policy.data()
+        decision = await self.policy.data(where)
         self._note(decision)
         if decision.reply is not None:
             return decision.reply
@@ -943,6 +1032,8 @@ class SmtpMachine:
             return self._fail(s.NO_VALID_RCPT)
         if args:
             return self._fail(s.syntax("DATA"))
+        if txn.chunks is not None or txn.chunk_problem is not None:
+            return self._fail(Reply(503, "5.5.1", "Error: DATA after BDAT"))
         problem = await self._start_content(txn)
         if problem is not None:
             return self._fail(problem)
@@ -962,38 +1053,54 @@ class SmtpMachine:
         return None
 
     async def cmd_bdat(self, args: list[Token]) -> bool | None:
+        """Postfix's bdat_cmd(): a chunk of exactly the size given, read even when it is
+        refused; replies and warnings as Postfix 3.7 gives them (docs/postfix-behaviour.md)."""
+        assert self.policy is not None
         words = [t.text for t in args]
-        if not words or len(words) > 2 or not words[0].isdigit():
+        last = len(words) == 2 and words[1].upper() == "LAST"
+        if not words or len(words) > 1 + last or not words[0].isdigit() or len(words[0]) > 18:
             # The chunk's size is unknown, so its octets cannot be told from commands.
-            return self._fail(
-                Reply(501, "5.5.4", "Syntax: BDAT count [LAST]", disconnect=not words)
+            queue_id = self.policy.state.queue_id or "NOQUEUE"
+            line = " ".join(["BDAT", *words])
+            self.log.warning(
+                f"{queue_id}: malformed BDAT command syntax from {self.namaddr}: {line}"
             )
-        if len(words) == 2 and words[1].upper() != "LAST":
-            return self._fail(Reply(501, "5.5.4", "Syntax: BDAT count [LAST]"))
-        size, last = int(words[0]), len(words) == 2
+            return self._fail(Reply(521, "5.5.4", "Syntax: BDAT count [LAST]", disconnect=True))
+        size = int(words[0])
         txn = self.txn
         problem: Reply | None = None
         if txn is None:
             problem = s.NEED_RCPT
         elif not txn.recipients:
             problem = s.NO_VALID_RCPT
+        elif size == 0 and not last:
+            self.log.warning(f"{self._queue_id()}: null BDAT request from {self.namaddr}")
+            return self._fail(Reply(551, "5.7.1", "Null BDAT request"))
         elif txn.chunk_problem is not None:
-            problem = txn.chunk_problem
-        elif txn.chunks is None:
-            problem = await self._start_content(txn)
+            problem = Reply(551, "5.0.0", f"Discarded {size} bytes after earlier error")
+        elif self.config.size_limit and size > self.config.size_limit:
+            self.log.warning(
+                f"{self._queue_id()}: BDAT request from {self.namaddr} exceeds message size limit"
+            )
+            problem = Reply(552, "5.3.4", "Chunk exceeds message size limit")
+            self._reset_after_chunk = True
+        else:
+            if txn.chunks is None:
+                problem = await self._start_content(txn, where="BDAT")
+                if problem is None:
+                    txn.chunks = bytearray()
             if problem is None:
-                txn.chunks = bytearray()
-        if problem is None:
-            assert txn is not None and txn.chunks is not None
-            total = len(txn.chunks) + size
-            if self.config.size_limit and total > self.config.size_limit:
-                problem = s.TOO_BIG
-            elif not await self._account(total, complete=True):
-                problem = s.NO_MEMORY
-        if problem is not None and txn is not None and txn.chunks is not None:
-            txn.chunk_problem = problem
-            txn.chunks = None
-            self._release_data()
+                assert txn.chunks is not None
+                total = len(txn.chunks) + size
+                if self.config.size_limit and total > self.config.size_limit:
+                    self.log.warning(f"{self._queue_id()}: queue file size limit exceeded")
+                    problem = Reply(552, "5.3.4", "Error: message file too big")
+                elif not await self._account(total, complete=True):
+                    problem = s.NO_MEMORY
+            if problem is not None:
+                txn.chunk_problem = problem
+                txn.chunks = None
+                self._release_data()
         self._chunk = ChunkReader(size, last, keep=problem is None)
         self._chunk_problem = problem
         self.mode = Mode.BDAT
@@ -1049,9 +1156,10 @@ class SmtpMachine:
         problem, self._chunk_problem = self._chunk_problem, None
         txn = self.txn
         if problem is not None:
-            if chunk.last:
+            if chunk.last or self._reset_after_chunk:
+                self._reset_after_chunk = False
                 await self._end_transaction()
-            self._content_done("bdat", problem, message_done=chunk.last)
+            self._content_done("bdat", problem, message_done=False)
             return True
         assert txn is not None and txn.chunks is not None and chunk.chunk is not None
         txn.chunks += chunk.chunk
@@ -1060,14 +1168,7 @@ class SmtpMachine:
             return True
         content = bytes(txn.chunks)
         txn.chunks = None
-        assert self.policy is not None
-        reply = None
-        if not self.policy.state.discard:
-            reply = await self._settle_route(txn)
-        if reply is not None:
-            await self._end_transaction()
-        else:
-            reply = await self._finish_message(content)
+        reply = await self._finish_message(content)
         self._release_data()
         self._content_done("bdat", reply, message_done=True)
         return True
@@ -1131,6 +1232,11 @@ class SmtpMachine:
         if b"\x00" in content:
             return s.NUL_IN_DATA
         if self._bare_newline_rejected() and has_bare_lf(content):
+            txn = self.txn
+            recipients = txn.recipients if txn is not None and len(txn.recipients) == 1 else []
+            saved, self.where = self.where, "END-OF-MESSAGE"
+            self._log_reject("bare <LF> received", recipients)
+            self.where = saved
             return self._bare_newline_reply()
         return None
 
@@ -1148,11 +1254,9 @@ class SmtpMachine:
             await self._end_transaction()
             return reply
         queue_id = self._queue_id()
-        if st.discard:
-            reply = Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
-            self._log_proxy("discard", "END-OF-MESSAGE", reply, txn.recipients)
+        if st.discard:  # the restriction logged it, once; nothing goes to the backend
             await self._end_transaction()
-            return reply
+            return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
         problem = await self._settle_route(txn)  # end-of-data actions may move it
         if problem is not None:
             await self._end_transaction()
@@ -1183,7 +1287,8 @@ class SmtpMachine:
             hostname=self.config.hostname,
             proto=("ESMTPS" if self.tls_active else "ESMTP") if self.esmtp else "SMTP",
             queue_id=st.queue_id or "",
-            recipients=txn.recipients,
+            # Postfix's queue delivers a redirected message without "for <...>".
+            recipients=[] if txn.route is not None and txn.route.redirected else txn.recipients,
             date=header_date(int(self.clock())),
         )
 
@@ -1228,8 +1333,29 @@ class SmtpMachine:
         return True
 
     async def cmd_etrn(self, args: list[Token]) -> bool:
-        # smtpgate has no queue to flush (a deliberate difference: Postfix runs ETRN).
-        return self._fail(s.NOT_IMPLEMENTED)
+        """Postfix's etrn_cmd(): its own checks, the restrictions, then the queue's answer.
+
+        smtpgate has no queue to flush: every domain that passes gets the answer Postfix
+        gives for a domain that is not in fast_flush_domains.
+        """
+        assert self.policy is not None
+        if self.policy.state.helo_name is None and self.plan.helo_required:
+            return self._fail(Reply(503, "", "Error: send HELO/EHLO first"))
+        if self.txn is not None:
+            return self._fail(Reply(503, "", "Error: MAIL transaction in progress"))
+        if len(args) != 1:
+            return self._fail(Reply(500, "", "Syntax: ETRN domain"))
+        domain = args[0].text
+        if domain[:1] in ("@", "#"):
+            domain = domain[1:]
+        if not valid_hostname(domain):
+            return self._fail(Reply(501, "", "Error: invalid parameter syntax"))
+        decision = await self.policy.etrn(domain)
+        self._note(decision)
+        if decision.reply is not None:
+            return self._fail(decision.reply)
+        self.log.warning(f"reject: ETRN {domain}... from {self.namaddr}")
+        return self._fail(Reply(459, "", f"<{domain}>: service unavailable"))
 
     async def cmd_auth(self, args: list[Token]) -> bool:
         # smtpgate offers no SASL: Postfix's answer with smtpd_sasl_auth_enable = no.

@@ -25,6 +25,8 @@ Run: ``.venv/bin/pytest -m postfix tests/differential`` as root with Debian's ``
 
 from __future__ import annotations
 
+import re
+
 import json
 import os
 import subprocess
@@ -229,11 +231,14 @@ def smtpgate_view(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _logs(exchange: dict[str, Any]) -> list[str]:
-    """An exchange's log lines: ``logs`` (every line) if present, else ``log``."""
+    """An exchange's log lines: ``logs`` (every line) if present, else ``log``; the queue
+    id normalised to NOQUEUE, as on Postfix's side."""
     if isinstance(exchange.get("logs"), list):
-        return list(exchange["logs"])
-    log = exchange.get("log")
-    return [] if log is None else [log] if isinstance(log, str) else list(log)
+        lines = list(exchange["logs"])
+    else:
+        log = exchange.get("log")
+        lines = [] if log is None else [log] if isinstance(log, str) else list(log)
+    return [re.sub(r"^[0-9A-F]{6,}:", "NOQUEUE:", line) for line in lines]
 
 
 def describe(case: Case) -> str:

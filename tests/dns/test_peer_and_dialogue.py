@@ -19,7 +19,7 @@ from smtpgate.policy.dnsbl import (
     txt_reason,
     unescape,
 )
-from smtpgate.policy.explain import run_dialogue
+from smtpgate.smtp.explain import run_dialogue
 from smtpgate.policy.model import ClientInfo
 from smtpgate.policy.peer import lookup_client
 from smtpgate.resolver import DnsPythonResolver
