@@ -34,6 +34,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from smtpgate.config import POSTFIX_DEFAULTS
 from smtpgate.policy.address import header_safe
+from smtpgate.policy.address import quote_822_local as external_form
 
 _sequence = itertools.count(1)
 
@@ -66,26 +67,17 @@ class Maildir:
 
 
 def quote_822_local(address: str) -> str:
-    """Postfix's quote_822_local(): the local part in quotes when it is not a dot-string.
+    """Postfix's quote_822_local() of an address as the client wrote it.
 
-    The address may come as the client wrote it (``"a b"@x``, aiosmtpd does not unquote):
-    it is read into Postfix's internal form (``a b@x``) first.
+    aiosmtpd does not unquote (``"a b"@x``): the address is read into Postfix's internal
+    form (``a b@x``) first.
     """
     local, at, domain = address.rpartition("@")
     if not at:
         local, domain = address, ""
     if len(local) >= 2 and local[0] == local[-1] == '"':
         local = re.sub(r"\\(.)", r"\1", local[1:-1])
-    if _dot_string(local):
-        return f"{local}{at}{domain}"
-    quoted = "".join("\\" + ch if ch in '"\\\r' else ch for ch in local)
-    return f'"{quoted}"{at}{domain}'
-
-
-def _dot_string(local: str) -> bool:
-    if not local or local.startswith(".") or local.endswith(".") or ".." in local:
-        return False
-    return not any(ch <= " " or ch == "\x7f" or ch in '()<>@,;:\\"[]' for ch in local)
+    return external_form(f"{local}{at}{domain}")
 
 
 def delivery_headers(sender: str, recipient: str) -> bytes:
