@@ -171,6 +171,7 @@ class GateProtocol(asyncio.Protocol):
         self._write_paused: asyncio.Future[None] | None = None
         self._reading_paused = False
         self._eof = False
+        self._arrivals = 0  # data_received calls so far (the wait for input counts them)
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -201,6 +202,7 @@ class GateProtocol(asyncio.Protocol):
         machine = self.machine
         assert machine is not None
         machine.receive(data)
+        self._arrivals += 1
         if machine.buffered > READ_BACKLOG and self.transport is not None:
             self._reading_paused = True
             self.transport.pause_reading()
@@ -245,6 +247,7 @@ class GateProtocol(asyncio.Protocol):
             deadline = self._deadline(time.monotonic())
             requests, mode = machine.requests, machine.in_content
             while not machine.closing:
+                arrivals = self._arrivals
                 effects = await machine.advance()
                 shared.changed.set()
                 await self._perform(effects)
@@ -252,8 +255,8 @@ class GateProtocol(asyncio.Protocol):
                     self._reading_paused = False
                     if self.transport is not None:
                         self.transport.resume_reading()
-                if machine.closing or machine.may_continue:
-                    continue
+                if machine.closing or machine.may_continue or self._arrivals != arrivals:
+                    continue  # more to work through (input came while the machine worked)
                 now = time.monotonic()
                 if (machine.requests, machine.in_content) != (requests, mode):
                     requests, mode = machine.requests, machine.in_content
@@ -302,10 +305,10 @@ class GateProtocol(asyncio.Protocol):
         machine, cfg = self.machine, self.config
         assert machine is not None
         loop = asyncio.get_running_loop()
-        seen = machine.buffered
+        seen = self._arrivals
         start = time.monotonic()
         while True:
-            if self._eof or machine.buffered != seen:
+            if self._eof or self._arrivals != seen:
                 return True
             now = time.monotonic()
             if cfg.per_request_deadline:
@@ -324,7 +327,7 @@ class GateProtocol(asyncio.Protocol):
             finally:
                 timer.cancel()
                 self._waiter = None
-            if machine.buffered != seen or self._eof:
+            if self._arrivals != seen or self._eof:
                 return True
 
     async def _perform(self, effects: list[Effect]) -> None:
@@ -349,6 +352,8 @@ class GateProtocol(asyncio.Protocol):
             not machine.buffered or machine.in_content or self._held_size > WRITE_BACKLOG
         ):
             self._push()
+        if self._write_paused is not None:
+            await self._flush()  # a client that does not read: at most smtpd_timeout
 
     def _push(self) -> None:
         """Hand the held replies to the transport in one write (one send())."""

@@ -85,6 +85,7 @@ DATA_RESERVE = 65536  # room a new DATA needs in smtpgate_data_memory_limit: one
 # at least half what the message holds), so that a 1 KB message costs one request to the
 # anvil and a 10 MB one about a dozen, never one per read.
 HOLD_HEADER = "X-Smtpgate-Hold"
+OUTPUT_BACKLOG = 65536  # reply bytes after which advance() stops for the driver to write
 
 
 class Action(enum.Enum):
@@ -343,8 +344,9 @@ class SmtpMachine:
         self.requests = 0  # commands completed (the driver's per-request deadline)
         self._in = bytearray()
         self._eof = False
-        self._skip_line = False  # the rest of an over-long command line is dropped
+        self._long_head: bytes | None = None  # an over-long line, until its end arrives
         self._out: list[Effect] = []
+        self._out_size = 0  # reply bytes queued since the driver last took them
         self._stop = False  # an effect must happen before the next command
         self.may_continue = False
         self._greeting: Reply | None = None
@@ -397,6 +399,7 @@ class SmtpMachine:
         """The effects queued so far; ``may_continue`` then says whether input may be
         left that :meth:`advance` will work through without waiting for more."""
         out, self._out = self._out, []
+        self._out_size = 0
         self.may_continue = self._stop and not self.closing
         self._stop = False
         return out
@@ -543,6 +546,9 @@ class SmtpMachine:
             self._stop = True
         else:
             out.append(wire(reply))
+            self._out_size += len(out[-1])  # type: ignore[arg-type]
+            if self._out_size > OUTPUT_BACKLOG:
+                self._stop = True  # let the driver write (and wait for a slow reader)
         if reply.disconnect:
             out += (FLUSH, CLOSE)
             self.closing = True
@@ -629,27 +635,28 @@ class SmtpMachine:
     def _next_line(self) -> bytes | None:
         """The next command line (with its line end), or None until one is complete.
 
-        Postfix reads line_length_limit octets of a line and drops the rest of it.
+        Postfix reads line_length_limit octets of a line and drops the rest of it; the
+        command is worked on once the rest has been read (so the rest is not taken for
+        pipelined input).
         """
         buf, limit = self._in, self.config.line_limit
-        while self._skip_line:
-            end = buf.find(b"\n")
-            if end < 0:
-                buf.clear()
-                return None
-            del buf[: end + 1]
-            self._skip_line = False
-        end = buf.find(b"\n", 0, limit + 2)
-        if end < 0:
+        if self._long_head is None:
+            end = buf.find(b"\n", 0, limit + 2)
+            if end >= 0:
+                line = bytes(buf[: end + 1])
+                del buf[: end + 1]
+                return line if len(line) <= limit + 2 else line[:limit]
             if len(buf) < limit + 2:
                 return None
-            line = bytes(buf[:limit])
-            del buf[: limit + 2]
-            self._skip_line = True
-            return line
-        line = bytes(buf[: end + 1])
+            self._long_head = bytes(buf[:limit])
+            del buf[:limit]
+        end = buf.find(b"\n")
+        if end < 0:
+            buf.clear()
+            return None
         del buf[: end + 1]
-        return line if len(line) <= limit + 2 else line[:limit]
+        line, self._long_head = self._long_head, None
+        return line
 
     def _improper_pipelining(self, command: str, pending: bytes | bytearray) -> bool:
         """Log the first input sent ahead of time, as smtpd_proto() does; True if any."""

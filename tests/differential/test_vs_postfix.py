@@ -25,10 +25,9 @@ Run: ``.venv/bin/pytest -m postfix tests/differential`` as root with Debian's ``
 
 from __future__ import annotations
 
-import re
-
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile

@@ -19,10 +19,10 @@ from smtpgate.policy.dnsbl import (
     txt_reason,
     unescape,
 )
-from smtpgate.smtp.explain import run_dialogue
 from smtpgate.policy.model import ClientInfo
 from smtpgate.policy.peer import lookup_client
 from smtpgate.resolver import DnsPythonResolver
+from smtpgate.smtp.explain import run_dialogue
 from tests.dns.conftest import BASE
 from tests.dns.dnsserver import FakeDns
 

@@ -3,7 +3,7 @@
 Oracle (Exim's test 0900): for every case the backend stores at most the one message the
 client sent, never a transaction with the smuggled sender, and what reaches the backend
 has no bare LF and exactly one end of data (smtpgate frames the content itself; a lone CR
-inside a line is relayed as it is, as Postfix stores and sends it). The lenient
+inside a line is relayed as a space, as Postfix 3.7 sends it on). The lenient
 backend ends DATA at a dot after a bare LF too (pre-3.9 Postfix, sendmail): the victim a
 front end must protect.
 """

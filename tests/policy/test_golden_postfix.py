@@ -22,9 +22,9 @@ import pytest
 
 from smtpgate.config import parse_settings
 from smtpgate.config.service import ServiceConfig
-from smtpgate.smtp.explain import GREETING, Exchange, run_dialogue
 from smtpgate.policy.model import ClientInfo
 from smtpgate.policy.plan import build_plan
+from smtpgate.smtp.explain import GREETING, Exchange, run_dialogue
 
 REFERENCE = Path(__file__).parents[1] / "differential" / "postfix_reference.json"
 CONFIGS: list[dict[str, Any]] = json.loads(REFERENCE.read_text())

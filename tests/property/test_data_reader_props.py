@@ -37,8 +37,9 @@ SOCKET_SETTINGS = settings(
 
 
 def _normalise(body: bytes) -> bytes:
-    """What the backend stores: a bare LF ends a line (CRLF); a lone CR is kept, as Postfix does."""
-    return re.sub(rb"(?<!\r)\n", b"\r\n", body)
+    """What the backend stores: a bare LF ends a line (CRLF); a lone CR is a space, as
+    Postfix 3.7 sends it on."""
+    return re.sub(rb"\r(?!\n)", b" ", re.sub(rb"(?<!\r)\n", b"\r\n", body))
 
 
 async def _send(client: LineClient, payload: bytes, cuts: list[int]) -> list[str]:

@@ -1,7 +1,7 @@
 """The relay's framing (smtpgate.relay.wire) on arbitrary messages.
 
 The relay is given the message as the client meant it (dots unstuffed, lines ending in
-CRLF or a bare LF, lone CRs kept) and frames it itself. For any such message: the DATA
+CRLF or a bare LF, lone CRs sent as spaces) and frames it itself. For any such message: the DATA
 frame holds exactly one end of data, at its end; unstuffing it gives the message back
 with its line ends normalised; the BDAT chunks carry the same normalised message, each
 announced with its exact size; canonical content takes the fast path (no copy).
@@ -24,8 +24,9 @@ MESSAGE = st.lists(PIECES, max_size=40).map(b"".join)
 
 
 def normalised(message: bytes) -> bytes:
-    """The message with every line end CRLF (a bare LF is one; a lone CR is not)."""
-    out = re.sub(rb"(?<!\r)\n", b"\r\n", message)
+    """The message with every line end CRLF (a bare LF is one; a lone CR is not: it goes
+    out as a space, as Postfix 3.7 sends it on)."""
+    out = re.sub(rb"\r(?!\n)", b" ", re.sub(rb"(?<!\r)\n", b"\r\n", message))
     return out if not out or out.endswith(b"\r\n") else out + b"\r\n"
 
 

@@ -49,7 +49,8 @@ async def test_discard_after_a_relayed_recipient(tmp_path: Path, backend: Record
     assert "discard: RCPT from unknown[127.0.0.2]: <trap@bar.org>: Recipient address spam trap" in (
         gate.log
     )
-    assert "discard: END-OF-MESSAGE from unknown[127.0.0.2]" in gate.log
+    # Postfix logs a DISCARD once, where it fired (docs/postfix-behaviour.md, point 5)
+    assert gate.log.count(" discard: ") == 1
 
 
 async def test_discard_before_any_relayed_recipient(tmp_path: Path, backend: RecordingBackend):

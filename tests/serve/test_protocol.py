@@ -137,6 +137,7 @@ async def test_ehlo_capabilities(gate: Gate) -> None:
         "250-PIPELINING",
         "250-SIZE 10240000",
         "250-VRFY",
+        "250-ETRN",
         "250-ENHANCEDSTATUSCODES",
         "250-8BITMIME",
         "250-DSN",
@@ -318,7 +319,8 @@ async def test_vrfy_disabled(tmp_path: Path, backend: RecordingBackend) -> None:
         ("   ", "500 5.5.2 Error: bad syntax"),
         ("STARTTLS", NOT_IMPLEMENTED),
         ("STARTTLS now", "501 5.5.4 Syntax: STARTTLS"),
-        ("ETRN bar.org", NOT_IMPLEMENTED),
+        ("ETRN bar.org", "459 <bar.org>: service unavailable"),
+        ("ETRN", "500 Syntax: ETRN domain"),
         ("AUTH PLAIN AGFsaWNlAHNlY3JldA==", "503 5.5.1 Error: authentication not enabled"),
         ("XCLIENT NAME=spoofed", "550 5.7.0 Error: insufficient authorization"),
         ("XFORWARD", "501 5.5.4 Syntax: XFORWARD attribute=value..."),
@@ -361,10 +363,22 @@ async def test_forbidden_commands_close(gate: Gate, line: str) -> None:
     assert "warning: non-SMTP command from unknown[127.0.0.2]: " in gate.log
 
 
-async def test_bdat_without_chunking_closes(gate: Gate) -> None:
+async def test_bdat_chunks_make_one_message(gate: Gate, backend: RecordingBackend) -> None:
+    c = await gate.connect()
+    assert (await c.cmd(EHLO))[-1] == "250 CHUNKING"
+    assert await c.cmd("MAIL FROM:<a@example.net>") == ["250 2.1.0 Ok"]
+    assert await c.cmd("RCPT TO:<foo@bar.org>") == ["250 2.1.5 Ok"]
+    await c.send_raw(b"BDAT 12\r\nSubject: x\r\n")
+    assert await c.reply() == ["250 2.0.0 Ok: 12 bytes"]
+    await c.send_raw(b"BDAT 9 LAST\r\n\r\n.body\r\n")
+    assert (await c.reply())[0].startswith("250 2.0.0 Ok: queued as ")
+    assert backend.messages[-1].content.endswith(b"Subject: x\r\n\r\n.body\r\n")
+
+
+async def test_bdat_with_a_bad_size_closes(gate: Gate) -> None:
     c = await gate.connect()
     assert await c.cmd(EHLO)
-    assert await c.cmd("BDAT 10 LAST") == ["521 5.5.1 Error: command not implemented"]
+    assert await c.cmd("BDAT x") == ["521 5.5.4 Syntax: BDAT count [LAST]"]
     assert await c.closed()
 
 

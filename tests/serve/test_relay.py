@@ -166,7 +166,8 @@ def test_frame_data_stuffing_and_endings() -> None:
     assert frame_data(b"") == b".\r\n"
     assert frame_data(b"a") == b"a\r\n.\r\n"
     assert frame_data(b".\r\n..x\r\n") == b"..\r\n...x\r\n.\r\n"
-    assert frame_data(b"a\nb\rc\r\n.d") == b"a\r\nb\rc\r\n..d\r\n.\r\n"  # a lone CR stays
+    # a lone CR goes out as a space, as Postfix 3.7 sends it on
+    assert frame_data(b"a\nb\rc\r\n.d") == b"a\r\nb c\r\n..d\r\n.\r\n"
 
 
 def test_peer_name_matching() -> None:
@@ -300,13 +301,14 @@ async def test_dot_stuffing_round_trip() -> None:
 
 
 async def test_bare_line_ends_are_normalised() -> None:
-    """A bare LF ends a line (it becomes CRLF); a lone CR is kept, as Postfix sends it."""
+    """A bare LF ends a line (it becomes CRLF); a lone CR becomes a space, as Postfix
+    3.7 sends it on (docs/postfix-behaviour.md, point 3)."""
     async with RecordingBackend() as backend:
         async with relay_for(backend) as relay:
             _, done = await send(relay, ["b@example.org"], b"Subject: x\n\nline1\rline2\n.x")
     assert done is not None and done.code == 250
-    assert backend.messages[0].content == b"Subject: x\r\n\r\nline1\rline2\r\n.x\r\n"
-    assert backend.messages[0].raw == b"Subject: x\r\n\r\nline1\rline2\r\n..x\r\n.\r\n"
+    assert backend.messages[0].content == b"Subject: x\r\n\r\nline1 line2\r\n.x\r\n"
+    assert backend.messages[0].raw == b"Subject: x\r\n\r\nline1 line2\r\n..x\r\n.\r\n"
 
 
 async def test_large_message_with_flow_control() -> None:
