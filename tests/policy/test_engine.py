@@ -249,6 +249,7 @@ def test_421_and_521_disconnect(make_plan: MakePlan, value: str, disconnect: boo
     [
         ("soft_bounce = yes", f"454 4.7.1 {REJECTED} Access denied"),
         ("reject_code = 550", f"550 5.7.1 {REJECTED} Access denied"),
+        ("soft_bounce = yes\nreject_code = 500", f"400 4.7.1 {REJECTED} Access denied"),
         ("soft_bounce = yes\nreject_code = 550", f"450 4.7.1 {REJECTED} Access denied"),
         ("soft_bounce = yes\ndefer_code = 421", f"421 4.3.2 {REJECTED} Try again later"),
     ],
