@@ -32,6 +32,8 @@ from tests.serve.backend import RecordingBackend, _BackendSMTP
 from tests.serve.client import LineClient
 from tests.serve.conftest import running_gate
 
+pytestmark = pytest.mark.soak
+
 SOAK_SECONDS = float(os.environ.get("SMTPGATE_SOAK_SECONDS", "60"))
 CLIENTS = 30
 PROXY_TIMEOUT = 1.0
