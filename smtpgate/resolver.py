@@ -19,8 +19,9 @@ them through the system resolver:
 Postfix's SMTP client does: MX records in preference order, each host's A then AAAA
 addresses; a domain without MX records is its own mail exchanger.
 
-Its in-memory twin, :class:`smtpgate.policy.ports.FakeResolver`, answers the same port
-from a dict, for tests; tests/dns/test_fake_resolver.py checks that both answer alike.
+DnsPythonResolver's in-memory twin, :class:`smtpgate.policy.ports.FakeResolver`, answers
+the same port from a dict, for tests; tests/dns/test_fake_resolver.py checks that both
+answer alike.
 """
 
 from __future__ import annotations
