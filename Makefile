@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 CONFIG ?= examples/main.cf
 
-.PHONY: install run test lint typecheck importcheck unit docs clean bench bench-profile
+.PHONY: install run test test-fast lint typecheck importcheck unit docs clean bench bench-profile
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -41,6 +41,12 @@ unit: install
 	$(BIN)/pytest
 
 test: lint typecheck importcheck unit
+
+# The inner loop: pytest only (no lint), without the tests marked postfix, soak or deploy
+# (pyproject.toml lists the markers). make test stays the whole suite.
+FAST_MARKERS := not postfix and not soak and not deploy
+test-fast: install
+	$(BIN)/pytest -q -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
 
 # smtpgate vs Postfix side by side on loopback (root; a few minutes); see bench/README.md.
 # BENCH_ARGS passes options, e.g. make bench BENCH_ARGS="--rounds 3 -o name=value".

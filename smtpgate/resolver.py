@@ -18,6 +18,10 @@ them through the system resolver:
 :func:`mx_targets` / :func:`mx_hosts` resolve an unbracketed ``relayhost`` the way
 Postfix's SMTP client does: MX records in preference order, each host's A then AAAA
 addresses; a domain without MX records is its own mail exchanger.
+
+DnsPythonResolver's in-memory twin, :class:`smtpgate.policy.ports.FakeResolver`, answers
+the same port from a dict, for tests; tests/dns/test_fake_resolver.py checks that both
+answer alike.
 """
 
 from __future__ import annotations

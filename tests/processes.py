@@ -19,7 +19,7 @@ def wait_until(check: Callable[[], bool], deadline: float = 15.0) -> bool:
     while time.monotonic() < end:
         if check():
             return True
-        time.sleep(0.05)
+        time.sleep(0.05)  # poll interval of a bounded wait for a condition
     return check()
 
 

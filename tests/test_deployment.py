@@ -22,6 +22,8 @@ import pytest
 from tests.processes import children, session, wait_until
 from tests.test_newcomer import IS_ROOT, SMTPGATE, free_port, write_config
 
+pytestmark = pytest.mark.deploy
+
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="root-only files need root")
 
 

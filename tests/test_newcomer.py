@@ -69,7 +69,7 @@ def wait_for_port(port: int, deadline: float = 15.0) -> None:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
             return
         except OSError:
-            time.sleep(0.05)
+            time.sleep(0.05)  # poll interval of a bounded wait for a condition
     raise AssertionError(f"nothing listens on {port} after {deadline}s")
 
 

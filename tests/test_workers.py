@@ -13,7 +13,6 @@ import re
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -172,7 +171,8 @@ def test_workers_dying_too_often_stop_the_service(workers: Serving):
         assert wait_until(lambda: len(children(proc.pid)) == 2 or proc.poll() is not None)
         if proc.poll() is not None:
             break
-        os.kill(children(proc.pid)[0], signal.SIGKILL)
-        time.sleep(0.2)
+        victim = children(proc.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        assert wait_until(lambda v=victim: v not in children(proc.pid) or proc.poll() is not None)
     assert proc.wait(timeout=30) == 1
     assert "worker deaths within 60s: stopping smtpgate" in (folder / "maillog").read_text()

@@ -1,11 +1,12 @@
 """What the policy core asks of the outside world: DNS, as a protocol with no I/O here.
 
 The restrictions never import a DNS library.  They call :class:`Resolver` (which
-``smtpgate.resolver.DnsPythonResolver`` implements with dnspython, and tests may fake)
-and get a :class:`DnsAnswer` back.  An answer says what Postfix's ``dns_lookup()``
-distinguishes: records found, the name does not exist (NXDOMAIN), the name exists but
-has no record of that type (NODATA), or a temporary failure (SERVFAIL, REFUSED, no
-answer in time).  Every answer, negative ones included, carries a TTL for caching.
+``smtpgate.resolver.DnsPythonResolver`` implements with dnspython, and
+:class:`FakeResolver` here from a dict, for tests) and get a :class:`DnsAnswer` back.
+An answer says what Postfix's ``dns_lookup()`` distinguishes: records found, the name
+does not exist (NXDOMAIN), the name exists but has no record of that type (NODATA), or a
+temporary failure (SERVFAIL, REFUSED, no answer in time).  Every answer, negative ones
+included, carries a TTL for caching.
 
 Records are text, one string per resource record:
 
@@ -21,6 +22,7 @@ Host names carry no trailing dot and keep the case the server sent.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -79,3 +81,113 @@ class Resolver(Protocol):
 def no_resolver_answer(name: str, rdtype: str) -> DnsAnswer:
     """What a lookup gives when no resolver is configured: a temporary failure."""
     return DnsAnswer(name, rdtype, DnsStatus.TEMPFAIL, detail="no DNS resolver configured")
+
+
+# -- the fake ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """A temporary failure the fake answers in place of records (see :class:`FakeResolver`)."""
+
+    detail: str
+
+
+SERVFAIL = Fail("SERVFAIL")
+TIMEOUT = Fail("timeout")
+REFUSED = Fail("REFUSED")
+
+Records = str | Sequence[str] | Fail
+"""One type's records: a string is one record, a sequence several, a Fail a failure."""
+Zone = Mapping[str, Mapping[str, Records] | Fail]
+
+
+class FakeResolver:
+    """An in-memory :class:`Resolver`: answers from a dict, at once, without I/O.
+
+    ``records`` maps a name to its records by type, in the text forms above::
+
+        FakeResolver({
+            "10.2.0.192.zen.test": {"A": "127.0.0.2", "TXT": "Listed, see https://zen.test"},
+            "sender.test": {"MX": ["10 mx.sender.test", "20 mx2.sender.test"]},
+            "mx.sender.test": {"A": "192.0.2.25", "AAAA": "2001:db8::25"},
+            "1.2.0.192.in-addr.arpa": {"PTR": "mail.sender.test"},
+            "null.test": {"MX": "0 "},         # a null MX (RFC 7505)
+            "broken.test": SERVFAIL,           # every query for the name fails
+            "slow.test": {"A": TIMEOUT},       # only the A query fails
+        })
+
+    The answers are what :class:`DnsAnswer` distinguishes:
+
+    - records found: ``OK`` with them, ``ttl`` seconds;
+    - a name that is not in ``records`` and has no name below it: ``NXDOMAIN``;
+    - a name in ``records`` (or with a name below it, an empty non-terminal) that lacks
+      the type: ``NODATA``; negative answers carry ``negative_ttl``;
+    - :data:`SERVFAIL`, :data:`TIMEOUT` or :data:`REFUSED` (any :class:`Fail`), in place
+      of a name's types or of one type's records: ``TEMPFAIL`` with that detail, answered
+      at once (a timeout costs no time);
+    - names compare case-insensitively and without a trailing dot; a CNAME is returned
+      as a record of its own type, never followed.
+
+    Every query is appended to :attr:`queries` as ``(name, rdtype)``, for tests that
+    assert what was (or was not) looked up.  :meth:`add` and :meth:`fail` change the data
+    between queries.
+    """
+
+    def __init__(
+        self, records: Zone | None = None, *, ttl: int = 300, negative_ttl: int = 60
+    ) -> None:
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
+        self.queries: list[tuple[str, str]] = []
+        self._names: dict[str, dict[str, tuple[str, ...] | Fail] | Fail] = {}
+        for name, types in (records or {}).items():
+            if isinstance(types, Fail):
+                self.fail(name, detail=types.detail)
+                continue
+            self._names.setdefault(_key(name), {})
+            for rdtype, value in types.items():
+                if isinstance(value, Fail):
+                    self.fail(name, rdtype, detail=value.detail)
+                else:
+                    self.add(name, rdtype, *([value] if isinstance(value, str) else value))
+
+    def add(self, name: str, rdtype: str, *records: str) -> None:
+        """Add records of ``rdtype`` to ``name`` (no records: the name exists, NODATA)."""
+        types = self._names.setdefault(_key(name), {})
+        if isinstance(types, Fail):
+            types = self._names[_key(name)] = {}
+        kept = types.get(rdtype.upper(), ())
+        types[rdtype.upper()] = (() if isinstance(kept, Fail) else kept) + tuple(records)
+
+    def fail(self, name: str, rdtype: str | None = None, *, detail: str = "SERVFAIL") -> None:
+        """Make queries for ``name`` (of ``rdtype`` only, when given) fail temporarily."""
+        if rdtype is None:
+            self._names[_key(name)] = Fail(detail)
+            return
+        types = self._names.setdefault(_key(name), {})
+        if isinstance(types, Fail):
+            types = self._names[_key(name)] = {}
+        types[rdtype.upper()] = Fail(detail)
+
+    async def lookup(self, name: str, rdtype: str) -> DnsAnswer:
+        self.queries.append((name, rdtype))
+        rdtype = rdtype.upper()
+        types = self._names.get(_key(name))
+        if isinstance(types, Fail):
+            return DnsAnswer(name, rdtype, DnsStatus.TEMPFAIL, detail=types.detail)
+        if types is None:
+            below = "." + _key(name)
+            if any(known.endswith(below) for known in self._names):
+                return DnsAnswer(name, rdtype, DnsStatus.NODATA, ttl=self.negative_ttl)
+            return DnsAnswer(name, rdtype, DnsStatus.NXDOMAIN, ttl=self.negative_ttl)
+        found = types.get(rdtype, ())
+        if isinstance(found, Fail):
+            return DnsAnswer(name, rdtype, DnsStatus.TEMPFAIL, detail=found.detail)
+        if not found:
+            return DnsAnswer(name, rdtype, DnsStatus.NODATA, ttl=self.negative_ttl)
+        return DnsAnswer(name, rdtype, DnsStatus.OK, found, self.ttl)
+
+
+def _key(name: str) -> str:
+    return name.rstrip(".").lower()

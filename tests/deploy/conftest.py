@@ -37,7 +37,7 @@ def wait_listening(
             raise AssertionError(f"exited with {process.returncode}: {output.read_text()}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
             return
-        time.sleep(0.05)
+        time.sleep(0.05)  # poll interval of a bounded wait for a condition
     raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 

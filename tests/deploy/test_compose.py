@@ -17,6 +17,8 @@ from smtpgate.config import load_settings
 from smtpgate.config.params import PARAMETERS
 from tests.deploy.dockerfile import stages
 
+pytestmark = pytest.mark.deploy
+
 ROOT = Path(__file__).parents[2]
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "compose.yml"

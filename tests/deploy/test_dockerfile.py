@@ -17,6 +17,8 @@ from smtpgate import __version__
 from smtpgate.config.params import PARAMETERS
 from tests.deploy.dockerfile import Stage, stages
 
+pytestmark = pytest.mark.deploy
+
 ROOT = Path(__file__).parents[2]
 DEPLOY = ROOT / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"

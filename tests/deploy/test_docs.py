@@ -18,6 +18,8 @@ import pytest
 
 from smtpgate import cli
 
+pytestmark = pytest.mark.deploy
+
 ROOT = Path(__file__).parents[2]
 CLI_MD = (ROOT / "docs" / "cli.md").read_text()
 OPERATOR_DOCS = ["docs/deployment.md", "docs/operations.md", "docs/security.md"]

@@ -28,10 +28,13 @@ EXAMPLE = ROOT / "examples" / "main.cf"
 FAIL2BAN = Path("/etc/fail2ban")
 STOCK_POSTFIX = FAIL2BAN / "filter.d" / "postfix.conf"
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("fail2ban-regex") is None or not STOCK_POSTFIX.exists(),
-    reason="Debian's fail2ban is not installed (.ci/run installs it)",
-)
+pytestmark = [
+    pytest.mark.deploy,
+    pytest.mark.skipif(
+        shutil.which("fail2ban-regex") is None or not STOCK_POSTFIX.exists(),
+        reason="Debian's fail2ban is not installed (.ci/run installs it)",
+    ),
+]
 
 # (client, helo, sender, recipient, overrides) -> the reply explain prints.
 ENVELOPES = [

@@ -9,7 +9,11 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 from tests.deploy.conftest import LiveGate, free_port
+
+pytestmark = pytest.mark.deploy
 
 SCRIPT = Path(__file__).parents[2] / "deploy" / "healthcheck.py"
 

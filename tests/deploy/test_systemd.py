@@ -15,6 +15,8 @@ import pytest
 from smtpgate.cli import EXIT_CONFIG, main
 from smtpgate.config.params import PARAMETERS
 
+pytestmark = pytest.mark.deploy
+
 ROOT = Path(__file__).parents[2]
 UNIT = ROOT / "deploy" / "smtpgate.service"
 BINARY = "/opt/smtpgate/bin/smtpgate"

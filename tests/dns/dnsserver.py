@@ -86,7 +86,7 @@ class FakeDns:
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             if self.delay:
-                time.sleep(self.delay)
+                time.sleep(self.delay)  # a slow name server is the behaviour under test
             if self.drop_all or name in self.drop:
                 return None
             response = self._response(query, name, rdtype)

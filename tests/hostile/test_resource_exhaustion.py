@@ -60,7 +60,7 @@ async def test_x04_slowloris_command(tmp_path: Path) -> None:
         started = time.monotonic()
         for byte in b"NOOP":  # one byte every 0.3 s: the command is not complete after 1 s
             await c.send_raw(bytes([byte]))
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.3)  # the slow client under test, not synchronisation
         lines, closed = await read_until_closed(c)
         assert time.monotonic() - started < 2.5
         assert lines == [TIMEOUT_421] and closed
@@ -80,7 +80,7 @@ async def test_x05_slow_data_is_cut_by_the_request_deadline(tmp_path: Path) -> N
             if reply.done() or c.reader._buffer:  # type: ignore[attr-defined]
                 break  # would be answered with RST, which discards the unread 421
             await c.send_raw(b"x")
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # a data rate below smtpd_min_data_rate: under test
         lines, closed = await reply
         assert lines == [TIMEOUT_421] and closed
         assert time.monotonic() - started < 4
@@ -182,7 +182,7 @@ async def test_x13_non_reading_client_does_not_stop_the_server(tmp_path: Path) -
     async with open_env(tmp_path, overrides=SHORT) as env:
         c = await env.session()
         c.writer.write(b"RSET\r\n" * 180_000)  # ~1 MiB of commands, replies never read
-        await asyncio.sleep(0.5)
+        assert await c.reply() == ["250 2.0.0 Ok"]  # the server is working through them
         await env.c01()
         await env.finish()
 
@@ -196,11 +196,14 @@ async def test_x13b_non_reading_client_is_dropped_after_smtpd_timeout(tmp_path: 
         c = await env.session()
         c.writer.write(b"RSET\r\n" * 180_000)
         sessions = env.gate.server.shared.sessions
-        await asyncio.sleep(0.3)
+        assert await c.reply() == ["250 2.0.0 Ok"]  # the server is working through them
         assert len(sessions) == 1
-        async with asyncio.timeout(4):  # smtpd_timeout covers writes too
+        # smtpd_timeout covers writes too: the server answers until the client's socket
+        # buffers are full (how long that takes depends on the kernel's buffer tuning, 2-4 s
+        # here), then gives up on the write after 1 s. The bound only says "not forever".
+        async with asyncio.timeout(10):
             while sessions:
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1)  # poll interval of a bounded wait for a condition
         await env.finish()
 
 
@@ -224,15 +227,21 @@ async def test_x14_ehlo_flood(env: Env) -> None:
 
 
 async def test_x15_data_memory_budget(tmp_path: Path) -> None:
-    overrides = ("smtpgate_data_memory_limit=100000",)  # one budget for all workers
-    async with open_env(tmp_path, overrides=overrides) as env:
+    # One budget for every session (across workers: tests/test_deployment.py). In process,
+    # so that the test can wait for the first message to be held instead of sleeping.
+    overrides = ("smtpgate_data_memory_limit=100000",)
+    reason = "waits until the data budget holds the first message"
+    async with open_env(tmp_path, overrides=overrides, in_process=reason) as env:
+        budget = env.gate.server.shared.anvil.budget
         first, second = await env.session(), await env.session("127.0.0.3")
         for c in (first, second):
             assert await env.cmd(c, "MAIL FROM:<sender@ext.example>") == ["250 2.1.0 Ok"]
             assert await env.cmd(c, "RCPT TO:<u@our.example>") == ["250 2.1.5 Ok"]
         assert await env.cmd(first, "DATA") == GO_AHEAD
         await first.send_raw(b"x" * 99_000)
-        await asyncio.sleep(0.2)
+        async with asyncio.timeout(5):
+            while budget.in_flight < 99_000:
+                await asyncio.sleep(0.01)  # poll interval of a bounded wait for a condition
         assert await env.cmd(second, "DATA") == ["451 4.3.1 Insufficient system resources"]
         await first.send_raw(b"\r\n.\r\n")
         assert code(await env.reply(first)) == 250

@@ -146,7 +146,7 @@ async def test_s17_end_of_data_split_across_writes(env: Env) -> None:
     assert await env.cmd(c, "DATA") == GO_AHEAD
     for piece in (body("split", b"x\r"), b"\n", b".", b"\r", b"\n"):
         await c.send_raw(piece)
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # pacing: each piece a separate segment (the case itself)
     final = await env.reply(c)
     assert final[0].startswith("250 "), final
     [stored] = env.stored("split")

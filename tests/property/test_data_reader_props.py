@@ -51,7 +51,7 @@ async def _send(client: LineClient, payload: bytes, cuts: list[int]) -> list[str
     for cut in [*sorted(set(cuts)), len(payload)]:
         if start < cut <= len(payload):
             await client.send_raw(payload[start:cut])
-            await asyncio.sleep(0.002)
+            await asyncio.sleep(0.002)  # pacing: the cut arrives as its own read (under test)
             start = cut
     return await client.reply()
 

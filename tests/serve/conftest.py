@@ -90,7 +90,7 @@ class Gate:
         while text not in (log := self.log):
             if time.monotonic() > end:
                 raise AssertionError(f"not logged within {deadline}s: {text!r}\n{log}")
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # poll interval of a bounded wait for a condition
         return log
 
     async def connect(self, source: str = "127.0.0.2") -> LineClient:
@@ -313,7 +313,7 @@ async def _listening(
             raise AssertionError(f"smtpgate serve exited {proc.returncode}: {stderr.read_text()}")
         if time.monotonic() > end:
             raise AssertionError(f"smtpgate serve did not listen within {START_DEADLINE}s\n{log}")
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # poll interval of a bounded wait for a condition
 
 
 @pytest.fixture

@@ -93,7 +93,7 @@ async def wait_maillog(pf: PostfixInstance, pattern: str, offset: int) -> re.Mat
             m = regex.search(text)
             if m:
                 return m
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # poll interval of a bounded wait for a condition
 
 
 async def session(gate: Gate) -> LineClient:

@@ -205,7 +205,7 @@ async def wait_file(path: Path, text: str, proc: asyncio.subprocess.Process) -> 
             if proc.returncode is not None:
                 err = await proc.stderr.read() if proc.stderr else b""
                 raise AssertionError(f"smtpgate exited {proc.returncode}: {err!r}\n{content}")
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # poll interval of a bounded wait for a condition
 
 
 async def test_serve_sigterm_drains_and_exits_0(tmp_path: Path):

@@ -80,7 +80,7 @@ async def wait_until(predicate: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + BOUND
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # poll interval of a bounded wait for a condition
 
 
 async def disconnect_line(gate: Gate, client: str = "127.0.0.2") -> str:
@@ -177,7 +177,7 @@ async def test_data_deadline_grows_with_min_data_rate(
         assert (await c.cmd("DATA"))[0].startswith("354")
         for _ in range(10):
             await c.send_raw(b"y" * 998 + b"\r\n")
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # the client's data rate is what is under test
         await c.send_raw(b".\r\n")
         assert (await c.reply())[0].startswith("250 2.0.0 Ok: queued as")
         assert len(backend.messages) == 1
@@ -198,7 +198,7 @@ async def test_data_deadline_without_enough_rate_times_out(
         async def slow() -> None:
             for _ in range(30):
                 await c.send_raw(b"z" * 8 + b"\r\n")
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # too slow a client, on purpose: under test
 
         sender = asyncio.ensure_future(slow())
         try:

@@ -171,7 +171,7 @@ async def wait_until(predicate: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + BOUND
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # poll interval of a bounded wait for a condition
 
 
 @pytest.mark.parametrize("count", [1, 2, 3])

@@ -94,6 +94,6 @@ async def test_reset_at_once_is_logged_with_the_address_by_a_deployed_server(tmp
             end = time.monotonic() + 10  # the log file is the only window into it
             while (log := gate.log).count("disconnect from unknown[127.0.0.3]") < 3:
                 assert time.monotonic() < end, log
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.02)  # poll interval of a bounded wait for a condition
     assert log.count("connect from unknown[127.0.0.3]") == 6, log  # connect + disconnect
     assert "unknown[unknown]" not in log

@@ -30,7 +30,9 @@ import pytest
 
 from tests.serve.backend import RecordingBackend, _BackendSMTP
 from tests.serve.client import LineClient
-from tests.serve.conftest import running_gate
+from tests.serve.conftest import Gate, running_gate
+
+pytestmark = pytest.mark.soak
 
 SOAK_SECONDS = float(os.environ.get("SMTPGATE_SOAK_SECONDS", "60"))
 CLIENTS = 30
@@ -88,7 +90,14 @@ class _ChaosSMTP(_BackendSMTP):
             await self.push(detail)
             return True
         if kind == "stall":
-            await self.backend._pause(detail)
+            backend = self.backend
+            assert isinstance(backend, ChaosBackend)
+            backend.stalling += 1
+            try:
+                await backend._pause(detail)
+            finally:
+                backend.stalling -= 1
+                backend._notify()
             return False
         if kind == "close":
             self._close()
@@ -114,6 +123,9 @@ class _ChaosSMTP(_BackendSMTP):
 
 
 class ChaosBackend(RecordingBackend):
+    stalling = 0
+    """Backend sessions inside a stall now (the test waits for them before its checks)."""
+
     async def __aenter__(self) -> ChaosBackend:
         loop = asyncio.get_running_loop()
         self._closing = asyncio.Event()
@@ -202,6 +214,15 @@ async def _client(host: str, port: int, deadline: float, tally: Tally, seed: int
             await c.close()
 
 
+async def _settled(gate: Gate, backend: ChaosBackend, connections: int) -> None:
+    """Wait (bounded) until every stalled backend session has answered and smtpgate has
+    logged the end of every client connection (after-dot lines come before it)."""
+    await backend.wait_for(lambda: backend.stalling == 0, timeout=PROXY_TIMEOUT * 4)
+    async with asyncio.timeout(10):
+        while gate.log.count(" disconnect from ") < connections:
+            await asyncio.sleep(0.05)  # poll interval of a bounded wait for a condition
+
+
 @pytest.mark.timeout(SOAK_SECONDS + 120)
 async def test_soak(tmp_path: Path) -> None:
     async with ChaosBackend() as backend:
@@ -212,7 +233,7 @@ async def test_soak(tmp_path: Path) -> None:
             await asyncio.gather(
                 *(_client(gate.host, gate.port, deadline, tally, n) for n in range(CLIENTS))
             )
-            await asyncio.sleep(PROXY_TIMEOUT * 2)  # let stalled backend replies settle
+            await _settled(gate, backend, tally.counts["connections"])
             # The probe: a healthy backend, a fresh connection, one message.
             _ChaosSMTP.chaos = False
             probe = Tally()
