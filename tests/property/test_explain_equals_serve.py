@@ -44,7 +44,7 @@ LOCAL = st.sampled_from(
     ["a", "a.b", '"a b"', "a\\ b", '"a@b"', '"a."', "postmaster", "d", "x+y", "blocked"]
 )
 DOMAIN = st.sampled_from(["bar.org", "x.org", "other.org", "[127.0.0.1]"])
-ADDRESS = st.builds(lambda l, d: f"{l}@{d}", LOCAL, DOMAIN) | st.sampled_from(
+ADDRESS = st.builds(lambda local, d: f"{local}@{d}", LOCAL, DOMAIN) | st.sampled_from(
     ["postmaster", "<@route.example:a@bar.org>", "@x.org", "a@"]
 )
 
