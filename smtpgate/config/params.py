@@ -571,8 +571,9 @@ _SPECS = [
         "smtpgate_hold_relayhost",
         "",
         "str",
-        "Where a message whose client triggered an access(5) HOLD action is relayed, in "
-        "relayhost syntax (a quarantine MTA); empty: to relayhost, like any other message.",
+        "Where a message that triggered an access(5) HOLD action is relayed, in relayhost "
+        "syntax (a quarantine MTA); empty: to relayhost, with an X-Smtpgate-Hold: header "
+        "that a Postfix backend holds it by (header_checks: /^X-Smtpgate-Hold:/ HOLD).",
         "smtpgate only (Postfix puts such a message in its own hold queue).",
     ),
     ParamSpec(

@@ -48,6 +48,7 @@ def test_every_stage_list_compiles_in_order(make_plan: MakePlan):
         "smtpd_relay_restrictions": ["permit_mynetworks", "reject_unauth_destination"],
         "smtpd_recipient_restrictions": ["reject_non_fqdn_recipient"],
         "smtpd_data_restrictions": ["reject_unauth_pipelining"],
+        "smtpd_etrn_restrictions": [],
         "smtpd_end_of_data_restrictions": ["reject_multi_recipient_bounce"],
     }
     assert plan.stage_list("no_such_list") == ()
@@ -184,13 +185,13 @@ ERROR_CASES = [
     pytest.param(
         "reject_code = 299",
         1,
-        "reject_code: bad reply code: '299' (expected 4xx or 5xx)",
+        "bad reply code configuration: reject_code = 299 (use a 4xx or 5xx SMTP code)",
         id="reply-code-out-of-range",
     ),
     pytest.param(
         "\naccess_map_defer_code = 45x",
         2,
-        "access_map_defer_code: bad reply code: '45x' (expected 4xx or 5xx)",
+        "bad numerical configuration: access_map_defer_code = 45x (use a whole number)",
         id="reply-code-not-a-number",
     ),
     pytest.param(
@@ -218,11 +219,12 @@ def test_all_errors_are_reported_at_once(build: Build, tmp_path: Path):
         "maps_rbl_reject_code = 200\n"
     )
     assert plan is None
+    # the settings are read first (typed PolicyConfig), then the lists are compiled
     assert [d.message for d in diagnostics if d.severity == "error"] == [
+        "bad reply code configuration: maps_rbl_reject_code = 200 (use a 4xx or 5xx SMTP code)",
         'smtpd_client_restrictions: unknown restriction "nope1"',
         'smtpd_helo_restrictions: unknown restriction "nope2"',
         'smtpd_helo_restrictions: restriction "check_helo_access" requires a type:table argument',
-        "maps_rbl_reject_code: bad reply code: '200' (expected 4xx or 5xx)",
     ]
 
 
@@ -334,14 +336,14 @@ def test_table_values_are_linted(build: Build, tmp_path: Path):
 def test_settings_become_plan_fields(make_plan: MakePlan):
     plan = make_plan("")
     assert (plan.delay_reject, plan.helo_required, plan.soft_bounce) == (True, False, False)
-    assert plan.codes["reject_code"] == 554 and plan.codes["access_map_defer_code"] == 450
+    assert plan.codes.reject_code == 554 and plan.codes.access_map_defer_code == 450
     plan = make_plan(
         "smtpd_delay_reject = no\nsmtpd_helo_required = yes\nsoft_bounce = yes\n"
         "reject_code = 550\nsmtpd_relay_before_recipient_restrictions = no\n"
         "smtpd_null_access_lookup_key = <empty>\n"
     )
     assert (plan.delay_reject, plan.helo_required, plan.soft_bounce) == (False, True, True)
-    assert plan.codes["reject_code"] == 550
+    assert plan.codes.reject_code == 550
     assert plan.relay_before_recipient is False
     assert plan.null_access_lookup_key == "<empty>"
 

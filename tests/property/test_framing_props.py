@@ -60,7 +60,7 @@ def test_canonical_content_is_not_copied(message: bytes) -> None:
     body, end = data_pieces(message)
     canonical = (
         (not message or message.endswith(b"\r\n"))
-        and message.count(b"\n") == message.count(b"\r\n")
+        and message.count(b"\n") == message.count(b"\r\n") == message.count(b"\r")
         and not message.startswith(b".")
         and b"\n." not in message
     )
