@@ -1082,7 +1082,9 @@ class SmtpMachine:
             problem = s.NO_VALID_RCPT
         elif size == 0 and not last:
             self.log.warning(f"{self._queue_id()}: null BDAT request from {self.namaddr}")
-            return self._fail(Reply(551, "5.7.1", "Null BDAT request"))
+            txn.chunk_problem, txn.chunks = Reply(551, "5.7.1", "Null BDAT request"), None
+            self._release_data()
+            return self._fail(txn.chunk_problem)
         elif txn.chunk_problem is not None:
             problem = Reply(551, "5.0.0", f"Discarded {size} bytes after earlier error")
         elif self.config.size_limit and size > self.config.size_limit:
