@@ -252,10 +252,6 @@ def describe(case: Case) -> str:
 
 #: Case id -> why smtpgate deliberately differs. Each becomes a strict xfail, so a fix shows up.
 KNOWN_DIFFERENCES: dict[str, str] = {
-    "relay-default/ehlo": (
-        "smtpgate's EHLO lists its own extensions: no ETRN, no CHUNKING (relayed lock-step, "
-        "BDAT is not offered)"
-    ),
     "unknown-restriction/any": (
         "smtpgate refuses to load a config with an unknown restriction name; Postfix starts "
         "and answers 451 4.3.5 at every RCPT (tests/policy/test_golden_postfix.py asserts it)"
