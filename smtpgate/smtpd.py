@@ -53,6 +53,7 @@ from smtpgate.smtp.machine import (
     START_TLS,
     BackendTransaction,
     Effect,
+    FixedTransaction,
     SmtpMachine,
 )
 
@@ -123,7 +124,7 @@ class RelayBackend:
                 next_hop = parse_filter_destination(filter)
             except FilterDestinationError as exc:
                 self.maillog.warning(f"FILTER {filter}: {exc}")
-                return Unroutable(R451_FILTER)
+                return FixedTransaction(R451_FILTER, R451_FILTER)
         return await self.relay.begin(client, sender, mail_params, next_hop=next_hop)
 
     def holds_elsewhere(self) -> bool:
@@ -131,28 +132,6 @@ class RelayBackend:
 
 
 R451_FILTER = Reply(451, "4.3.0", "Error: queue file write error")
-
-
-class Unroutable:
-    """A transaction that cannot go anywhere: every step gets the same reply."""
-
-    backend_peer = "none"
-    outcome_unknown = False
-
-    def __init__(self, reply: Reply) -> None:
-        self.reply = reply
-
-    async def rcpt(self, recipient: str, params: Sequence[str] = ()) -> Reply:
-        return self.reply
-
-    def start_data(self) -> None:
-        pass
-
-    async def data(self, message: bytes) -> Reply:
-        return self.reply
-
-    async def abort(self) -> None:
-        pass
 
 
 class GateProtocol(asyncio.Protocol):

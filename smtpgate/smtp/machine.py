@@ -211,21 +211,23 @@ class Observer(Protocol):
     def reply(self, reply: Reply) -> None: ...
 
 
-class _AcceptedTransaction:
+class FixedTransaction:
+    """A transaction whose every RCPT and message get fixed replies (no backend)."""
+
     backend_peer = "none"
     outcome_unknown = False
 
-    def __init__(self, queue_id: str) -> None:
-        self.queue_id = queue_id
+    def __init__(self, rcpt: Reply, data: Reply) -> None:
+        self.rcpt_reply, self.data_reply = rcpt, data
 
     async def rcpt(self, recipient: str, params: Sequence[str] = ()) -> Reply:
-        return s.RECIPIENT_OK
+        return self.rcpt_reply
 
     def start_data(self) -> None:
         pass
 
     async def data(self, message: bytes) -> Reply:
-        return Reply(250, "2.0.0", f"Ok: queued as {self.queue_id}")
+        return self.data_reply
 
     async def abort(self) -> None:
         pass
@@ -248,7 +250,9 @@ class AcceptingBackend:
         hold: bool = False,
     ) -> BackendTransaction:
         self.transactions.append((client, sender, filter, hold))
-        return _AcceptedTransaction(self._queue_id())
+        return FixedTransaction(
+            s.RECIPIENT_OK, Reply(250, "2.0.0", f"Ok: queued as {self._queue_id()}")
+        )
 
     def holds_elsewhere(self) -> bool:
         return False
