@@ -18,13 +18,10 @@ NAMES = frozenset(PARAMETERS) | frozenset(POSTFIX_DEFAULTS)
 READS = frozenset({"get", "raw", "as_bool", "as_int", "as_time", "as_list", "as_code"})
 """Settings methods that return a value (``location``/``blame`` only say where)."""
 
-RELAY_HELPER = ("relay.py", "relay/")
-"""The relay is moving to a typed RelayConfig (config/relayconf.py); until then it reads
-its own parameters.  Remove once the relay package lands."""
-
-SETTINGS_USERS = frozenset({"generation.py", "policy/plan.py", "relay.py"})
-"""Modules outside config/ that may hold a Settings at all: the one load, the plan
-compiler (for the file and line of its diagnostics), the relay (see above)."""
+SETTINGS_USERS = frozenset({"generation.py", "policy/plan.py"})
+"""Modules outside config/ that may hold a Settings at all: the one load and the plan
+compiler (for the file and line of its diagnostics).  The relay reads its typed
+RelayConfig (config/relayconf.py)."""
 
 
 def _holds_parameters(value: ast.expr) -> bool:
@@ -85,7 +82,6 @@ def test_no_module_outside_config_reads_a_parameter_by_name() -> None:
     reads = [
         read
         for name, source in _modules()
-        if not name.startswith(RELAY_HELPER)
         for read in parameter_reads(source, f"smtpgate/{name}")
     ]
     assert reads == []
