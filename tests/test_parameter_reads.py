@@ -80,9 +80,7 @@ def test_the_checker_finds_reads_by_name() -> None:
 
 def test_no_module_outside_config_reads_a_parameter_by_name() -> None:
     reads = [
-        read
-        for name, source in _modules()
-        for read in parameter_reads(source, f"smtpgate/{name}")
+        read for name, source in _modules() for read in parameter_reads(source, f"smtpgate/{name}")
     ]
     assert reads == []
 
