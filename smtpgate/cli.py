@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 import click
 
@@ -200,9 +200,16 @@ def query(table: str, key: str, config: str | None) -> None:
 )
 @click.option("--helo", default=None, help="HELO name (omit to skip HELO).")
 @click.option("--ehlo", is_flag=True, help="Say EHLO instead of HELO (protocol ESMTP).")
-@click.option("--from", "sender", required=True, help="Envelope sender; '' or <> for null.")
-@click.option("--to", "recipients", multiple=True, required=True, help="Recipient (repeatable).")
+@click.option("--from", "sender", default=None, help="Envelope sender; '' or <> for null.")
+@click.option("--to", "recipients", multiple=True, help="Recipient (repeatable).")
 @click.option("--data", is_flag=True, help="Also send DATA (smtpd_data_restrictions).")
+@click.option(
+    "--script",
+    type=click.File("r"),
+    default=None,
+    help="The client's side of a dialogue, one command per line ('-': standard input), "
+    "instead of --helo/--from/--to/--data.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def explain(
     config: str,
@@ -212,18 +219,24 @@ def explain(
     dns_servers: str | None,
     helo: str | None,
     ehlo: bool,
-    sender: str,
+    sender: str | None,
     recipients: tuple[str, ...],
     data: bool,
+    script: TextIO | None,
     as_json: bool,
 ) -> None:
     """Run the restrictions on one envelope without a socket and show every step."""
     from smtpgate.generation import load_configuration
     from smtpgate.policy.address import valid_hostaddr
-    from smtpgate.smtp.explain import render_json, render_text, run_dialogue
+    from smtpgate.smtp.explain import render_json, render_text, run_dialogue, script_writes
 
     if not valid_hostaddr(client):
         _fail(f"--client {client!r} is not an IPv4 or IPv6 address")
+    if script is not None and (sender is not None or recipients or data or helo is not None):
+        _fail("--script replaces --helo, --from, --to and --data: give one or the other")
+    if script is None and (sender is None or not recipients):
+        _fail("give --from and at least one --to (or a --script)")
+    writes = script_writes(script.read()) if script is not None else None
     try:
         loaded, diagnostics = load_configuration(config, overrides)
     except ConfigError as exc:
@@ -255,8 +268,9 @@ def explain(
             config=loaded.config,
             resolver=resolver,
             lookup_client_name=resolver is not None and client_name is None,
+            writes=writes,
             helo=helo,
-            sender=_unbracket(sender),
+            sender=_unbracket(sender or ""),
             recipients=[
                 r[1:-1] if r.startswith("<") and r.endswith(">") else r for r in recipients
             ],

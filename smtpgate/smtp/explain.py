@@ -105,6 +105,27 @@ def dialogue_writes(
     return [line.encode("utf-8") + b"\r\n" for line in lines]
 
 
+def script_writes(text: str) -> list[bytes]:
+    """The writes of a typed dialogue (``explain --script``): one command per line, each
+    sent alone and answered before the next, as an admin types them in telnet; after
+    ``DATA`` the lines up to a line ``.`` are the message, sent as one write."""
+    writes: list[bytes] = []
+    content: list[str] | None = None
+    for line in text.splitlines():
+        if content is not None:
+            content.append(line)
+            if line == ".":
+                writes.append("\r\n".join(content).encode("utf-8") + b"\r\n")
+                content = None
+            continue
+        writes.append(line.encode("utf-8") + b"\r\n")
+        if line.strip().upper() == "DATA":
+            content = []
+    if content:
+        writes.append("\r\n".join(content).encode("utf-8") + b"\r\n")
+    return writes
+
+
 async def run_dialogue(
     plan: Plan,
     client: ClientInfo,

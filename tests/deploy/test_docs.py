@@ -79,6 +79,9 @@ def test_named_deploy_files_exist(doc: str) -> None:
 #                     `smtpgate check -c main.cf` must say "ok, 0 warning(s)". Nothing is
 #                     added: a snippet that needs more says so in the snippet.
 #   ```table NAME     a table file the main.cf blocks of the same document use.
+#   ```postfix main.cf  Postfix's own main.cf lines of an experiment against Postfix 3.7
+#                     (docs/postfix-behaviour.md): run by tests/differential
+#                     (postfix_research.py, sessions.py), not by smtpgate check.
 #   ```console        a terminal session: each "$ smtpgate ..." line (a trailing "\" joins
 #                     the next line) is run as a real process in the checkout, and what it
 #                     prints (standard output and error, in order) must be the lines shown
@@ -191,7 +194,7 @@ def test_main_cf_snippets_are_tagged() -> None:
 
     setting = re.compile(r"^([a-z][a-z0-9_]*)\s*=", re.M)
     for block in ALL_BLOCKS:
-        if block.tag in ("main.cf", "console") or block.tag.startswith("table "):
+        if block.tag in ("main.cf", "console", "postfix main.cf") or block.tag.startswith("table "):
             continue
         names = [n for n in setting.findall(block.text) if n in PARAMETERS or n in POSTFIX_DEFAULTS]
         assert not names, f"{block}: looks like main.cf ({names}): tag the fence main.cf"
