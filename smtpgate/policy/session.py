@@ -4,7 +4,7 @@
 per-connection facts (HELO name, sender, recipient count, deferrals) and answers each
 command with a :class:`~smtpgate.policy.model.Decision`.  ``decision.reply is None``
 means the command passed every restriction; the caller then sends its own success
-reply (``explain`` uses :data:`ACCEPT_REPLIES`, ``serve`` the backend's).
+reply (the SMTP machine's, or the backend's: see ``smtpgate/smtp/machine.py``).
 """
 
 from __future__ import annotations
@@ -30,13 +30,6 @@ from smtpgate.policy.model import (
 from smtpgate.policy.plan import Plan
 from smtpgate.policy.ports import Resolver
 from smtpgate.reply import Reply
-
-ACCEPT_REPLIES = {
-    Stage.MAIL: Reply(250, "2.1.0", "Ok"),
-    Stage.RCPT: Reply(250, "2.1.5", "Ok"),
-    Stage.DATA: Reply(354, "", "End data with <CR><LF>.<CR><LF>"),
-}
-
 
 _WHERE = {stage: stage.value for stage in Stage}  # without a descriptor call per command
 

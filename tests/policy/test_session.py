@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from smtpgate.policy.model import ClientInfo, Decision, Stage
-from smtpgate.policy.session import ACCEPT_REPLIES, PolicySession
+from smtpgate.policy.session import PolicySession
 from tests.policy.conftest import MakePlan
 
 CLIENT = ClientInfo("192.0.2.1")
@@ -425,8 +425,3 @@ def test_an_untraced_session_keeps_no_trail(make_plan: MakePlan):
     assert play(traced, script) == play(untraced, script)
     assert asyncio.run(untraced.rcpt("carol@example.org")).steps == []
     assert asyncio.run(traced.rcpt("carol@example.org")).steps != []
-
-
-def test_accept_replies_for_explain():
-    assert str(ACCEPT_REPLIES[Stage.RCPT]) == "250 2.1.5 Ok"
-    assert ACCEPT_REPLIES[Stage.DATA].code == 354
