@@ -190,3 +190,38 @@ async def test_postfix_recipient_reject_reaches_the_client_verbatim(
     queue = postqueue(postfix)
     entry = queue[queue.index(qid) :].split("\n\n", 1)[0]
     assert "foo@bar.org" in entry and "nobody@bar.org" not in entry, queue
+
+
+async def test_bdat_client_through_smtpgate_to_postfix(postfix: PostfixInstance, tmp_path: Path):
+    """A client that sends BDAT (as Exim and many libraries do) through smtpgate to a
+    Postfix backend that offers CHUNKING: smtpgate answers the middle chunks itself, relays
+    the message with BDAT, and the client's last reply is Postfix's."""
+    offset = postfix.maillog.stat().st_size
+    first = b"Subject: bdat interop\r\nMessage-ID: <bdat@example.net>\r\n\r\n"
+    second = b".leading dot\r\nlast line\r\n"
+    async with running_gate(
+        tmp_path, GATE_CF, None, relayhost=f"[127.0.0.1]:{postfix.port}"
+    ) as gate:
+        c = await gate.connect(source="127.0.0.2")
+        ehlo = await c.cmd("EHLO client.example.net")
+        assert "250 CHUNKING" in ehlo, ehlo
+        assert await c.cmd("MAIL FROM:<friend@example.net>") == ["250 2.1.0 Ok"]
+        assert await c.cmd("RCPT TO:<foo@bar.org>") == ["250 2.1.5 Ok"]
+        await c.send_raw(b"BDAT %d\r\n" % len(first) + first)
+        assert await c.reply() == [f"250 2.0.0 Ok: {len(first)} bytes"]
+        await c.send_raw(b"BDAT %d LAST\r\n" % len(second) + second)
+        final = await c.reply()
+        assert await c.cmd("QUIT") == ["221 2.0.0 Bye"]
+    m = re.fullmatch(r"250 2\.0\.0 Ok: (?P<size>\d+) bytes queued as (?P<qid>[0-9A-Z]+)", final[0])
+    assert m, final
+    qid = m["qid"]
+    assert f"queued as {qid};" in gate.log
+    log = await wait_maillog(
+        postfix, r"disconnect from unknown\[127\.0\.0\.1\] (?P<counts>ehlo=.*)$", offset
+    )
+    assert "bdat=1 " in log["counts"] and "data=" not in log["counts"], log["counts"]
+    content = postcat(postfix, qid)
+    assert "Subject: bdat interop" in content
+    assert "\n.leading dot\n" in content and "..leading" not in content, content
+    # Postfix counts what it received: smtpgate's Received header and the two chunks
+    assert int(m["size"]) > len(first) + len(second)
