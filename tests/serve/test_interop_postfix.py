@@ -225,3 +225,60 @@ async def test_bdat_client_through_smtpgate_to_postfix(postfix: PostfixInstance,
     assert "\n.leading dot\n" in content and "..leading" not in content, content
     # Postfix counts what it received: smtpgate's Received header and the two chunks
     assert int(m["size"]) > len(first) + len(second)
+
+
+SENDER_CF = """\
+myhostname = sender.test
+mydestination =
+mynetworks = 127.0.0.0/8
+relayhost = [127.0.0.1]:{gate_port}
+smtp_connect_timeout = 5s
+"""
+
+
+async def test_postfix_smtp_client_through_smtpgate_to_postfix(
+    postfix: PostfixInstance, tmp_path: Path
+):
+    """Postfix's own smtp client (a second throwaway Postfix whose relayhost is smtpgate)
+    delivers through smtpgate to the Postfix backend. Postfix 3.7's smtp client has no BDAT
+    (it sends DATA even to a server that offers CHUNKING); smtpgate relays with BDAT, and the
+    sending Postfix logs the backend's reply as its delivery status."""
+    offset = postfix.maillog.stat().st_size
+    async with running_gate(
+        tmp_path, GATE_CF, None, relayhost=f"[127.0.0.1]:{postfix.port}"
+    ) as gate:
+        with PostfixInstance(SENDER_CF.format(gate_port=gate.port)) as sender:
+            sent_from = sender.maillog.stat().st_size if sender.maillog.exists() else 0
+            client = await LineClient.connect("127.0.0.1", sender.port, source="127.0.0.1")
+            assert (await client.reply())[0].startswith("220 ")
+            assert (await client.cmd("EHLO client.example.net"))[0].startswith("250")
+            assert await client.cmd("MAIL FROM:<friend@example.net>") == ["250 2.1.0 Ok"]
+            assert await client.cmd("RCPT TO:<foo@bar.org>") == ["250 2.1.5 Ok"]
+            assert (await client.cmd("DATA"))[0].startswith("354")
+            await client.send_raw(BODY + b"..leading dot\r\n.\r\n")
+            assert (await client.reply())[0].startswith("250 2.0.0 Ok: queued as ")
+            await client.cmd("QUIT")
+            await client.close()
+            status = await wait_maillog(
+                sender,
+                r"postfix/smtp\[\d+\]: \w+: to=<foo@bar\.org>, relay=127\.0\.0\.1\[127\.0\.0\.1\]"
+                r":\d+, .* status=(?P<status>\w+) \((?P<reply>.*)\)$",
+                sent_from,
+            )
+        gate_log = gate.log
+    assert status["status"] == "sent", status[0]
+    m = re.search(r"250 2\.0\.0 Ok: \d+ bytes queued as (?P<qid>[0-9A-Z]+)", status["reply"])
+    assert m, status["reply"]
+    assert "proxy-accept: END-OF-MESSAGE from unknown[127.0.0.1]: 250 2.0.0 Ok: " in gate_log
+    counts = await wait_maillog(
+        postfix, r"disconnect from unknown\[127\.0\.0\.1\] (?P<counts>ehlo=.*)$", offset
+    )
+    assert "bdat=1 " in counts["counts"] and "data=" not in counts["counts"], counts["counts"]
+    content = postcat(postfix, m["qid"])
+    assert "Subject: interop" in content and "\n.leading dot\n" in content, content
+    # the whole chain of Received headers: backend, smtpgate, the sending Postfix
+    assert re.search(
+        r"Received: from mx\.example\.org .*\n(?:\s.*\n)*Received: from sender\.test "
+        r"\(unknown \[127\.0\.0\.1\]\)\n\s+by mx\.example\.org \(smtpgate\)",
+        content,
+    ), content
