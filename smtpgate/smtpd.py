@@ -47,14 +47,14 @@ from smtpgate.policy.plan import Plan
 from smtpgate.policy.ports import Resolver
 from smtpgate.relay import Relay, parse_filter_destination
 from smtpgate.reply import Reply
-from smtpgate.smtp.machine import (
+from smtpgate.smtp.machine import SmtpMachine
+from smtpgate.smtp.ports import (
     CLOSE,
     FLUSH,
     START_TLS,
     BackendTransaction,
     Effect,
     FixedTransaction,
-    SmtpMachine,
 )
 
 log = logging.getLogger("smtpgate.smtpd")

@@ -3,7 +3,7 @@
 The dialogue is what a client would send: HELO (or EHLO), MAIL FROM, one RCPT TO per
 recipient, optionally DATA -- or a script of raw writes (a write may hold a pipelined
 group).  Each write goes into an :class:`~smtpgate.smtp.machine.SmtpMachine` built as
-``serve`` builds one, with :class:`~smtpgate.smtp.machine.AcceptingBackend` in place of
+``serve`` builds one, with :class:`~smtpgate.smtp.ports.AcceptingBackend` in place of
 the relay (explain asks what *smtpgate* decides; the backend is taken to accept) and the
 server's counters of one process.  So the replies and the log lines are serve's by
 construction; what explain adds is the trail of every restriction step.
@@ -22,7 +22,8 @@ from smtpgate.policy.model import ClientInfo, Decision, Step
 from smtpgate.policy.plan import Plan
 from smtpgate.policy.ports import Resolver
 from smtpgate.reply import Reply
-from smtpgate.smtp.machine import AcceptingBackend, LocalCounters, SmtpMachine
+from smtpgate.smtp.machine import SmtpMachine
+from smtpgate.smtp.ports import AcceptingBackend, LocalCounters
 
 GREETING = "(connect)"
 

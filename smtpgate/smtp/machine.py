@@ -42,7 +42,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from smtpgate.errors import TableLookupError
 from smtpgate.facts import ClientFacts
@@ -62,6 +62,18 @@ from smtpgate.smtp.data import (
     header_date,
     received_header,
 )
+from smtpgate.smtp.ports import (
+    CLOSE,
+    FLUSH,
+    START_TLS,
+    Anvil,
+    Backend,
+    BackendTransaction,
+    Effect,
+    LogSink,
+    Observer,
+)
+from smtpgate.smtp.routes import Route, lockstep, route_of
 from smtpgate.smtp.syntax import (
     ALLOWED_BEFORE_TLS,
     COUNTED,
@@ -88,176 +100,6 @@ HOLD_HEADER = "X-Smtpgate-Hold"
 OUTPUT_BACKLOG = 65536  # reply bytes after which advance() stops for the driver to write
 
 
-class Action(enum.Enum):
-    """Effects other than bytes to send and pauses."""
-
-    FLUSH = "flush"
-    START_TLS = "start-tls"
-    CLOSE = "close"
-
-
-FLUSH, START_TLS, CLOSE = Action.FLUSH, Action.START_TLS, Action.CLOSE
-Effect = bytes | float | Action
-
-
-# -- ports ---------------------------------------------------------------------------------
-
-
-class BackendTransaction(Protocol):
-    """One relayed mail transaction (the relay's ``Transaction``)."""
-
-    @property
-    def backend_peer(self) -> str: ...
-
-    @property
-    def outcome_unknown(self) -> bool: ...
-
-    async def rcpt(self, recipient: str, params: Sequence[str] = ()) -> Reply: ...
-
-    def start_data(self) -> None: ...
-
-    async def data(self, message: bytes) -> Reply: ...
-
-    async def abort(self) -> None: ...
-
-
-class Backend(Protocol):
-    """Where accepted mail goes: ``begin`` opens a transaction (connects lazily)."""
-
-    async def begin(
-        self,
-        client: ClientFacts,
-        sender: str,
-        mail_params: Sequence[str],
-        *,
-        filter: str | None = None,
-        hold: bool = False,
-    ) -> BackendTransaction: ...
-
-    def holds_elsewhere(self) -> bool:
-        """Whether HOLD mail goes to its own next hop (smtpgate_hold_relayhost)."""
-        ...
-
-
-class LogSink(Protocol):
-    """The mail log (Postfix's syslog lines): ``logs.MailLog``, or a list for explain."""
-
-    def info(self, text: str) -> None: ...
-
-    def warning(self, text: str) -> None: ...
-
-
-class Anvil(Protocol):
-    """What the machine asks ``anvil.AnvilClient`` (see there)."""
-
-    async def connect(self, address: str | None, unit: float) -> Any: ...
-
-    def disconnect(self, address: str | None) -> None: ...
-
-    async def mail(self, address: str, unit: float) -> int: ...
-
-    async def rcpt(self, address: str, unit: float) -> int: ...
-
-    async def reserve(self, nbytes: int, limit: int) -> Any: ...
-
-    def release(self, nbytes: int) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class _Counts:
-    count: int
-    rate: int
-    total: int
-
-    def __iter__(self) -> Any:
-        return iter((self.count, self.rate, self.total))
-
-
-@dataclass(frozen=True, slots=True)
-class _Granted:
-    granted: bool = True
-    in_flight: int = 0
-
-
-class LocalCounters:
-    """The counters of a single dialogue (``explain``): one connection, no limit reached."""
-
-    async def connect(self, address: str | None, unit: float) -> _Counts:
-        return _Counts(1, 1, 1)
-
-    def disconnect(self, address: str | None) -> None:
-        pass
-
-    async def mail(self, address: str, unit: float) -> int:
-        return 1
-
-    async def rcpt(self, address: str, unit: float) -> int:
-        return 1
-
-    async def reserve(self, nbytes: int, limit: int) -> _Granted:
-        return _Granted()
-
-    def release(self, nbytes: int) -> None:
-        pass
-
-
-class Observer(Protocol):
-    """Follows the dialogue (``explain`` builds its trail from these calls)."""
-
-    def command(self, line: str) -> None: ...
-
-    def decision(self, decision: Decision) -> None: ...
-
-    def reply(self, reply: Reply) -> None: ...
-
-
-class FixedTransaction:
-    """A transaction whose every RCPT and message get fixed replies (no backend)."""
-
-    backend_peer = "none"
-    outcome_unknown = False
-
-    def __init__(self, rcpt: Reply, data: Reply) -> None:
-        self.rcpt_reply, self.data_reply = rcpt, data
-
-    async def rcpt(self, recipient: str, params: Sequence[str] = ()) -> Reply:
-        return self.rcpt_reply
-
-    def start_data(self) -> None:
-        pass
-
-    async def data(self, message: bytes) -> Reply:
-        return self.data_reply
-
-    async def abort(self) -> None:
-        pass
-
-
-class AcceptingBackend:
-    """A backend that accepts every recipient and message (``explain``'s backend)."""
-
-    def __init__(self, queue_id: Callable[[], str] | None = None) -> None:
-        self._queue_id = queue_id or (lambda: "BACKEND")
-        self.transactions: list[tuple[ClientFacts, str, str | None, bool]] = []
-
-    async def begin(
-        self,
-        client: ClientFacts,
-        sender: str,
-        mail_params: Sequence[str],
-        *,
-        filter: str | None = None,
-        hold: bool = False,
-    ) -> BackendTransaction:
-        self.transactions.append((client, sender, filter, hold))
-        return FixedTransaction(
-            s.RECIPIENT_OK, Reply(250, "2.0.0", f"Ok: queued as {self._queue_id()}")
-        )
-
-    def holds_elsewhere(self) -> bool:
-        return False
-
-
 # -- the machine ---------------------------------------------------------------------------
 
 
@@ -265,16 +107,6 @@ class Mode(enum.Enum):
     COMMAND = "command"
     DATA = "data"
     BDAT = "bdat"
-
-
-@dataclass
-class Route:
-    """Where a transaction's message goes, as the access(5) actions left it."""
-
-    recipients: tuple[str, ...]
-    filter: str | None = None
-    hold: bool = False
-    redirected: bool = False
 
 
 @dataclass
@@ -933,41 +765,13 @@ class SmtpMachine:
         )
 
     def _route(self, txn: Transaction) -> Route:
-        """The envelope and next hop the access(5) actions ask for, so far."""
         assert self.policy is not None
-        recipients: list[str] = list(txn.recipients)
-        redirect: str | None = None
-        bcc: list[str] = []
-        filter_to: str | None = None
-        hold = False
-        for verb, value in self.policy.state.queue_actions:
-            if verb == "REDIRECT":
-                redirect = value  # the last one wins, as in Postfix's cleanup
-            elif verb == "BCC":
-                bcc.append(value)
-            elif verb == "FILTER":
-                filter_to = value
-            elif verb == "HOLD":
-                hold = True
-        held_elsewhere = hold and self.backend.holds_elsewhere()
-        if redirect is not None:
-            # REDIRECT wins over BCC and FILTER: one delivery to the target, through
-            # relayhost, as Postfix's queue makes it.
-            return Route((redirect,), None, held_elsewhere, redirected=True)
-        for address in bcc:
-            if address not in recipients:
-                recipients.append(address)
-        return Route(tuple(recipients), None if held_elsewhere else filter_to, held_elsewhere)
+        actions = self.policy.state.queue_actions
+        return route_of(txn.recipients, actions, self.backend.holds_elsewhere())
 
     def _lockstep(self) -> bool:
-        """Whether RCPT goes to the backend now: not once REDIRECT, FILTER or a HOLD with
-        its own next hop decided the message goes elsewhere (that transaction is opened
-        at DATA, with the final envelope)."""
         assert self.policy is not None
-        return not any(
-            verb in ("REDIRECT", "FILTER") or verb == "HOLD" and self.backend.holds_elsewhere()
-            for verb, _ in self.policy.state.queue_actions
-        )
+        return lockstep(self.policy.state.queue_actions, self.backend.holds_elsewhere())
 
     async def _relay_rcpt(self, txn: Transaction, address: str, params: list[str]) -> Reply:
         assert self.policy is not None

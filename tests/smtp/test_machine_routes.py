@@ -13,7 +13,8 @@ from smtpgate.config.service import ServiceConfig
 from smtpgate.facts import ClientFacts
 from smtpgate.policy.plan import build_plan
 from smtpgate.reply import Reply
-from smtpgate.smtp.machine import LocalCounters, SmtpMachine
+from smtpgate.smtp.machine import SmtpMachine
+from smtpgate.smtp.ports import LocalCounters
 
 
 class Recorded:

@@ -1,0 +1,190 @@
+"""What the SMTP machine asks of the outside world, as protocols with no I/O here, and
+the effects it hands its driver.
+
+The driver (``smtpd.py``) performs the effects; ``serve`` plugs the relay into
+:class:`Backend`, the server-wide counters into :class:`Anvil`, the log into
+:class:`LogSink`.  ``explain`` plugs in :class:`AcceptingBackend` and
+:class:`LocalCounters`, which are here because they do no I/O either.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from smtpgate.facts import ClientFacts
+from smtpgate.policy.model import Decision
+from smtpgate.reply import Reply
+from smtpgate.smtp import syntax as s
+
+
+class Action(enum.Enum):
+    """Effects other than bytes to send and pauses."""
+
+    FLUSH = "flush"
+    START_TLS = "start-tls"
+    CLOSE = "close"
+
+
+FLUSH, START_TLS, CLOSE = Action.FLUSH, Action.START_TLS, Action.CLOSE
+Effect = bytes | float | Action
+
+
+# -- ports ---------------------------------------------------------------------------------
+
+
+class BackendTransaction(Protocol):
+    """One relayed mail transaction (the relay's ``Transaction``)."""
+
+    @property
+    def backend_peer(self) -> str: ...
+
+    @property
+    def outcome_unknown(self) -> bool: ...
+
+    async def rcpt(self, recipient: str, params: Sequence[str] = ()) -> Reply: ...
+
+    def start_data(self) -> None: ...
+
+    async def data(self, message: bytes) -> Reply: ...
+
+    async def abort(self) -> None: ...
+
+
+class Backend(Protocol):
+    """Where accepted mail goes: ``begin`` opens a transaction (connects lazily)."""
+
+    async def begin(
+        self,
+        client: ClientFacts,
+        sender: str,
+        mail_params: Sequence[str],
+        *,
+        filter: str | None = None,
+        hold: bool = False,
+    ) -> BackendTransaction: ...
+
+    def holds_elsewhere(self) -> bool:
+        """Whether HOLD mail goes to its own next hop (smtpgate_hold_relayhost)."""
+        ...
+
+
+class LogSink(Protocol):
+    """The mail log (Postfix's syslog lines): ``logs.MailLog``, or a list for explain."""
+
+    def info(self, text: str) -> None: ...
+
+    def warning(self, text: str) -> None: ...
+
+
+class Anvil(Protocol):
+    """What the machine asks ``anvil.AnvilClient`` (see there)."""
+
+    async def connect(self, address: str | None, unit: float) -> Any: ...
+
+    def disconnect(self, address: str | None) -> None: ...
+
+    async def mail(self, address: str, unit: float) -> int: ...
+
+    async def rcpt(self, address: str, unit: float) -> int: ...
+
+    async def reserve(self, nbytes: int, limit: int) -> Any: ...
+
+    def release(self, nbytes: int) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Counts:
+    count: int
+    rate: int
+    total: int
+
+    def __iter__(self) -> Any:
+        return iter((self.count, self.rate, self.total))
+
+
+@dataclass(frozen=True, slots=True)
+class _Granted:
+    granted: bool = True
+    in_flight: int = 0
+
+
+class LocalCounters:
+    """The counters of a single dialogue (``explain``): one connection, no limit reached."""
+
+    async def connect(self, address: str | None, unit: float) -> _Counts:
+        return _Counts(1, 1, 1)
+
+    def disconnect(self, address: str | None) -> None:
+        pass
+
+    async def mail(self, address: str, unit: float) -> int:
+        return 1
+
+    async def rcpt(self, address: str, unit: float) -> int:
+        return 1
+
+    async def reserve(self, nbytes: int, limit: int) -> _Granted:
+        return _Granted()
+
+    def release(self, nbytes: int) -> None:
+        pass
+
+
+class Observer(Protocol):
+    """Follows the dialogue (``explain`` builds its trail from these calls)."""
+
+    def command(self, line: str) -> None: ...
+
+    def decision(self, decision: Decision) -> None: ...
+
+    def reply(self, reply: Reply) -> None: ...
+
+
+class FixedTransaction:
+    """A transaction whose every RCPT and message get fixed replies (no backend)."""
+
+    backend_peer = "none"
+    outcome_unknown = False
+
+    def __init__(self, rcpt: Reply, data: Reply) -> None:
+        self.rcpt_reply, self.data_reply = rcpt, data
+
+    async def rcpt(self, recipient: str, params: Sequence[str] = ()) -> Reply:
+        return self.rcpt_reply
+
+    def start_data(self) -> None:
+        pass
+
+    async def data(self, message: bytes) -> Reply:
+        return self.data_reply
+
+    async def abort(self) -> None:
+        pass
+
+
+class AcceptingBackend:
+    """A backend that accepts every recipient and message (``explain``'s backend)."""
+
+    def __init__(self, queue_id: Callable[[], str] | None = None) -> None:
+        self._queue_id = queue_id or (lambda: "BACKEND")
+        self.transactions: list[tuple[ClientFacts, str, str | None, bool]] = []
+
+    async def begin(
+        self,
+        client: ClientFacts,
+        sender: str,
+        mail_params: Sequence[str],
+        *,
+        filter: str | None = None,
+        hold: bool = False,
+    ) -> BackendTransaction:
+        self.transactions.append((client, sender, filter, hold))
+        return FixedTransaction(
+            s.RECIPIENT_OK, Reply(250, "2.0.0", f"Ok: queued as {self._queue_id()}")
+        )
+
+    def holds_elsewhere(self) -> bool:
+        return False
