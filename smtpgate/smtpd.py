@@ -48,6 +48,7 @@ from smtpgate.policy.ports import Resolver
 from smtpgate.relay import Relay, parse_filter_destination
 from smtpgate.reply import Reply
 from smtpgate.smtp.machine import SmtpMachine
+from smtpgate.smtp.macros import TlsFacts
 from smtpgate.smtp.ports import (
     CLOSE,
     FLUSH,
@@ -169,6 +170,7 @@ class GateProtocol(asyncio.Protocol):
             address=peer.address,
             port=peer.port,
             service=_service(transport),
+            server=_server(transport),
             resolver=shared.resolver,
             starttls=shared.tls_context is not None,
             queue_ids=new_queue_id,
@@ -385,7 +387,7 @@ class GateProtocol(asyncio.Protocol):
             return
         self.transport = new
         machine.discard_input()
-        machine.tls_started()
+        machine.tls_started(_tls_facts(new))
 
     def _close(self) -> None:
         self._push()
@@ -423,6 +425,16 @@ class GateProtocol(asyncio.Protocol):
             self.task.cancel()
 
 
+def _tls_facts(transport: asyncio.BaseTransport) -> TlsFacts | None:
+    """The protocol and cipher of a TLS transport (for milter macros)."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    cipher = ssl_object.cipher() if ssl_object is not None else None
+    if not cipher:
+        return None
+    name, protocol, bits = cipher
+    return TlsFacts(protocol=ssl_object.version() or protocol, cipher=name, bits=bits)
+
+
 def _settle(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
@@ -435,6 +447,12 @@ def _service(transport: asyncio.BaseTransport) -> str:
         return "smtp"
     host = str(name[0])
     return f"[{host}]:{name[1]}" if ":" in host else f"{host}:{name[1]}"
+
+
+def _server(transport: asyncio.BaseTransport) -> tuple[str, int] | None:
+    """The listener's address and port this client reached ({daemon_addr})."""
+    name = transport.get_extra_info("sockname")
+    return (str(name[0]), int(name[1])) if name else None
 
 
 def _peername(transport: asyncio.BaseTransport) -> Any:

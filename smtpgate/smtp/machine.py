@@ -62,6 +62,7 @@ from smtpgate.smtp.data import (
     header_date,
     received_header,
 )
+from smtpgate.smtp.macros import MacroContext, SessionMacros, TlsFacts, macro_value
 from smtpgate.smtp.ports import (
     CLOSE,
     FLUSH,
@@ -71,6 +72,8 @@ from smtpgate.smtp.ports import (
     BackendTransaction,
     Effect,
     LogSink,
+    Milters,
+    MilterVerdict,
     Observer,
 )
 from smtpgate.smtp.routes import Route, lockstep, route_of
@@ -122,6 +125,8 @@ class Transaction:
     overshoot: int = 0
     chunks: bytearray | None = None  # BDAT content so far
     chunk_problem: Reply | None = None  # a BDAT chunk failed: every later one gets this
+    milters_open: bool = True  # the milters have this transaction (an abort is owed)
+    envelope_changed: bool = False  # a milter changed the sender
 
 
 class SmtpMachine:
@@ -145,6 +150,8 @@ class SmtpMachine:
         trace: bool = False,
         clock: Callable[[], float] = time.time,
         known_client: ClientInfo | None = None,
+        milters: Milters | None = None,
+        server: tuple[str, int] | None = None,
     ) -> None:
         self.plan = plan
         self.config = config
@@ -160,6 +167,15 @@ class SmtpMachine:
         self.clock = clock
         self.client = ClientInfo(address=address, port=port or 0)
         self.known_client = known_client  # found already: no lookup at connect
+        self.milters = milters
+        self.server = server  # the listener's address and port ({daemon_addr})
+        self.tls: TlsFacts | None = None
+        self.connections = 0  # this client's concurrent sessions ({client_connections})
+        self.macros = SessionMacros(self._macro)
+        self._milter_sender: str | None = None  # the address MAIL is checking
+        self._milter_rcpt: str | None = None  # the address RCPT is checking
+        self._milter_helo: str | None = None  # the name HELO is checking
+        self._milter_proto: str | None = None  # the protocol before that HELO
         self.policy: PolicySession | None = None
         self.txn: Transaction | None = None
         self.counts: defaultdict[str, int] = defaultdict(int)
@@ -265,8 +281,10 @@ class SmtpMachine:
         self._note(decision)
         if draining:
             self._reply(self._shutting_down())
+        elif decision.reply is not None:
+            self._greeting = decision.reply
         else:
-            self._greeting = decision.reply or Reply(220, "", self.config.banner)
+            self._greeting = await self._milter_connect() or Reply(220, "", self.config.banner)
         return self.take()
 
     def greet(self, early_input: bool = False) -> list[Effect]:
@@ -337,9 +355,10 @@ class SmtpMachine:
         self.log.info(f"timeout after {where} from {self.namaddr}")
         return self.take()
 
-    def tls_started(self) -> None:
+    def tls_started(self, facts: TlsFacts | None = None) -> None:
         """The STARTTLS handshake completed: the session starts over (RFC 3207)."""
         self.tls_active = True
+        self.tls = facts
         self.esmtp = False
         if self.policy is not None:
             self.policy.state.helo_name = None
@@ -363,6 +382,9 @@ class SmtpMachine:
         if self.anvil_counted:
             self.anvil_counted = False
             self.anvil.disconnect(None if self.excepted else self.client.address)
+        if self.milters is not None:
+            milters, self.milters = self.milters, None
+            await asyncio.shield(milters.close())
         if self.policy is not None:
             self._log_disconnect()
 
@@ -433,6 +455,7 @@ class SmtpMachine:
             await self.anvil.connect(None, cfg.rate_time_unit)
             return True
         count, rate, total = await self.anvil.connect(client.address, cfg.rate_time_unit)
+        self.connections = count
         if cfg.connection_limit and total > cfg.connection_limit:
             what = f"Connection limit exceeded: {total} (smtpgate_connection_limit)"
         elif cfg.connection_count_limit and count > cfg.connection_count_limit:
@@ -465,6 +488,159 @@ class SmtpMachine:
         )
         self._reply(Reply(450, "4.7.1", text))
         return True
+
+    # -- milters -------------------------------------------------------------------------
+
+    def _milters_listen(self) -> bool:
+        """Whether the milters hear this event: not once one of them said DISCARD
+        (Postfix's MILTER_SKIP_FLAGS)."""
+        return self.milters is not None and not (
+            self.policy is not None and self.policy.state.discard
+        )
+
+    def _milter_verdict(
+        self, verdict: MilterVerdict, recipients: Sequence[str] = (), cleanup: bool = False
+    ) -> Reply | None:
+        """Postfix's check_milter_reply(): log what the milters decided at this stage and
+        return the reply to give; a hold or a discard lets the command go on."""
+        assert self.policy is not None
+        st = self.policy.state
+        action = verdict.action
+        reply: Reply | None = None
+        if action == "quarantine":
+            if any(verb == "HOLD" for verb, _ in st.queue_actions):
+                return None
+            text = verdict.reason or "milter triggers HOLD action"
+            st.queue_actions.append(("HOLD", text))
+            whatsup = "milter-hold"
+        elif action == "discard":
+            if st.discard:
+                return None
+            st.discard = True
+            whatsup, text = "milter-discard", "milter triggers DISCARD action"
+        elif action in ("reject", "tempfail") and verdict.code is not None:
+            code = verdict.code
+            reply = Reply(code, verdict.enhanced or "", verdict.text or "", code == 421)
+            whatsup, text = "milter-reject", " ".join(reply.lines())
+            if cleanup:  # cleanup logs the reply without its code
+                text = text[4:]
+        else:
+            return None
+        sender = self._milter_sender or (self.txn.sender if self.txn is not None else None)
+        self.log.info(
+            whatsup_line(
+                queue_id=st.queue_id,
+                whatsup=whatsup,
+                where=self.where,
+                namaddr=self.namaddr,
+                text=text,
+                sender=sender,
+                recipients=recipients,
+                protocol=self._milter_proto or st.protocol,
+                helo=self._milter_helo or st.helo_name,
+            )
+        )
+        return reply
+
+    async def _milter_helo_event(self, name: str, protocol: str) -> Reply | None:
+        """The milters' HELO event; their refusal, which only a 421 makes HELO's reply
+        (the others persist in the milter and answer MAIL and the later commands)."""
+        if not self._milters_listen():
+            return None
+        assert self.milters is not None
+        self._milter_helo, self._milter_proto = name, protocol
+        try:
+            return self._milter_verdict(await self.milters.helo(self.macros, name))
+        finally:
+            self._milter_helo = self._milter_proto = None
+
+    async def _milter_message(self, txn: Transaction, message: bytes) -> tuple[Reply | None, bytes]:
+        """The whole message goes to the milters (headers, body, end of message) before
+        the backend sees any of it: their verdict, and the message and envelope as their
+        edits left them.  Postfix's cleanup does this for smtpd; its log lines say
+        END-OF-MESSAGE and name the last recipient."""
+        assert self.milters is not None
+        saved, self.where = self.where, "END-OF-MESSAGE"
+        try:
+            outcome = await self.milters.message(self.macros, message)
+            txn.milters_open = False  # the milters are done with this message
+            last = txn.recipients[-1:]
+            reply = self._milter_verdict(outcome.verdict, recipients=last, cleanup=True)
+        finally:
+            self.where = saved
+        if reply is not None or outcome.verdict.action == "discard":
+            return reply, message
+        if outcome.sender is not None:
+            sender, params = outcome.sender
+            txn.sender, txn.mail_params = _bare(sender), list(params)
+            txn.envelope_changed = True
+        for address in outcome.delete_recipients:
+            gone = _bare(address).lower()
+            kept = [
+                (rcpt, params)
+                for rcpt, params in zip(txn.recipients, txn.rcpt_params, strict=True)
+                if rcpt.lower() != gone
+            ]
+            txn.recipients = [rcpt for rcpt, _ in kept]
+            txn.rcpt_params = [params for _, params in kept]
+        for address, params in outcome.add_recipients:
+            added = _bare(address)
+            if added.lower() not in (r.lower() for r in txn.recipients):
+                txn.recipients.append(added)
+                txn.rcpt_params.append(list(params))
+        return None, outcome.content
+
+    async def _milter_connect(self) -> Reply | None:
+        """The milters' CONNECT event; the greeting when they refuse (smtpd.c: a refusal
+        other than 421 persists in the milter and answers MAIL and the later commands)."""
+        if self.milters is None:
+            return None
+        client = self.client
+        family = "6" if ":" in client.address else "4" if "." in client.address else "U"
+        address = None if family == "U" else client.address
+        verdict = await self.milters.connect(
+            self.macros, client.name, address, client.port or None, family
+        )
+        reply = self._milter_verdict(verdict)
+        if reply is None:
+            return None
+        hostname = self.config.hostname
+        if reply.code == 421:
+            return Reply(421, "", f"{hostname} Service unavailable - try again later", True)
+        if reply.code // 100 == 5:
+            self.error_count += 1
+            return Reply(554, "", f"{hostname} ESMTP not accepting connections")
+        return None
+
+    async def _milter_unknown(self, raw: bytes) -> Reply | None:
+        """An unknown command goes to the milters; only a 4xx answer replaces Postfix's
+        own "502 Error: command not recognized" (smtpd.c: milter_unknown_reply_override)."""
+        if not self._milters_listen():
+            return None
+        assert self.milters is not None
+        command = raw.decode("utf-8", "replace").rstrip("\r\n")
+        verdict = await self.milters.unknown(self.macros, command)
+        if verdict.action == "tempfail" and verdict.code is not None:
+            return Reply(verdict.code, verdict.enhanced or "", verdict.text or "")
+        if verdict.action not in ("continue", "accept", "reject", "discard", "quarantine"):
+            self.log.warning(f"unexpected SMFIC_UNKNOWN response: {verdict.action}")
+        return None
+
+    def _macro(self, name: str) -> str | None:
+        """A macro's value now (Postfix's smtpd_milter_eval(); see smtp/macros.py)."""
+        st = self.policy.state if self.policy is not None else None
+        sender = self._milter_sender or (self.txn.sender if self.txn is not None else None)
+        context = MacroContext(
+            hostname=str(self.config.hostname),
+            client=self.client,
+            connections=self.connections,
+            server=self.server,
+            tls=self.tls,
+            queue_id=st.queue_id if st is not None else None,
+            sender=sender,
+            recipient=self._milter_rcpt,
+        )
+        return macro_value(name, context)
 
     # -- command lines -------------------------------------------------------------------
 
@@ -588,7 +764,8 @@ class SmtpMachine:
                 return
             self.counts["unknown"] += 1
             assert self.policy is not None
-            self._reply(self.policy.access_denied(verb) or s.UNKNOWN_COMMAND)
+            reply = self.policy.access_denied(verb) or await self._milter_unknown(raw)
+            self._reply(reply or s.UNKNOWN_COMMAND)
             self.error_count += 1
             return
         name = _COUNTER_NAMES[upper]
@@ -647,16 +824,24 @@ class SmtpMachine:
         name = " ".join(t.text for t in args)
         # Postfix checks first: a rejected HELO leaves the session as it was (a
         # transaction in progress stays).
+        protocol = self.policy.state.protocol  # what the milters' log line names
         decision = await self.policy.helo(name, esmtp=esmtp)
         self._note(decision)
         if decision.reply is not None:
             return self._fail(decision.reply)
+        refused = await self._milter_helo_event(name, protocol)
+        if refused is not None and refused.code == 421:
+            return self._fail(refused)
         await self._end_transaction()
         # HELO after EHLO keeps ESMTP (and with it the pipelining rules of EHLO).
         self.esmtp = self.policy.state.protocol == "ESMTP"
         hostname = self.config.hostname
         if not esmtp:
             self._reply(Reply(250, "", hostname))
+        elif refused is not None and refused.code // 100 == 5:
+            # Sendmail's rule, kept by Postfix: after a milter's 5xx, EHLO announces
+            # ENHANCEDSTATUSCODES only (the refusal answers MAIL).
+            self._reply(Reply(250, "", f"{hostname}\nENHANCEDSTATUSCODES"))
         else:
             self._reply(Reply(250, "", "\n".join([hostname, *self._extensions()])))
         return True
@@ -699,6 +884,18 @@ class SmtpMachine:
         self._note(decision)
         if decision.reply is not None:
             return self._fail(decision.reply)
+        if self._milters_listen():
+            assert self.milters is not None
+            self._milter_sender = address
+            try:
+                verdict = await self.milters.mail(self.macros, address, params)
+                reply = self._milter_verdict(verdict)
+            finally:
+                self._milter_sender = None
+            if reply is not None:
+                await asyncio.shield(self.milters.abort())
+                self.policy.reset()  # undo what the restrictions left (Postfix's mail_reset)
+                return self._fail(reply)
         # AUTH= from a client that did not authenticate is ignored, as Postfix does.
         forwarded = [p for p in params if not p.upper().startswith("AUTH=")]
         self.txn = Transaction(address, forwarded)
@@ -732,6 +929,16 @@ class SmtpMachine:
         self._note(decision)
         if decision.reply is not None:
             return self._fail(decision.reply)
+        if self._milters_listen():
+            assert self.milters is not None
+            self._milter_rcpt = address
+            try:
+                verdict = await self.milters.rcpt(self.macros, address, params)
+                reply = self._milter_verdict(verdict, recipients=[address])
+            finally:
+                self._milter_rcpt = None
+            if reply is not None:  # that recipient's reply, as in Postfix
+                return self._fail(reply)
         reply = await self._relay_rcpt(txn, address, params)
         ok = reply.code // 100 == 2
         self._last_rcpt = address
@@ -795,7 +1002,7 @@ class SmtpMachine:
         """Make the backend transaction carry the final envelope (see rule 5); a reply
         when that fails (the message cannot go anywhere)."""
         route = self._route(txn)
-        if txn.relay is not None and txn.route == route:
+        if txn.relay is not None and txn.route == route and not txn.envelope_changed:
             return None
         if txn.relay is not None:
             relay, txn.relay = txn.relay, None
@@ -827,6 +1034,11 @@ class SmtpMachine:
         self._note(decision)
         if decision.reply is not None:
             return decision.reply
+        if self._milters_listen():
+            assert self.milters is not None
+            reply = self._milter_verdict(await self.milters.data(self.macros))
+            if reply is not None:
+                return reply
         limit = self.config.data_memory_limit
         if limit:
             reserved = await self.anvil.reserve(min(DATA_RESERVE, limit), limit)
@@ -1071,7 +1283,15 @@ class SmtpMachine:
             await self._end_transaction()
             return reply
         queue_id = self._queue_id()
-        if st.discard:  # the restriction logged it, once; nothing goes to the backend
+        message = self._received_header(txn) + content
+        if self._milters_listen():
+            reply, message = await self._milter_message(txn, message)
+            if reply is not None:
+                await self._end_transaction()
+                return reply
+        if st.discard or not txn.recipients:
+            # a restriction or milter said DISCARD (and logged it, once), or the milters
+            # removed every recipient: nothing goes to the backend
             await self._end_transaction()
             return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
         problem = await self._settle_route(txn)  # end-of-data actions may move it
@@ -1079,10 +1299,9 @@ class SmtpMachine:
             await self._end_transaction()
             return problem
         assert txn.relay is not None and txn.route is not None
-        head = self._received_header(txn)
         if txn.route.hold is False and any(v == "HOLD" for v, _ in st.queue_actions):
-            head = f"{HOLD_HEADER}: {header_safe(self.namaddr)}\r\n".encode() + head
-        reply = await asyncio.shield(txn.relay.data(head + content))
+            message = f"{HOLD_HEADER}: {header_safe(self.namaddr)}\r\n".encode() + message
+        reply = await asyncio.shield(txn.relay.data(message))
         whatsup = "proxy-accept" if reply.code // 100 == 2 else "proxy-reject"
         self._log_proxy(whatsup, "END-OF-MESSAGE", reply, txn.recipients)
         if txn.relay.outcome_unknown:
@@ -1105,7 +1324,7 @@ class SmtpMachine:
             proto=("ESMTPS" if self.tls_active else "ESMTP") if self.esmtp else "SMTP",
             queue_id=st.queue_id or "",
             # Postfix's queue delivers a redirected message without "for <...>".
-            recipients=[] if txn.route is not None and txn.route.redirected else txn.recipients,
+            recipients=[] if self._route(txn).redirected else txn.recipients,
             date=header_date(int(self.clock())),
         )
 
@@ -1208,6 +1427,8 @@ class SmtpMachine:
 
     async def _end_transaction(self) -> None:
         txn, self.txn = self.txn, None
+        if txn is not None and txn.milters_open and self.milters is not None:
+            await asyncio.shield(self.milters.abort())
         if txn is not None and txn.relay is not None:
             try:
                 await asyncio.shield(txn.relay.abort())
@@ -1266,3 +1487,11 @@ _COMMANDS: dict[str, Any] = {
     "XFORWARD": SmtpMachine.cmd_xforward,
 }
 _COUNTER_NAMES = {verb: verb.lower() for verb in _COMMANDS}
+
+
+def _bare(address: str) -> str:
+    """An address a milter gave (``<a@b>`` or ``a@b``) without its angle brackets."""
+    address = address.strip()
+    if address.startswith("<") and address.endswith(">"):
+        return address[1:-1]
+    return address

@@ -10,7 +10,7 @@ The driver (``smtpd.py``) performs the effects; ``serve`` plugs the relay into
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -188,3 +188,78 @@ class AcceptingBackend:
 
     def holds_elsewhere(self) -> bool:
         return False
+
+
+class MilterVerdict(Protocol):
+    """What the milters decided at one stage (``smtpgate.milter.Verdict``)."""
+
+    @property
+    def action(self) -> str:
+        """continue, accept, reject, tempfail, discard or quarantine."""
+
+    @property
+    def code(self) -> int | None: ...
+
+    @property
+    def enhanced(self) -> str | None: ...
+
+    @property
+    def text(self) -> str | None: ...
+
+    @property
+    def reason(self) -> str: ...
+
+
+class MilterMessage(Protocol):
+    """The milters' end-of-message outcome: a verdict and their edits, applied."""
+
+    @property
+    def verdict(self) -> MilterVerdict: ...
+
+    @property
+    def content(self) -> bytes:
+        """The message after header and body edits."""
+
+    @property
+    def sender(self) -> tuple[str, Sequence[str]] | None:
+        """A new sender and its ESMTP parameters, or None."""
+
+    @property
+    def add_recipients(self) -> Sequence[tuple[str, Sequence[str]]]: ...
+
+    @property
+    def delete_recipients(self) -> Sequence[str]: ...
+
+
+class Milters(Protocol):
+    """The session's milters, in order (``smtpgate.milter.MilterSession``).  ``macros``
+    is looked up by name when a milter wants a macro (Postfix's smtpd_milter_eval())."""
+
+    async def connect(
+        self,
+        macros: Mapping[str, str],
+        hostname: str,
+        address: str | None,
+        port: int | None,
+        family: str,
+    ) -> MilterVerdict: ...
+
+    async def helo(self, macros: Mapping[str, str], name: str) -> MilterVerdict: ...
+
+    async def mail(
+        self, macros: Mapping[str, str], sender: str, params: Sequence[str]
+    ) -> MilterVerdict: ...
+
+    async def rcpt(
+        self, macros: Mapping[str, str], recipient: str, params: Sequence[str]
+    ) -> MilterVerdict: ...
+
+    async def data(self, macros: Mapping[str, str]) -> MilterVerdict: ...
+
+    async def unknown(self, macros: Mapping[str, str], command: str) -> MilterVerdict: ...
+
+    async def message(self, macros: Mapping[str, str], content: bytes) -> MilterMessage: ...
+
+    async def abort(self) -> None: ...
+
+    async def close(self) -> None: ...
