@@ -95,6 +95,15 @@ _DIFFERENCES = {
         "standard error, which systemd's journal and docker logs collect."
     ),
     "smtpd_proxy_timeout": "In smtpgate it bounds every exchange with the backend MTA.",
+    "smtpd_policy_service_timeout": (
+        "Postfix applies it to each read and write; smtpgate to the request and its whole "
+        "reply, so a server that trickles its reply cannot hold a session longer."
+    ),
+    "smtpd_policy_service_max_idle": (
+        "A worker serves many sessions at once and may hold several connections to one "
+        "service (one per request in flight, at most 100); each is closed when unused "
+        "this long."
+    ),
     "smtp_connect_timeout": (
         "In smtpgate it bounds the TCP connection to the backend MTA and its greeting "
         "(Postfix's smtp_helo_timeout covers the greeting there)."

@@ -123,12 +123,15 @@ class FakePolicyClient:
     """An in-memory :class:`PolicyClient`: ``answer(service, attributes)`` decides.
 
     ``answer`` returns the action text, or a :class:`PolicyAnswer` (for a failure with
-    its warnings).  Every request is appended to :attr:`requests` as
+    its warnings); a text or PolicyAnswer in its place is the answer to every request.  Every request is appended to :attr:`requests` as
     ``(service, dict(attributes), list(attributes))``.
     """
 
     def __init__(
-        self, answer: Callable[[PolicyService, dict[str, str]], str | PolicyAnswer] | str = "DUNNO"
+        self,
+        answer: Callable[[PolicyService, dict[str, str]], str | PolicyAnswer]
+        | str
+        | PolicyAnswer = "DUNNO",
     ) -> None:
         self.answer = answer
         self.requests: list[tuple[PolicyService, dict[str, str], list[tuple[str, str]]]] = []
@@ -136,7 +139,8 @@ class FakePolicyClient:
     async def ask(self, service: PolicyService, attributes: Attributes) -> PolicyAnswer:
         pairs = list(attributes)
         self.requests.append((service, dict(pairs), pairs))
-        result = self.answer if isinstance(self.answer, str) else self.answer(service, dict(pairs))
+        answer = self.answer
+        result = answer if isinstance(answer, str | PolicyAnswer) else answer(service, dict(pairs))
         return result if isinstance(result, PolicyAnswer) else PolicyAnswer(result)
 
 
