@@ -1,8 +1,9 @@
-"""check_policy_service through a deployed `smtpgate serve` (two workers, privileges
-dropped when run as root) in front of a real aiosmtpd backend, with the real policy
-daemons from Debian: postgrey greylists, postfwd rejects by a rule, policyd-spf rejects a
-``-all`` sender and prepends Received-SPF to a passing one.  Then the faults a deployed
-server meets: the policy server down, and a unix socket.
+"""docs/filters-policy.md's examples, run: each main.cf of the document through a deployed
+`smtpgate serve` (two workers, privileges dropped when run as root) in front of a real
+aiosmtpd backend, with the real policy daemon from Debian on loopback -- postgrey
+greylists, postfwd rejects by a rule, policyd-spf rejects a ``-all`` sender and
+prepends Received-SPF to a passing one -- and the replies and log lines the document
+shows.  Then the faults a deployed server meets: the policy server down, a unix socket.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.delegation import docs
 from tests.delegation.daemons import policyd_spf, postfwd, postgrey, private_folder
 from tests.delegation.fakeserver import FakePolicyServer
 from tests.dns.dnsserver import FakeDns
@@ -23,29 +25,27 @@ from tests.serve.backend import RecordingBackend
 from tests.serve.client import LineClient
 from tests.serve.conftest import Gate, running_gate
 
+DOC_CLIENT = "203.0.113.7"
+"""The client address the document's examples show; the tests' clients are 127.0.0.2."""
 COARSE_TICK = 0.05
 """More than one tick of the kernel's coarse clock (CLOCK_REALTIME_COARSE: 1-10 ms)."""
-BASE = """\
-myhostname = mx.example.org
-relay_domains = bar.org
-mynetworks = 127.0.0.1/32
-"""
+RCPT = "foo@example.org"
 
 
-def main_cf(endpoint: str) -> str:
-    return BASE + (
-        "smtpd_recipient_restrictions = reject_unauth_destination,\n"
-        f"    check_policy_service {endpoint}\n"
-    )
+def shown(text: str) -> str:
+    """A reply or log line of the document, as the test's client gets it."""
+    return text.replace(DOC_CLIENT, "127.0.0.2")
 
 
-async def envelope(
-    gate: Gate, sender: str, rcpt: str = "foo@bar.org"
-) -> tuple[LineClient, list[str]]:
+def address(endpoint: str) -> str:
+    return endpoint.split(":", 1)[1]
+
+
+async def envelope(gate: Gate, sender: str) -> tuple[LineClient, list[str]]:
     c = await gate.connect()  # from 127.0.0.2, outside mynetworks
     await c.cmd("EHLO client.example.net")
     assert (await c.cmd(f"MAIL FROM:<{sender}>"))[0].startswith("250"), sender
-    return c, await c.cmd(f"RCPT TO:<{rcpt}>")
+    return c, await c.cmd(f"RCPT TO:<{RCPT}>")
 
 
 async def message(c: LineClient, body: str = "Subject: hi\r\n\r\nhello\r\n") -> list[str]:
@@ -56,125 +56,148 @@ async def message(c: LineClient, body: str = "Subject: hi\r\n\r\nhello\r\n") -> 
     return reply
 
 
+async def after_postgrey_delay(seen: float) -> None:
+    """Wait until postgrey's clock is a whole second past ``seen``: it counts whole
+    seconds of Perl's time(), which reads the kernel's coarse clock (up to a tick behind),
+    and saw the triplet first at a second <= ``seen`` (a clock condition, not a guess)."""
+    await asyncio.sleep(max(0.0, math.floor(seen) + 1 + COARSE_TICK - time.time()))
+
+
 async def test_postgrey_defers_the_first_attempt_and_passes_a_retry(
     tmp_path: Path, backend: RecordingBackend
 ) -> None:
-    async with (
-        postgrey(delay=1) as endpoint,
-        running_gate(tmp_path, main_cf(endpoint), backend) as gate,
-    ):
-        c, reply = await envelope(gate, "someone@example.net")
-        seen = time.time()
-        assert reply == [
-            "450 4.2.0 <foo@bar.org>: Recipient address rejected: Greylisted, see "
-            "http://postgrey.schweikert.ch/help/bar.org.html"
-        ]
-        await c.cmd("QUIT")
-        await gate.wait_log(
-            "NOQUEUE: reject: RCPT from unknown[127.0.0.2]: 450 4.2.0 <foo@bar.org>: "
-            "Recipient address rejected: Greylisted, see "
-            "http://postgrey.schweikert.ch/help/bar.org.html; from=<someone@example.net> "
-            "to=<foo@bar.org> proto=ESMTP helo=<client.example.net>"
-        )
-        # postgrey counts whole seconds of Perl's time(), which reads the kernel's coarse
-        # clock (up to a tick behind): it saw the triplet first at a second <= `seen`, so
-        # the delay has passed once that clock is a whole second past it.
-        await asyncio.sleep(max(0.0, math.floor(seen) + 1 + COARSE_TICK - time.time()))
-        c, reply = await envelope(gate, "someone@example.net")
-        assert reply == ["250 2.1.5 Ok"]
-        assert (await message(c))[0].startswith("250 ")
-        await backend.wait_for(lambda: len(backend.messages) == 1)
-        stored = backend.messages[0].content.decode()
-        assert stored.startswith("X-Greylist: delayed "), stored  # postgrey's PREPEND
-        assert "by postgrey-1.37 at postgrey.test;" in stored.splitlines()[0]
-
-
-POSTFWD_RULES = """\
-id=R001; sender==spammer@bad.test; action=REJECT go away spammer
-id=R002; sender==nice@good.test; action=PREPEND X-Postfwd: hello from R002
-"""
+    async with postgrey(delay=1) as endpoint:
+        main_cf = docs.main_cf("postgrey").replace("127.0.0.1:10023", address(endpoint))
+        async with running_gate(tmp_path, main_cf, backend) as gate:
+            c, reply = await envelope(gate, "someone@example.net")
+            seen = time.time()
+            assert reply == [
+                docs.line(
+                    "450 4.2.0 <foo@example.org>: Recipient address rejected: Greylisted, see"
+                )
+            ]
+            await c.cmd("QUIT")
+            await gate.wait_log(
+                shown(docs.line("NOQUEUE: reject: RCPT from unknown[203.0.113.7]: 450 4.2.0"))
+            )
+            await after_postgrey_delay(seen)
+            c, reply = await envelope(gate, "someone@example.net")
+            assert reply == ["250 2.1.5 Ok"]
+            assert (await message(c))[0].startswith("250 ")
+            await backend.wait_for(lambda: len(backend.messages) == 1)
+            first = backend.messages[0].content.decode().splitlines()[0]
+            assert first.startswith("X-Greylist: delayed "), first  # postgrey's PREPEND
+            assert "by postgrey-1.37 at postgrey.test;" in first
 
 
 async def test_postfwd_rejects_by_a_rule_and_prepends_by_another(
     tmp_path: Path, backend: RecordingBackend
 ) -> None:
-    async with (
-        postfwd(POSTFWD_RULES) as endpoint,
-        running_gate(tmp_path, main_cf(endpoint), backend) as gate,
-    ):
-        c, reply = await envelope(gate, "spammer@bad.test")
-        assert reply == ["554 5.7.1 <foo@bar.org>: Recipient address rejected: go away spammer"]
-        await c.cmd("QUIT")
-        await gate.wait_log(
-            "NOQUEUE: reject: RCPT from unknown[127.0.0.2]: 554 5.7.1 <foo@bar.org>: "
-            "Recipient address rejected: go away spammer; from=<spammer@bad.test>"
-        )
-        c, reply = await envelope(gate, "nice@good.test")
-        assert reply == ["250 2.1.5 Ok"]
-        assert (await message(c))[0].startswith("250 ")
-        await backend.wait_for(lambda: len(backend.messages) == 1)
-        assert backend.messages[0].content.startswith(b"X-Postfwd: hello from R002\r\n")
-        assert [m.mail_from for m in backend.messages] == ["nice@good.test"]
+    async with postfwd(docs.block("id=R001;")) as endpoint:
+        main_cf = docs.main_cf("postfwd").replace("127.0.0.1:10040", address(endpoint))
+        async with running_gate(tmp_path, main_cf, backend) as gate:
+            c, reply = await envelope(gate, "spammer@bad.example")
+            assert reply == [
+                "554 5.7.1 <foo@example.org>: Recipient address rejected: go away spammer"
+            ]
+            await c.cmd("QUIT")
+            await gate.wait_log(
+                "NOQUEUE: reject: RCPT from unknown[127.0.0.2]: 554 5.7.1 <foo@example.org>: "
+                "Recipient address rejected: go away spammer; from=<spammer@bad.example>"
+            )
+            c, reply = await envelope(gate, "nice@good.example")
+            assert reply == ["250 2.1.5 Ok"]
+            assert (await message(c))[0].startswith("250 ")
+            await backend.wait_for(lambda: len(backend.messages) == 1)
+            assert backend.messages[0].content.startswith(b"X-Postfwd: hello from R002\r\n")
+            assert [m.mail_from for m in backend.messages] == ["nice@good.example"]
 
 
 @pytest.fixture
 def dns() -> Iterator[FakeDns]:
     server = FakeDns().start()
-    server.add("fail.test", "TXT", "v=spf1 -all")
-    server.add("pass.test", "TXT", "v=spf1 ip4:127.0.0.2 -all")
+    server.add("fail.example", "TXT", "v=spf1 -all")
+    server.add("pass.example", "TXT", "v=spf1 ip4:127.0.0.2 -all")
     yield server
     server.stop()
+
+
+RECEIVED_SPF_PASS = (
+    "Received-SPF: Pass (mailfrom) identity=mailfrom; client-ip=127.0.0.2; "
+    "helo=client.example.net; envelope-from={}; receiver=example.org "
+)
 
 
 async def test_policyd_spf_rejects_a_fail_and_prepends_a_pass(
     tmp_path: Path, backend: RecordingBackend, dns: FakeDns
 ) -> None:
-    _, dns_port = dns.address
+    async with policyd_spf(dns.address[1]) as endpoint:
+        main_cf = docs.main_cf("policyd-spf").replace("127.0.0.1:10046", address(endpoint))
+        async with running_gate(tmp_path, main_cf, backend) as gate:
+            c, reply = await envelope(gate, "someone@fail.example")
+            assert reply == [shown(docs.line("550 5.7.23 <foo@example.org>"))]
+            await c.cmd("QUIT")
+            c, reply = await envelope(gate, "someone@pass.example")
+            assert reply == ["250 2.1.5 Ok"]
+            assert (await message(c))[0].startswith("250 ")
+            await backend.wait_for(lambda: len(backend.messages) == 1)
+            first = backend.messages[0].content.decode().splitlines()[0]
+            assert first == RECEIVED_SPF_PASS.format("someone@pass.example")
+            assert ("fail.example", "TXT", "udp") in dns.queries  # policyd-spf asked our DNS
+
+
+async def test_all_three_in_one_list(
+    tmp_path: Path, backend: RecordingBackend, dns: FakeDns
+) -> None:
     async with (
-        policyd_spf(dns_port) as endpoint,
-        running_gate(tmp_path, main_cf(endpoint), backend) as gate,
+        postfwd(docs.block("id=R001;")) as fwd,
+        policyd_spf(dns.address[1]) as spf,
+        postgrey(delay=1) as grey,
     ):
-        c, reply = await envelope(gate, "someone@fail.test")
-        assert reply == [
-            "550 5.7.23 <foo@bar.org>: Recipient address rejected: Message rejected due to: "
-            "SPF fail - not authorized. Please see "
-            "http://www.openspf.net/Why?s=mfrom;id=someone@fail.test;ip=127.0.0.2;r=bar.org"
-        ]
-        await c.cmd("QUIT")
-        c, reply = await envelope(gate, "someone@pass.test")
-        assert reply == ["250 2.1.5 Ok"]
-        assert (await message(c))[0].startswith("250 ")
-        await backend.wait_for(lambda: len(backend.messages) == 1)
-        first = backend.messages[0].content.decode().splitlines()[0]
-        assert first == (
-            "Received-SPF: Pass (mailfrom) identity=mailfrom; client-ip=127.0.0.2; "
-            "helo=client.example.net; envelope-from=someone@pass.test; receiver=bar.org "
+        main_cf = (
+            docs.main_cf("all three")
+            .replace("127.0.0.1:10040", address(fwd))
+            .replace("127.0.0.1:10046", address(spf))
+            .replace("127.0.0.1:10023", address(grey))
         )
-        assert ("fail.test", "TXT", "udp") in dns.queries  # policyd-spf asked our DNS
+        async with running_gate(tmp_path, main_cf, backend) as gate:
+            _, reply = await envelope(gate, "spammer@bad.example")  # postfwd first
+            assert reply[0].endswith("Recipient address rejected: go away spammer")
+            _, reply = await envelope(gate, "someone@fail.example")  # then SPF
+            assert reply[0].startswith("550 5.7.23 ")
+            c, reply = await envelope(gate, "new@pass.example")  # SPF passes, postgrey defers
+            seen = time.time()
+            assert reply[0].startswith(
+                "450 4.2.0 <foo@example.org>: Recipient address rejected: Greylisted"
+            )
+            await c.cmd("QUIT")
+            await after_postgrey_delay(seen)
+            c, reply = await envelope(gate, "new@pass.example")
+            assert reply == ["250 2.1.5 Ok"]
+            assert (await message(c))[0].startswith("250 ")
+            await backend.wait_for(lambda: len(backend.messages) == 1)
+            head = backend.messages[0].content.decode().splitlines()[:2]
+            assert head[0] == RECEIVED_SPF_PASS.format("new@pass.example")
+            assert head[1].startswith("X-Greylist: delayed ")
 
 
 async def test_a_policy_server_that_is_down_gets_the_default_action(
     tmp_path: Path, backend: RecordingBackend
 ) -> None:
     async with FakePolicyServer() as server:
-        endpoint, address = server.endpoint, server.address
-    async with running_gate(tmp_path, main_cf(endpoint), backend) as gate:
+        dead = server.address  # nothing listens there any more
+    main_cf = docs.main_cf("postgrey").replace("127.0.0.1:10023", dead)
+    async with running_gate(tmp_path, main_cf, backend) as gate:
         c, reply = await envelope(gate, "someone@example.net")
         assert reply == [
-            "451 4.3.5 <foo@bar.org>: Recipient address rejected: Server configuration problem"
+            "451 4.3.5 <foo@example.org>: Recipient address rejected: Server configuration problem"
         ]
         await c.cmd("QUIT")
         log = await gate.wait_log("Server configuration problem; from=<someone@example.net>")
-        lines = [line.split(": ", 1)[1] for line in log.splitlines() if address in line]
-        assert (
-            lines
-            == [
-                f"warning: connect to {address}: Connection refused",
-                f"warning: problem talking to server {address}: Connection refused",
-            ]
-            * 2
-        )
-        assert backend.connections == []  # nothing reached the backend
+    lines = [ln.split(": ", 1)[1] for ln in log.splitlines() if dead in ln or "NOQUEUE" in ln]
+    expected = docs.block("warning: connect to 127.0.0.1:10023").replace("127.0.0.1:10023", dead)
+    assert lines == shown(expected).splitlines()
+    assert backend.connections == []  # nothing reached the backend
 
 
 async def test_a_unix_socket_policy_server_behind_dropped_privileges(
@@ -185,10 +208,11 @@ async def test_a_unix_socket_policy_server_behind_dropped_privileges(
         lambda attrs, conn, n: "DUNNO" if attrs["sender"] == "ok@example.net" else "REJECT no"
     ).start(str(folder / "policy.sock"))
     (folder / "policy.sock").chmod(0o666)
+    main_cf = docs.main_cf("postgrey").replace("inet:127.0.0.1:10023", server.endpoint)
     try:
-        async with running_gate(tmp_path, main_cf(server.endpoint), backend) as gate:
+        async with running_gate(tmp_path, main_cf, backend) as gate:
             c, reply = await envelope(gate, "bad@example.net")
-            assert reply == ["554 5.7.1 <foo@bar.org>: Recipient address rejected: no"]
+            assert reply == ["554 5.7.1 <foo@example.org>: Recipient address rejected: no"]
             await c.cmd("QUIT")
             c, reply = await envelope(gate, "ok@example.net")
             assert reply == ["250 2.1.5 Ok"]
@@ -197,7 +221,7 @@ async def test_a_unix_socket_policy_server_behind_dropped_privileges(
         assert (attrs["protocol_state"], attrs["client_address"], attrs["recipient"]) == (
             "RCPT",
             "127.0.0.2",
-            "foo@bar.org",
+            RCPT,
         )
         assert attrs["instance"] != server.requests[0][1]["instance"]
     finally:
