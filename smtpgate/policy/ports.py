@@ -123,8 +123,9 @@ class FakePolicyClient:
     """An in-memory :class:`PolicyClient`: ``answer(service, attributes)`` decides.
 
     ``answer`` returns the action text, or a :class:`PolicyAnswer` (for a failure with
-    its warnings); a text or PolicyAnswer in its place is the answer to every request.  Every request is appended to :attr:`requests` as
-    ``(service, dict(attributes), list(attributes))``.
+    its warnings); a text or PolicyAnswer in its place is the answer to every request.
+    Every request is appended to :attr:`requests` as ``(service, dict(attributes),
+    list(attributes))``.
     """
 
     def __init__(

@@ -230,9 +230,7 @@ def test_all_errors_are_reported_at_once(build: Build, tmp_path: Path):
 
 def test_an_unsupported_restriction_skips_its_own_argument(build: Build):
     # The seconds are not read as an unknown restriction.
-    _, diagnostics = build(
-        "smtpd_recipient_restrictions = sleep 10, reject_unauth_destination"
-    )
+    _, diagnostics = build("smtpd_recipient_restrictions = sleep 10, reject_unauth_destination")
     assert [d.message for d in diagnostics] == [
         'smtpd_recipient_restrictions: restriction "sleep" is not supported yet '
         "(smtpgate does not pause sessions on request)"
