@@ -377,7 +377,7 @@ class DelegationClient:
             code = errno.ETIMEDOUT
         except OSError as exc:
             code = exc.errno or 0
-            if code < 0:  # getaddrinfo's own codes: say so in its words
+            if code <= 0:  # getaddrinfo's codes, or several addresses that all failed
                 raise _TryFailed(0, [f"connect to {where}: {exc.strerror or exc}"]) from None
         else:
             return channel

@@ -216,7 +216,9 @@ def _policy_defaults(r: Reader) -> PolicyService:
         max_ttl=at_least(prefix + "max_ttl", r.seconds(prefix + "max_ttl"), 1),
         try_limit=int(at_least(prefix + "try_limit", r.number(prefix + "try_limit"), 1)),
         retry_delay=at_least(prefix + "retry_delay", r.seconds(prefix + "retry_delay"), 1),
-        request_limit=r.number(prefix + "request_limit"),
+        request_limit=int(
+            at_least(prefix + "request_limit", r.number(prefix + "request_limit"), 0)
+        ),
         default_action=action,
         policy_context=r.text(prefix + "policy_context"),
     )

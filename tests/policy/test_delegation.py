@@ -441,6 +441,7 @@ def test_a_bad_service_is_an_error_naming_file_and_line(
         ("smtpd_policy_service_try_limit = 0", "smtpd_policy_service_try_limit: bad value 0"),
         ("smtpd_policy_service_max_idle = 0", "smtpd_policy_service_max_idle: bad value 0"),
         ("smtpd_policy_service_request_limit = x", "smtpd_policy_service_request_limit"),
+        ("smtpd_policy_service_request_limit = -1", "smtpd_policy_service_request_limit: bad"),
         ("smtpd_policy_service_default_action =", "smtpd_policy_service_default_action"),
     ],
 )
