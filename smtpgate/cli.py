@@ -226,9 +226,16 @@ def explain(
     as_json: bool,
 ) -> None:
     """Run the restrictions on one envelope without a socket and show every step."""
+    from smtpgate.delegation import DelegationClient
     from smtpgate.generation import load_configuration
     from smtpgate.policy.address import valid_hostaddr
-    from smtpgate.smtp.explain import render_json, render_text, run_dialogue, script_writes
+    from smtpgate.smtp.explain import (
+        Exchange,
+        render_json,
+        render_text,
+        run_dialogue,
+        script_writes,
+    )
 
     if not valid_hostaddr(client):
         _fail(f"--client {client!r} is not an IPv4 or IPv6 address")
@@ -261,23 +268,30 @@ def explain(
             resolver = resolver_from_config(loaded.config, split_list(dns_servers))
         except ConfigError as exc:
             _fail(f"--dns-servers: {exc}")
-    exchanges = asyncio.run(
-        run_dialogue(
-            loaded.plan,
-            info,
-            config=loaded.config,
-            resolver=resolver,
-            lookup_client_name=resolver is not None and client_name is None,
-            writes=writes,
-            helo=helo,
-            sender=_unbracket(sender or ""),
-            recipients=[
-                r[1:-1] if r.startswith("<") and r.endswith(">") else r for r in recipients
-            ],
-            esmtp=ehlo,
-            data=data,
-        )
-    )
+
+    async def dialogue() -> list[Exchange]:
+        try:
+            return await run_dialogue(
+                loaded.plan,
+                info,
+                config=loaded.config,
+                resolver=resolver,
+                lookup_client_name=resolver is not None and client_name is None,
+                writes=writes,
+                helo=helo,
+                sender=_unbracket(sender or ""),
+                recipients=[
+                    r[1:-1] if r.startswith("<") and r.endswith(">") else r for r in recipients
+                ],
+                esmtp=ehlo,
+                data=data,
+            )
+        finally:
+            client = loaded.plan.policy_client
+            if isinstance(client, DelegationClient):
+                await client.close()
+
+    exchanges = asyncio.run(dialogue())
     click.echo(render_json(exchanges) if as_json else render_text(exchanges))
 
 

@@ -12,7 +12,11 @@ Theory of operation:
    files).  The second half builds what needs files or the network later: the front end's
    ``ssl.SSLContext`` (the key is often readable by root only: the supervisor loads it
    before it forks the workers), the relay to the backend and the DNS resolver, with the
-   relay's MX lookup wired to that resolver.
+   relay's MX lookup wired to that resolver.  The policy delegation client
+   (``check_policy_service``) is bound to the plan in the first half, so that
+   ``explain`` asks the same policy servers as ``serve``; it opens no connection until
+   a request needs one (each worker opens its own), and the server closes it when its
+   generation retires.
 3. Every problem is a :class:`Diagnostic` naming file and line, collected from all the
    steps at once (each reported once: the settings and the typed conversions find a bad
    number alike); the generation is None when one of them is an error.
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 from smtpgate.config import Diagnostic, Settings, load_settings
 from smtpgate.config.relayconf import relay_config
 from smtpgate.config.service import ServiceConfig, relay_diagnostics, service_config
+from smtpgate.delegation import DelegationClient
 from smtpgate.errors import ConfigError
 from smtpgate.policy.plan import Plan, build_plan
 from smtpgate.policy.ports import Resolver
@@ -63,6 +68,12 @@ class Generation:
     """The front end's STARTTLS context; None when STARTTLS is not offered."""
     relay: Relay
     resolver: Resolver
+
+    @property
+    def policy_client(self) -> DelegationClient | None:
+        """The policy delegation client bound to the plan (None: no check_policy_service)."""
+        client = self.plan.policy_client
+        return client if isinstance(client, DelegationClient) else None
 
     @classmethod
     def from_settings(
@@ -98,6 +109,8 @@ def compile_configuration(
     found = _unique([*diagnostics, *from_plan, *from_service])
     if plan is None or config is None or _failed(found):
         return None, found
+    if plan.policy_services:
+        plan = plan.with_policy_client(DelegationClient())
     return Configuration(plan, config), found
 
 

@@ -400,6 +400,9 @@ class Server:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
         await self.shared.relay.close()
+        policy_client = self.shared.generation.policy_client
+        if policy_client is not None:
+            await policy_client.close()
         self.maillog.info("stopped")
         self.stopped.set()
 

@@ -121,3 +121,17 @@ def test_explain_loads_the_same_plan_without_certificate_or_backend(tmp_path: Pa
     generation, diagnostics = load_generation(path, overrides)
     assert generation is None
     assert any("smtpd_tls_cert_file: cannot read" in str(d) for d in diagnostics)
+
+
+def test_the_policy_client_is_bound_to_the_plan_when_a_service_is_named(tmp_path: Path) -> None:
+    from smtpgate.delegation import DelegationClient
+
+    plain, _ = load_generation(write(tmp_path))
+    assert plain is not None and plain.policy_client is None
+    text = MAIN_CF + "smtpd_relay_restrictions = check_policy_service inet:127.0.0.1:9998\n"
+    generation, diagnostics = load_generation(write(tmp_path, text))
+    assert generation is not None, [str(d) for d in diagnostics]
+    assert isinstance(generation.policy_client, DelegationClient)
+    assert generation.plan.policy_client is generation.policy_client
+    loaded, _ = load_configuration(str(tmp_path / "main.cf"))  # explain's half: the same
+    assert loaded is not None and isinstance(loaded.plan.policy_client, DelegationClient)

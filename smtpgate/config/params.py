@@ -95,6 +95,15 @@ _DIFFERENCES = {
         "standard error, which systemd's journal and docker logs collect."
     ),
     "smtpd_proxy_timeout": "In smtpgate it bounds every exchange with the backend MTA.",
+    "smtpd_policy_service_timeout": (
+        "Postfix applies it to each read and write; smtpgate to the request and its whole "
+        "reply, so a server that trickles its reply cannot hold a session longer."
+    ),
+    "smtpd_policy_service_max_idle": (
+        "A worker serves many sessions at once and may hold several connections to one "
+        "service (one per request in flight, at most 100); each is closed when unused "
+        "this long."
+    ),
     "smtp_connect_timeout": (
         "In smtpgate it bounds the TCP connection to the backend MTA and its greeting "
         "(Postfix's smtp_helo_timeout covers the greeting there)."
@@ -778,6 +787,56 @@ _SPECS = [
         "time",
         "How long to wait for the backend MTA to accept a connection and greet.",
     ),
+    # -- policy delegation (check_policy_service): Postfix 3.7's names and defaults --
+    _p(
+        "smtpd_policy_service_timeout",
+        "100s",
+        "time",
+        "Time limit to connect to, write to or read from a policy server (check_policy_service).",
+    ),
+    _p(
+        "smtpd_policy_service_max_idle",
+        "300s",
+        "time",
+        "How long an unused connection to a policy server stays open.",
+    ),
+    _p(
+        "smtpd_policy_service_max_ttl",
+        "1000s",
+        "time",
+        "How long a connection to a policy server is used before it is closed and reopened.",
+    ),
+    _p(
+        "smtpd_policy_service_try_limit",
+        "2",
+        "int",
+        "How many times a policy request is tried before the default action applies.",
+    ),
+    _p(
+        "smtpd_policy_service_retry_delay",
+        "1s",
+        "time",
+        "The pause between two tries of one policy request.",
+    ),
+    _p(
+        "smtpd_policy_service_request_limit",
+        "0",
+        "int",
+        "Requests per connection to a policy server before it is closed (0: no limit).",
+    ),
+    _p(
+        "smtpd_policy_service_default_action",
+        "451 4.3.5 Server configuration problem",
+        "str",
+        "The access(5) action taken when a policy server cannot be reached or gives "
+        "no usable answer.",
+    ),
+    _p(
+        "smtpd_policy_service_policy_context",
+        "",
+        "str",
+        "Sent to every policy server as the policy_context attribute.",
+    ),
     ParamSpec(
         "listen",
         "0.0.0.0:25",
@@ -831,9 +890,9 @@ POSTFIX_DEFAULTS: Mapping[str, str] = MappingProxyType(_load_postfix_defaults())
 # Features smtpgate does not implement yet, with the Postfix parameters that switch them on
 # or change what they accept. A name ending in "*" stands for every Postfix parameter with
 # that prefix. Parameters that only tune a feature whose switch is listed here (milter_*,
-# smtpd_policy_service_*, smtpd_sasl_* besides smtpd_sasl_auth_enable) stay warnings: the
-# switch already fails. Restrictions of these features (check_policy_service,
-# reject_unverified_*, ...) are refused by the restriction registry.
+# smtpd_sasl_* besides smtpd_sasl_auth_enable) stay warnings: the switch already fails.
+# Restrictions of these features (reject_unverified_*, ...) are refused by the restriction
+# registry.
 NOT_YET_FEATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("milters", ("smtpd_milters", "smtpd_milter_maps")),
     ("before-queue content filter", ("smtpd_proxy_filter",)),

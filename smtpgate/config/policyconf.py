@@ -10,14 +10,16 @@ fields (``plan.codes.reject_code``), never a parameter by its name.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from types import MappingProxyType
 
 from smtpgate.config.diagnostics import Diagnostic
-from smtpgate.config.maincf import split_list
+from smtpgate.config.maincf import split_list, split_nameval, strip_braces
 from smtpgate.config.service import Reader
 from smtpgate.config.settings import Settings
+from smtpgate.errors import ConfigError
 
 STAGE_PARAMETERS = (
     "smtpd_client_restrictions",
@@ -52,6 +54,174 @@ class ReplyCodes:
     unknown_hostname_reject_code: int = 450
     multi_recipient_bounce_reject_code: int = 550
     maps_rbl_reject_code: int = 554
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyService:
+    """One ``check_policy_service`` endpoint with its settings (Postfix SMTPD_POLICY_CLNT).
+
+    ``name`` is the word as written after ``check_policy_service`` (``inet:127.0.0.1:9998``
+    or the whole ``{ inet:127.0.0.1:9998, timeout=10s }``): Postfix keys its clients by
+    it, and two spellings are two clients.  ``endpoint`` is the ``inet:host:port`` or
+    ``unix:/path`` part; the times are seconds.  The main.cf parameters
+    ``smtpd_policy_service_*`` give the defaults, the brace form overrides them.
+    """
+
+    name: str
+    endpoint: str
+    timeout: float = 100.0
+    max_idle: float = 300.0
+    max_ttl: float = 1000.0
+    try_limit: int = 2
+    retry_delay: float = 1.0
+    request_limit: int = 0
+    default_action: str = "451 4.3.5 Server configuration problem"  # DEFAULT_POLICY_ACTION
+    policy_context: str = ""
+
+    @property
+    def transport(self) -> str:
+        """``inet`` or ``unix``."""
+        return self.endpoint.partition(":")[0]
+
+    @property
+    def address(self) -> str:
+        """The endpoint without its transport: ``127.0.0.1:9998``, ``/run/policy.sock``
+        (what Postfix's log lines name: ``problem talking to server 127.0.0.1:9998``)."""
+        return self.endpoint.partition(":")[2]
+
+
+DEFAULT_POLICY_ACTION = "451 4.3.5 Server configuration problem"
+POLICY_TRANSPORTS = ("inet", "unix", "local")
+_TIME = re.compile(r"(\d+)([smhdw]?)")
+_TIME_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+# The brace form's option names: Postfix's parameter names without the
+# "smtpd_policy_service_" prefix (smtpd_check.c: time_table, int_table, str_table), which
+# are also PolicyService's field names.
+_OPTIONS = frozenset(
+    {
+        "timeout",
+        "max_idle",
+        "max_ttl",
+        "retry_delay",
+        "request_limit",
+        "try_limit",
+        "default_action",
+        "policy_context",
+    }
+)
+_TIMES = frozenset({"timeout", "max_idle", "max_ttl", "retry_delay"})
+_MINIMUM = {"try_limit": 1, "request_limit": 0}
+
+
+def _endpoint_error(endpoint: str) -> str | None:
+    transport, colon, where = endpoint.partition(":")
+    if not colon or not transport or not where:
+        return f'need service transport:endpoint instead of "{endpoint}"'
+    if transport not in POLICY_TRANSPORTS:
+        return (
+            f'unsupported policy service transport "{transport}" in "{endpoint}" '
+            "(use inet: or unix:)"
+        )
+    if transport == "inet":
+        host, _, port = where.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            return f'policy service "{endpoint}": expected inet:host:port'
+    elif not where.startswith("/"):
+        return (
+            f'policy service "{endpoint}": a unix socket needs an absolute path '
+            "(smtpgate has no Postfix queue directory to resolve private/... against)"
+        )
+    return None
+
+
+def policy_service(word: str, defaults: PolicyService) -> PolicyService:
+    """The service a ``check_policy_service`` argument names, with ``defaults`` (the
+    main.cf parameters) overridden by its brace options; ConfigError says what is wrong
+    in Postfix's words (``unknown option``, ``bad time value or unit``...)."""
+    text = word
+    options: list[str] = []
+    if word.startswith("{"):
+        try:
+            parts = split_list(strip_braces(word))
+        except ValueError as exc:
+            raise ConfigError(f"policy service syntax error: {exc}") from None
+        if not parts:
+            raise ConfigError(f'empty policy service: "{word}"')
+        text, options = parts[0], parts[1:]
+    problem = _endpoint_error(text)
+    if problem:
+        raise ConfigError(problem)
+    changes: dict[str, object] = {"name": word, "endpoint": text}
+    for option in options:
+        key, value = _option(option)
+        changes[key] = _option_value(key, value)
+    return replace(defaults, **changes)  # type: ignore[arg-type]
+
+
+def _option(option: str) -> tuple[str, str]:
+    """``name=value`` or ``{ name = value }`` (Postfix attr_override)."""
+    if option.startswith("{"):
+        try:
+            option = strip_braces(option)
+        except ValueError as exc:
+            raise ConfigError(f'{exc} in "{option}"') from None
+    parsed = split_nameval(option)
+    if isinstance(parsed, str):
+        raise ConfigError(f'malformed option: {parsed}: "...{option}..."')
+    key, value = parsed
+    if key not in _OPTIONS:
+        raise ConfigError(f'unknown option: "{key} = {value}"')
+    return key, value
+
+
+def _option_value(key: str, value: str) -> float | int | str:
+    if key in _TIMES:
+        match = _TIME.fullmatch(value)
+        if match is None:
+            raise ConfigError(f"{key}: bad time value or unit: {value}")
+        seconds = int(match.group(1)) * _TIME_UNITS[match.group(2)]
+        if seconds < 1:
+            raise ConfigError(f"invalid {key} parameter value {seconds} < 1")
+        return float(seconds)
+    if key in _MINIMUM:
+        if not re.fullmatch(r"-?\d+", value):
+            raise ConfigError(f"bad numerical configuration: {key} = {value}")
+        if int(value) < _MINIMUM[key]:
+            raise ConfigError(f"invalid {key} parameter value {value} < {_MINIMUM[key]}")
+        return int(value)
+    if not value:
+        raise ConfigError(f"bad parameter value: {key} = {value}")
+    return value
+
+
+def _policy_defaults(r: Reader) -> PolicyService:
+    """The smtpd_policy_service_* parameters, checked against Postfix's minimums."""
+
+    def at_least(name: str, value: float, minimum: int) -> float:
+        if value < minimum:
+            r.error(name, f"{name}: bad value {value:g} (must be at least {minimum})")
+            return float(minimum)
+        return value
+
+    prefix = "smtpd_policy_service_"
+    action = r.text(prefix + "default_action").strip()
+    if not action:
+        r.error(prefix + "default_action", f"{prefix}default_action: the value is empty")
+        action = DEFAULT_POLICY_ACTION
+    return PolicyService(
+        name="",
+        endpoint="",
+        timeout=at_least(prefix + "timeout", r.seconds(prefix + "timeout"), 1),
+        max_idle=at_least(prefix + "max_idle", r.seconds(prefix + "max_idle"), 1),
+        max_ttl=at_least(prefix + "max_ttl", r.seconds(prefix + "max_ttl"), 1),
+        try_limit=int(at_least(prefix + "try_limit", r.number(prefix + "try_limit"), 1)),
+        retry_delay=at_least(prefix + "retry_delay", r.seconds(prefix + "retry_delay"), 1),
+        request_limit=int(
+            at_least(prefix + "request_limit", r.number(prefix + "request_limit"), 0)
+        ),
+        default_action=action,
+        policy_context=r.text(prefix + "policy_context"),
+    )
 
 
 @dataclass(frozen=True)
@@ -91,6 +261,9 @@ class PolicyConfig:
     allow_untrusted_routing: bool
     allow_percent_hack: bool
     swap_bangpath: bool
+    policy_service_defaults: PolicyService
+    """The smtpd_policy_service_* parameters; a check_policy_service argument's brace
+    options override them (:func:`policy_service`)."""
 
 
 def _tempfail_action(r: Reader, name: str, extra: tuple[str, ...] = ()) -> str:
@@ -143,5 +316,6 @@ def policy_config(settings: Settings) -> tuple[PolicyConfig, list[Diagnostic]]:
         allow_untrusted_routing=r.flag("allow_untrusted_routing"),
         allow_percent_hack=r.flag("allow_percent_hack"),
         swap_bangpath=r.flag("swap_bangpath"),
+        policy_service_defaults=_policy_defaults(r),
     )
     return config, r.diagnostics

@@ -27,7 +27,7 @@ import inspect
 from collections.abc import Sequence
 
 from smtpgate.errors import TableLookupError, TableUnavailableError
-from smtpgate.policy import model, restrictions  # noqa: F401  (registers restrictions)
+from smtpgate.policy import delegation, model, restrictions  # noqa: F401  (registers restrictions)
 from smtpgate.policy.actions import dsn_split, dsn_valid, parse_action
 from smtpgate.policy.dsn import smtpd_dsn_fix
 from smtpgate.policy.logline import whatsup_line

@@ -140,6 +140,17 @@ class Deferral:
             self.error_class, self.code, self.dsn, self.text = error_class, code, dsn, text
 
 
+@dataclass(frozen=True, slots=True)
+class TlsInfo:
+    """The client connection's TLS, as policy servers are told it (Postfix tls_context)."""
+
+    protocol: str
+    """``TLSv1.3``..."""
+    cipher: str
+    keysize: int
+    """The cipher's secret bits (Postfix cipher_usebits)."""
+
+
 @dataclass(slots=True)
 class SessionState:
     """Everything the checks read or remember during one connection."""
@@ -161,6 +172,18 @@ class SessionState:
     discard: bool = False
     access_denied: Reply | None = None
     queue_id: str | None = None
+    instance: str = ""
+    """The mail transaction's id for policy servers (Postfix state->instance): made when
+    MAIL is accepted, the same for every request of that transaction, empty outside one."""
+    message_size: int = 0
+    """The MAIL FROM SIZE= value (Postfix msg_size); 0 when not given."""
+    actual_size: int = 0
+    """The message's size once its end is read (Postfix act_size); 0 before."""
+    server_address: str = ""
+    """The local address the client connected to (Postfix dest_addr); "" when unknown."""
+    server_port: int = 0
+    tls: TlsInfo | None = None
+    """The client connection's TLS; None in plaintext."""
     recursion: int = 0
     warn_if_reject: int = 0
     defer_if_permit: Deferral = field(default_factory=Deferral)

@@ -18,16 +18,25 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from smtpgate.config import Diagnostic, Location, Settings
-from smtpgate.config.policyconf import STAGE_PARAMETERS, PolicyConfig, ReplyCodes, policy_config
+from smtpgate.config.policyconf import (
+    STAGE_PARAMETERS,
+    PolicyConfig,
+    PolicyService,
+    ReplyCodes,
+    policy_config,
+    policy_service,
+)
 from smtpgate.errors import ConfigError, SmtpgateError
+from smtpgate.policy import delegation as _delegation  # noqa: F401  (fills the registry)
 from smtpgate.policy import restrictions as _restrictions  # noqa: F401  (fills the registry)
 from smtpgate.policy.actions import lint_action
 from smtpgate.policy.address import Resolver
 from smtpgate.policy.dnsbl import ZoneError, parse_zone, unescape
+from smtpgate.policy.ports import PolicyClient
 from smtpgate.policy.registry import RestrictionSpec, lookup
 from smtpgate.tables import AddressList, DomainList, Maps, SurrogateTable, Table, open_table
 
@@ -55,6 +64,12 @@ DEFAULT_RBL_REPLY = (
 )
 
 RESTRICTION_SEPARATORS = re.compile(r"[,\s]+")
+
+_ARGUMENT_WHAT = {
+    "table": "a type:table",
+    "zone": "a domain name",
+    "service": "a policy service (inet:host:port or unix:/path)",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +124,21 @@ class Plan:
     reject_unlisted_recipient: bool
     allow_untrusted_routing: bool
     dns: DnsPolicy = field(default_factory=DnsPolicy)
+    policy_services: dict[str, PolicyService] = field(default_factory=dict)
+    """Every check_policy_service argument of the lists and classes, as written -> its
+    service (Postfix's policy_clnt_table: a table value may only name these)."""
+    policy_client: PolicyClient | None = field(default=None, compare=False)
+    """The port check_policy_service asks through; None until the load binds the
+    adapter (``smtpgate.generation``; tests bind a FakePolicyClient with
+    :meth:`with_policy_client`).  Unbound, every request gets the default action."""
     runtime_cache: dict[str, tuple[Compiled, ...]] = field(default_factory=dict, compare=False)
 
     def stage_list(self, parameter: str) -> tuple[Compiled, ...]:
         return self.lists.get(parameter, ())
+
+    def with_policy_client(self, client: PolicyClient | None) -> Plan:
+        """The same plan asking policy servers through ``client``."""
+        return replace(self, policy_client=client)
 
 
 class _Builder:
@@ -125,6 +151,8 @@ class _Builder:
         self.tables: dict[str, Table] = {}
         self.access_tables: set[str] = set()
         self.class_names: list[str] = []
+        self.policy_defaults = PolicyService("", "")
+        self.policy_services: dict[str, PolicyService] = {}
 
     def error(self, message: str, location: Location | None) -> None:
         self.diagnostics.append(Diagnostic("error", message, location))
@@ -204,23 +232,55 @@ class _Builder:
             if spec.arg != "none":
                 if bare_table is None:
                     if i >= len(tokens) or (spec.arg == "table" and ":" not in tokens[i]):
-                        what = "a type:table" if spec.arg == "table" else "a domain name"
+                        what = _ARGUMENT_WHAT[spec.arg]
                         self.error(
                             f'{parameter}: restriction "{token}" requires {what} argument', loc
                         )
                         continue
                     bare_table = tokens[i]
                     i += 1
-                arg = self.open(bare_table, parameter) if spec.arg == "table" else bare_table
+                arg = self._argument(parameter, token, spec, bare_table, loc)
                 if arg is None:
                     continue
-                if spec.arg == "zone" and not self._zone_ok(parameter, token, bare_table, loc):
-                    continue
-                if spec.arg == "table":
-                    self.access_tables.add(bare_table)
                 label = f"{spec.name} {bare_table}"
             items.append(Compiled(spec.name, label, spec, arg))
         return tuple(items)
+
+    def _argument(
+        self,
+        parameter: str,
+        token: str,
+        spec: RestrictionSpec,
+        word: str,
+        loc: Location | None,
+    ) -> Any:
+        """What a restriction's argument compiles to (None: an error was reported)."""
+        if spec.arg == "service":
+            return self._service(parameter, token, word, loc)
+        if spec.arg == "table":
+            table = self.open(word, parameter)
+            if table is not None:
+                self.access_tables.add(word)
+            return table
+        if not self._zone_ok(parameter, token, word, loc):
+            return None
+        return word
+
+    def _service(
+        self, parameter: str, token: str, word: str, loc: Location | None
+    ) -> PolicyService | None:
+        """The policy service a check_policy_service argument names (registered once per
+        spelling, as Postfix's policy_client_register does)."""
+        known = self.policy_services.get(word)
+        if known is not None:
+            return known
+        try:
+            service = policy_service(word, self.policy_defaults)
+        except ConfigError as exc:
+            self.error(f'{parameter}: restriction "{token}": {exc.message}', loc)
+            return None
+        self.policy_services[word] = service
+        return service
 
     def _not_yet(
         self, parameter: str, token: str, spec: RestrictionSpec, loc: Location | None, own: bool
@@ -228,7 +288,7 @@ class _Builder:
         """One error for a known restriction that is not implemented; the words to skip.
 
         Its argument (when it has one of its *own*) is skipped unread: it is not a table to
-        open or a DNS zone to parse (``check_policy_service inet:127.0.0.1:10023``).
+        open or a DNS zone to parse (``sleep 10``).
         """
         self.error(f'{parameter}: restriction "{token}" is not supported yet ({spec.since})', loc)
         return 1 if spec.arg != "none" and own else 0
@@ -280,6 +340,7 @@ def build_plan(
     b = _Builder(settings, strict_tables)
     b.diagnostics.extend(diagnostics)
     b.class_names = list(config.restriction_classes)
+    b.policy_defaults = config.policy_service_defaults
     for name in b.class_names:
         if not config.class_definitions[name]:
             b.error(
@@ -352,6 +413,7 @@ def build_plan(
         reject_unlisted_recipient=config.reject_unlisted_recipient,
         allow_untrusted_routing=config.allow_untrusted_routing,
         dns=dns,
+        policy_services=b.policy_services,
     )
     return plan, b.diagnostics
 
@@ -390,6 +452,18 @@ def compile_runtime_list(plan: Plan, text: str) -> tuple[Compiled, ...]:
             continue
         if not spec.implemented:
             items.append(Compiled(token, token, error=f'restriction "{token}" is not supported'))
+            continue
+        if spec.arg == "service":
+            # Postfix only knows the services its lists named at startup (a table value
+            # naming another one makes smtpd panic); name those, or refuse.
+            word = tokens[i] if i < len(tokens) else ""
+            service = plan.policy_services.get(word)
+            i += 1
+            if service is None:
+                why = f"{token} {word}: a policy service not named in main.cf's restrictions"
+                items.append(Compiled(token, token, error=why))
+            else:
+                items.append(Compiled(spec.name, f"{spec.name} {word}", spec, service))
             continue
         if spec.arg != "none":
             if i >= len(tokens) or spec.arg == "table":

@@ -1,4 +1,5 @@
-"""What the policy core asks of the outside world: DNS, as a protocol with no I/O here.
+"""What the policy core asks of the outside world: DNS and policy servers, as protocols
+with no I/O here.
 
 The restrictions never import a DNS library.  They call :class:`Resolver` (which
 ``smtpgate.resolver.DnsPythonResolver`` implements with dnspython, and
@@ -18,14 +19,24 @@ Records are text, one string per resource record:
   decoded as Latin-1 so that every byte survives.
 
 Host names carry no trailing dot and keep the case the server sent.
+
+Policy delegation (``check_policy_service``) goes through :class:`PolicyClient`
+(``smtpgate.delegation.DelegationClient`` speaks Postfix's attribute protocol over
+sockets; :class:`FakePolicyClient` here answers from a function, for tests).  The core
+hands it the service and the request's attributes, in Postfix's order, and gets a
+:class:`PolicyAnswer`: the server's ``action`` text, or None when there is no usable
+answer after every try (the service's default action then applies), with the warnings
+Postfix would have logged on the way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
+
+from smtpgate.config.policyconf import PolicyService
 
 
 class DnsStatus(StrEnum):
@@ -83,7 +94,58 @@ def no_resolver_answer(name: str, rdtype: str) -> DnsAnswer:
     return DnsAnswer(name, rdtype, DnsStatus.TEMPFAIL, detail="no DNS resolver configured")
 
 
-# -- the fake ---------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class PolicyAnswer:
+    """A policy server's answer to one request."""
+
+    action: str | None
+    """The ``action=`` value; None: no usable answer (down, timeout, garbage, closed)."""
+    warnings: tuple[str, ...] = ()
+    """Postfix's warning lines for the trouble met on the way, in order (without the
+    ``warning: `` prefix): ``connect to 127.0.0.1:9998: Connection refused``,
+    ``problem talking to server 127.0.0.1:9998: Connection refused``..."""
+
+
+Attributes = Sequence[tuple[str, str]]
+"""A request: (name, value) pairs in the order they are sent."""
+
+
+class PolicyClient(Protocol):
+    """Asks policy servers (Postfix's policy delegation protocol)."""
+
+    async def ask(self, service: PolicyService, attributes: Attributes) -> PolicyAnswer:
+        """Send ``attributes`` to ``service`` and return its answer; never raises for
+        trouble with the server (that is an answer with ``action`` None)."""
+        ...
+
+
+class FakePolicyClient:
+    """An in-memory :class:`PolicyClient`: ``answer(service, attributes)`` decides.
+
+    ``answer`` returns the action text, or a :class:`PolicyAnswer` (for a failure with
+    its warnings); a text or PolicyAnswer in its place is the answer to every request.
+    Every request is appended to :attr:`requests` as ``(service, dict(attributes),
+    list(attributes))``.
+    """
+
+    def __init__(
+        self,
+        answer: Callable[[PolicyService, dict[str, str]], str | PolicyAnswer]
+        | str
+        | PolicyAnswer = "DUNNO",
+    ) -> None:
+        self.answer = answer
+        self.requests: list[tuple[PolicyService, dict[str, str], list[tuple[str, str]]]] = []
+
+    async def ask(self, service: PolicyService, attributes: Attributes) -> PolicyAnswer:
+        pairs = list(attributes)
+        self.requests.append((service, dict(pairs), pairs))
+        answer = self.answer
+        result = answer if isinstance(answer, str | PolicyAnswer) else answer(service, dict(pairs))
+        return result if isinstance(result, PolicyAnswer) else PolicyAnswer(result)
+
+
+# -- the fake resolver ------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,10 +2,12 @@
 
 A restriction is one function registered under its exact Postfix name (compared
 case-insensitively, as Postfix does).  ``arg`` says what follows the name in a
-restriction list: nothing, a lookup table (``check_sender_access hash:/x``) or a DNS
-zone (``reject_rbl_client zen.example``).  A restriction that smtpgate knows but does not
-implement yet has no function and a ``since`` that says what is missing; ``check``
-reports it as one error naming file and line, and skips its argument.
+restriction list: nothing, a lookup table (``check_sender_access hash:/x``), a DNS
+zone (``reject_rbl_client zen.example``) or a policy service
+(``check_policy_service inet:127.0.0.1:10023``, or the ``{ ... }`` form with settings).
+A restriction that smtpgate knows but does not implement yet has no function and a
+``since`` that says what is missing; ``check`` reports it as one error naming file and
+line, and skips its argument.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
     from smtpgate.policy.ports import DnsAnswer, Resolver
     from smtpgate.tables import Table
 
-ArgKind = Literal["none", "table", "zone"]
+ArgKind = Literal["none", "table", "zone", "service"]
 
 
 class Ctx(Protocol):
@@ -55,6 +57,10 @@ class Ctx(Protocol):
         reply_name: str,
         reply_class: str,
         suspicious: bool = False,
+    ) -> Status: ...
+
+    def check_table_result(
+        self, table: str, value: str, datum: str, reply_name: str, reply_class: str
     ) -> Status: ...
 
     def note(self, what: str, detail: str, result: str) -> None: ...

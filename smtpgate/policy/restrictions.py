@@ -1036,7 +1036,5 @@ known_later(
     "none",
     "reject_unknown_forward_client_hostname",
 )
-# The argument is a policy server (inet:host:port, unix:path) or seconds, not a zone;
-# "zone" only tells the compiler that one word follows.
-known_later("smtpgate has no policy service client", "zone", "check_policy_service")
+# The argument is seconds, not a zone; "zone" only tells the compiler that one word follows.
 known_later("smtpgate does not pause sessions on request", "zone", "sleep")

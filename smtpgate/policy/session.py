@@ -10,6 +10,7 @@ reply (the SMTP machine's, or the backend's: see ``smtpgate/smtp/machine.py``).
 from __future__ import annotations
 
 from smtpgate.policy.address import header_safe
+from smtpgate.policy.delegation import new_instance
 from smtpgate.policy.engine import Checker
 from smtpgate.policy.model import (
     CLIENT,
@@ -174,7 +175,8 @@ class PolicySession:
         self.state.helo_name = header_safe(name, neuter=True)
         return Decision(Stage.HELO, None, c.steps, c.logs)
 
-    async def mail(self, sender: str) -> Decision:
+    async def mail(self, sender: str, size: int = 0) -> Decision:
+        """MAIL FROM; ``size`` is its SIZE= value (0: none), for policy servers."""
         denied = self._denied(Stage.MAIL)
         if denied:
             return denied
@@ -187,7 +189,11 @@ class PolicySession:
             status = await self._check_mail(c, sender)
             if status is REJECT:
                 return self._decision(c, Stage.MAIL, status)
+        # Postfix's mail_cmd(): the transaction (and its instance) begins once the
+        # sender checks passed; a policy request at MAIL itself has no instance yet.
         self.state.sender = sender
+        self.state.message_size = size
+        self.state.instance = new_instance()
         return Decision(Stage.MAIL, None, c.steps, c.logs)
 
     async def rcpt(self, recipient: str) -> Decision:
@@ -304,8 +310,10 @@ class PolicySession:
             Stage.DATA, "smtpd_data_restrictions", "DATA", DATA, where=where
         )
 
-    async def end_of_data(self) -> Decision:
-        """smtpd_end_of_data_restrictions, after the final dot."""
+    async def end_of_data(self, size: int = 0) -> Decision:
+        """smtpd_end_of_data_restrictions, after the final dot; ``size``: the message's
+        size (policy servers' ``size`` attribute), 0 when the caller does not say."""
+        self.state.actual_size = size
         return await self._generic_stage(
             Stage.END_OF_DATA, "smtpd_end_of_data_restrictions", "END-OF-MESSAGE", EOD
         )
@@ -355,6 +363,9 @@ class PolicySession:
         st.first_recipient = None
         st.discard = False
         st.queue_id = None
+        st.instance = ""
+        st.message_size = 0
+        st.actual_size = 0
         st.prepend.clear()
         st.queue_actions.clear()
         st.defer_if_permit_sender = False
