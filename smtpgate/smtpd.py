@@ -42,13 +42,12 @@ from smtpgate.errors import FilterDestinationError
 from smtpgate.facts import ClientFacts
 from smtpgate.generation import Generation
 from smtpgate.logs import MailLog, new_queue_id
-from smtpgate.policy.model import ClientInfo
+from smtpgate.policy.model import ClientInfo, TlsInfo
 from smtpgate.policy.plan import Plan
 from smtpgate.policy.ports import Resolver
 from smtpgate.relay import Relay, parse_filter_destination
 from smtpgate.reply import Reply
 from smtpgate.smtp.machine import SmtpMachine
-from smtpgate.smtp.macros import TlsFacts
 from smtpgate.smtp.ports import (
     CLOSE,
     FLUSH,
@@ -425,14 +424,10 @@ class GateProtocol(asyncio.Protocol):
             self.task.cancel()
 
 
-def _tls_facts(transport: asyncio.BaseTransport) -> TlsFacts | None:
-    """The protocol and cipher of a TLS transport (for milter macros)."""
-    ssl_object = transport.get_extra_info("ssl_object")
-    cipher = ssl_object.cipher() if ssl_object is not None else None
-    if not cipher:
-        return None
-    name, protocol, bits = cipher
-    return TlsFacts(protocol=ssl_object.version() or protocol, cipher=name, bits=bits)
+def _tls_facts(transport: asyncio.BaseTransport) -> TlsInfo | None:
+    """The protocol and cipher of a TLS transport (milter macros, policy attributes)."""
+    cipher = transport.get_extra_info("cipher")  # (name, protocol, secret bits)
+    return TlsInfo(cipher[1], cipher[0], cipher[2]) if cipher else None
 
 
 def _settle(waiter: asyncio.Future[None]) -> None:

@@ -23,7 +23,7 @@ from smtpgate.policy.plan import Plan
 from smtpgate.policy.ports import Resolver
 from smtpgate.reply import Reply
 from smtpgate.smtp.machine import SmtpMachine
-from smtpgate.smtp.ports import AcceptingBackend, LocalCounters
+from smtpgate.smtp.ports import AcceptingBackend, LocalCounters, Milters
 
 GREETING = "(connect)"
 
@@ -139,6 +139,7 @@ async def run_dialogue(
     data: bool = False,
     writes: Sequence[bytes] | None = None,
     resolver: Resolver | None = None,
+    milters: Milters | None = None,
     lookup_client_name: bool = False,
     trace: bool = True,
 ) -> list[Exchange]:
@@ -149,7 +150,9 @@ async def run_dialogue(
     trail); without one, every lookup is a temporary failure.  With
     ``lookup_client_name`` the client's name is found as ``serve`` finds it at connect
     (PTR, then A/AAAA), and those lookups open the trail; else ``client`` is taken as
-    given.  ``trace=False`` leaves the trail out, as ``serve`` does.
+    given.  With ``milters`` (the configured ones, as ``serve`` talks to them) their
+    verdicts and edits are part of the dialogue; without, none is asked.
+    ``trace=False`` leaves the trail out, as ``serve`` does.
     """
     if writes is None:
         writes = dialogue_writes(
@@ -166,6 +169,7 @@ async def run_dialogue(
         address=client.address,
         port=client.port,
         resolver=resolver,
+        milters=milters,
         known_client=None if lookup_client_name else client,
         queue_ids=lambda: f"{next(counter):010X}",
         observer=recorder,

@@ -48,7 +48,7 @@ from smtpgate.errors import TableLookupError
 from smtpgate.facts import ClientFacts
 from smtpgate.policy.address import header_safe, valid_hostname
 from smtpgate.policy.logline import whatsup_line
-from smtpgate.policy.model import ClientInfo, Decision
+from smtpgate.policy.model import ClientInfo, Decision, TlsInfo
 from smtpgate.policy.peer import PeerLookup, lookup_client
 from smtpgate.policy.plan import Plan
 from smtpgate.policy.ports import Resolver
@@ -62,7 +62,7 @@ from smtpgate.smtp.data import (
     header_date,
     received_header,
 )
-from smtpgate.smtp.macros import MacroContext, SessionMacros, TlsFacts, macro_value
+from smtpgate.smtp.macros import MacroContext, SessionMacros, macro_value
 from smtpgate.smtp.ports import (
     CLOSE,
     FLUSH,
@@ -169,7 +169,6 @@ class SmtpMachine:
         self.known_client = known_client  # found already: no lookup at connect
         self.milters = milters
         self.server = server  # the listener's address and port ({daemon_addr})
-        self.tls: TlsFacts | None = None
         self.connections = 0  # this client's concurrent sessions ({client_connections})
         self.macros = SessionMacros(self._macro)
         self._milter_sender: str | None = None  # the address MAIL is checking
@@ -272,6 +271,8 @@ class SmtpMachine:
             self.log.warning(record.text)
         self.client = found.client
         self.policy = PolicySession(self.plan, self.client, self.resolver, trace=self.trace)
+        if self.server is not None:  # policy servers are told server_address and _port
+            self.policy.state.server_address, self.policy.state.server_port = self.server
         self.log.info(f"connect from {self.namaddr}")
         if not await self._admit():
             return self.take()
@@ -355,13 +356,13 @@ class SmtpMachine:
         self.log.info(f"timeout after {where} from {self.namaddr}")
         return self.take()
 
-    def tls_started(self, facts: TlsFacts | None = None) -> None:
+    def tls_started(self, tls: TlsInfo | None = None) -> None:
         """The STARTTLS handshake completed: the session starts over (RFC 3207)."""
         self.tls_active = True
-        self.tls = facts
         self.esmtp = False
         if self.policy is not None:
             self.policy.state.helo_name = None
+            self.policy.state.tls = tls
 
     def tls_failed(self, error: str) -> list[Effect]:
         self.log.warning(f"TLS handshake failed for {self.namaddr}: {error}")
@@ -635,7 +636,7 @@ class SmtpMachine:
             client=self.client,
             connections=self.connections,
             server=self.server,
-            tls=self.tls,
+            tls=st.tls if st is not None else None,
             queue_id=st.queue_id if st is not None else None,
             sender=sender,
             recipient=self._milter_rcpt,
@@ -880,7 +881,7 @@ class SmtpMachine:
             return self._fail(s.BAD_SENDER)
         if self.config.size_limit and size > self.config.size_limit:
             return self._fail(s.TOO_BIG)
-        decision = await self.policy.mail(address)
+        decision = await self.policy.mail(address, size=size)
         self._note(decision)
         if decision.reply is not None:
             return self._fail(decision.reply)
@@ -1276,7 +1277,7 @@ class SmtpMachine:
         st = policy.state
         reply = self._check_content(content)
         if reply is None:
-            decision = await policy.end_of_data()
+            decision = await policy.end_of_data(size=len(content))
             self._note(decision)
             reply = decision.reply
         if reply is not None:

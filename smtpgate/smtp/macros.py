@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from smtpgate.policy.address import quote_822_local
-from smtpgate.policy.model import ClientInfo
+from smtpgate.policy.model import ClientInfo, TlsInfo
 
 #: Every macro name Postfix can give a value (smtpd_milter.c).
 KNOWN = (
@@ -31,15 +31,6 @@ KNOWN = (
     "{auth_author}", "{mail_addr}", "{mail_host}", "{mail_mailer}", "{rcpt_addr}",
     "{rcpt_host}", "{rcpt_mailer}",
 )  # fmt: skip
-
-
-@dataclass
-class TlsFacts:
-    """The TLS session of a connection, for macros and policy attributes."""
-
-    protocol: str
-    cipher: str
-    bits: int
 
 
 class SessionMacros(Mapping[str, str]):
@@ -80,7 +71,7 @@ class MacroContext:
     client: ClientInfo
     connections: int
     server: tuple[str, int] | None
-    tls: TlsFacts | None
+    tls: TlsInfo | None
     queue_id: str | None
     sender: str | None  # the transaction's, or the one MAIL is checking
     recipient: str | None  # the one RCPT is checking
@@ -121,7 +112,7 @@ _VALUES: dict[str, Callable[[MacroContext], str | None]] = {
     "{daemon_port}": lambda c: str(c.server[1]) if c.server else None,
     "{tls_version}": lambda c: c.tls.protocol if c.tls else None,
     "{cipher}": lambda c: c.tls.cipher if c.tls else None,
-    "{cipher_bits}": lambda c: str(c.tls.bits) if c.tls else None,
+    "{cipher_bits}": lambda c: str(c.tls.keysize) if c.tls else None,
     "i": lambda c: c.queue_id,
     "{mail_addr}": lambda c: _if(c.sender, external),
     "{mail_host}": lambda c: _if(c.sender, domain_of),

@@ -28,10 +28,8 @@ relay_domains = bar.org
 mynetworks = 127.0.0.1/32
 smtpd_peername_lookup = no
 """
-# Values that depend on the process, the clock or the connection, not on the request;
-# and server_address, which the SMTP machine does not hand to the policy core yet.
+# Values that depend on the process, the clock or the connection, not on the request.
 VOLATILE = {
-    "server_address",
     "client_port",
     "server_port",
     "instance",
