@@ -113,7 +113,9 @@ class Packet:
         return dict(zip(items[::2], items[1::2], strict=True))
 
 
-Handler = Callable[["Connection", Packet], "bytes | object | None | Awaitable[bytes | object | None]"]
+Handler = Callable[
+    ["Connection", Packet], "bytes | object | None | Awaitable[bytes | object | None]"
+]
 
 
 @dataclass
@@ -137,7 +139,9 @@ class Connection:
 
     def macros_for(self, event: bytes) -> list[dict[str, str]]:
         """The macros sent before each ``event``."""
-        return [pk.macros for pk in self.packets if pk.command == p.SMFIC_MACRO and pk.data[:1] == event]
+        return [
+            pk.macros for pk in self.packets if pk.command == p.SMFIC_MACRO and pk.data[:1] == event
+        ]
 
 
 class FakeMilter:
@@ -180,7 +184,6 @@ class FakeMilter:
         for writer in list(self._writers):
             writer.close()
         await self.server.wait_closed()
-
 
     async def _note(self) -> None:
         async with self.changed:
