@@ -42,6 +42,27 @@ MACRO_STAGES = (
     "unknown_command",
 )
 """The stages of ``milter_<stage>_macros``."""
+POSTFIX_MACROS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "connect": ("j", "{daemon_name}", "{daemon_addr}", "v", "_"),
+        "helo": ("{tls_version}", "{cipher}", "{cipher_bits}", "{cert_subject}", "{cert_issuer}"),
+        "mail": (
+            "i",
+            "{auth_type}",
+            "{auth_authen}",
+            "{auth_author}",
+            "{mail_addr}",
+            "{mail_host}",
+            "{mail_mailer}",
+        ),
+        "rcpt": ("i", "{rcpt_addr}", "{rcpt_host}", "{rcpt_mailer}"),
+        "data": ("i",),
+        "end_of_header": ("i",),
+        "end_of_data": ("i",),
+        "unknown_command": (),
+    }
+)
+"""Postfix 3.7's default ``milter_<stage>_macros`` (``postconf -d``)."""
 _VERSIONS = {"2": 2, "3": 3, "4": 4, "6": 6}
 _EXTENSIONS = ("no_header_reply",)
 _TIMEOUTS = ("connect_timeout", "command_timeout", "content_timeout")
@@ -75,9 +96,7 @@ class MilterConfig:
     """``smtpd_milters`` and the ``milter_*`` parameters, checked and typed."""
 
     milters: tuple[MilterSpec, ...] = ()
-    macros: Mapping[str, tuple[str, ...]] = field(
-        default_factory=lambda: MappingProxyType({stage: () for stage in MACRO_STAGES})
-    )
+    macros: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: POSTFIX_MACROS)
     """Stage (:data:`MACRO_STAGES`) -> the macro names sent, as written (``j``, ``{v}``)."""
     macro_defaults: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     """``milter_macro_defaults``: ``{name}`` -> the value used when the session has none."""

@@ -434,8 +434,7 @@ class _Milter:
 
     def _negotiated(self, reply: MilterReply, my_version: int) -> None:
         if not isinstance(reply, OptNeg):
-            code = reply.code if isinstance(reply, protocol.Unknown) else b"?"
-            letter = code.decode("latin-1")
+            letter = _reply_code(reply).decode("latin-1")
             raise _Fault(f'unexpected reply "{letter}" in initial handshake')
         if reply.version > my_version:
             raise _Fault(
@@ -698,8 +697,15 @@ class _Milter:
         return self.writer is None or self.state in (*_STOPPED, State.ACCEPT_MSG, State.CLOSED)
 
 
-def _reply_name(reply: MilterReply) -> str:
-    names = {
+def _reply_code(reply: MilterReply) -> bytes:
+    """The command byte a decoded reply came as."""
+    if isinstance(reply, protocol.Unknown):
+        return reply.code
+    if isinstance(reply, AddRcpt):
+        return protocol.SMFIR_ADDRCPT_PAR if reply.with_args else protocol.SMFIR_ADDRCPT
+    if isinstance(reply, OptNeg):
+        return protocol.SMFIC_OPTNEG
+    codes: dict[type, bytes] = {
         Continue: protocol.SMFIR_CONTINUE,
         Accept: protocol.SMFIR_ACCEPT,
         Reject: protocol.SMFIR_REJECT,
@@ -717,13 +723,11 @@ def _reply_name(reply: MilterReply) -> str:
         DelRcpt: protocol.SMFIR_DELRCPT,
         ChgFrom: protocol.SMFIR_CHGFROM,
     }
-    if isinstance(reply, AddRcpt):
-        code = protocol.SMFIR_ADDRCPT_PAR if reply.with_args else protocol.SMFIR_ADDRCPT
-    elif isinstance(reply, OptNeg):
-        return "SMFIC_OPTNEG"
-    else:
-        code = names.get(type(reply), b"")
-    return protocol.REPLY_NAMES.get(code, "(unknown filter reply)")
+    return codes[type(reply)]
+
+
+def _reply_name(reply: MilterReply) -> str:
+    return protocol.REPLY_NAMES.get(_reply_code(reply), "(unknown filter reply)")
 
 
 def _canonical(name: str) -> str:

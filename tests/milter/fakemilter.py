@@ -4,10 +4,12 @@
 actions, protocol flags and macro lists it was given, records every packet of every
 connection (:attr:`FakeMilter.connections`), and answers each event with what its
 ``handler`` returns: raw reply bytes (build them with :func:`reply` and the helpers),
-``None`` for no reply, or :data:`CLOSE` to drop the connection. The default handler
+``None`` for no reply, or :data:`CLOSE` to drop the connection; it may be a coroutine
+(to be slow) and may write to ``conn.writer`` itself. The default handler
 answers SMFIR_CONTINUE to every event that expects a reply (none to SMFIC_MACRO, ABORT,
 QUIT, nor to an event whose SMFIP_NR_* flag it negotiated): :meth:`FakeMilter.default`,
-which a test's handler calls for the packets it does not care about.
+which a test's handler calls (``conn.milter.default(conn, packet)``) for the packets it
+does not care about; :func:`answering` builds the usual one.
 """
 
 from __future__ import annotations
@@ -122,6 +124,9 @@ Handler = Callable[
 class Connection:
     """One MTA connection to the fake milter, and what it sent."""
 
+    milter: FakeMilter
+    writer: asyncio.StreamWriter
+    """For a handler that writes replies itself (SMFIR_PROGRESS while it works)."""
     packets: list[Packet] = field(default_factory=list)
     closed: bool = False
     optneg: tuple[int, int, int] | None = None
@@ -156,6 +161,7 @@ class FakeMilter:
         protocol: int = 0,
         symlists: dict[int, str] | None = None,
         optneg_reply: bytes | None = None,
+        unix_path: str = "",
     ) -> None:
         self.handler: Handler = handler or self.default
         self.version = version
@@ -167,15 +173,23 @@ class FakeMilter:
         self.server: asyncio.Server | None = None
         self.changed = asyncio.Condition()
         self.port = 0
+        self.unix_path = unix_path
         self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def name(self) -> str:
+        """The smtpd_milters endpoint."""
+        if self.unix_path:
+            return f"unix:{self.unix_path}"
         return f"inet:127.0.0.1:{self.port}"
 
     async def __aenter__(self) -> FakeMilter:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
+        if self.unix_path:
+            self.server = await asyncio.start_unix_server(self._serve, self.unix_path)
+        else:
+            self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+            self.port = self.server.sockets[0].getsockname()[1]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -183,6 +197,9 @@ class FakeMilter:
         self.server.close()
         for writer in list(self._writers):
             writer.close()
+        tasks = [t for t in self._tasks if not t.done()]
+        if tasks:  # closing their sockets ends them (cancelling would log an error in 3.11)
+            await asyncio.wait(tasks, timeout=5)
         await self.server.wait_closed()
 
     async def _note(self) -> None:
@@ -216,7 +233,10 @@ class FakeMilter:
         return CONTINUE
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = Connection()
+        conn = Connection(self, writer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
         self.connections.append(conn)
         self._writers.add(writer)
         try:
@@ -248,3 +268,14 @@ class FakeMilter:
             conn.closed = True
             writer.close()
             await self._note()
+
+
+def answering(command: bytes, answer: bytes | object) -> Handler:
+    """A handler that answers ``command`` with ``answer`` and the rest by default."""
+
+    def handler(conn: Connection, packet: Packet) -> bytes | object | None:
+        if packet.command == command:
+            return answer
+        return conn.milter.default(conn, packet)
+
+    return handler
