@@ -230,6 +230,9 @@ class State(enum.Enum):
     ERROR = "error"
 
 
+MAX_REPLIES = 100_000
+"""Replies (progress, edits) one event may get before the milter counts as broken (Postfix
+has no bound: a milter could keep the SMTP session forever with SMFIR_PROGRESS)."""
 _STOPPED = (State.ERROR, State.ACCEPT_CON, State.REJECT_CON)
 _CONNECT_EVENTS = (protocol.SMFIC_CONNECT, protocol.SMFIC_HELO)
 _EDITS = (AddHeader, InsHeader, ChgHeader, ReplBody, AddRcpt, DelRcpt, ChgFrom)
@@ -356,8 +359,8 @@ class _Milter:
 
     async def write(self, data: bytes) -> None:
         writer = self.writer
-        if writer is None:
-            raise _Fault("error writing command: Broken pipe")
+        if writer is None or writer.is_closing():
+            raise _Fault(f"error writing command: {os.strerror(errno.EPIPE)}")
         try:
             writer.write(data)
             await asyncio.wait_for(writer.drain(), self.timeout)
@@ -427,6 +430,9 @@ class _Milter:
             self._negotiated(reply, spec.version)
         except _Fault as exc:
             self.fault(exc)
+            return
+        except Exception as exc:  # a bug here must not end the SMTP session
+            self.fault(_Fault(f"internal error: {exc!r}"))
             return
         self.state = State.READY
         self.def_reply = None
@@ -498,12 +504,15 @@ class _Milter:
             return await self._replies(event, work)
         except _Fault as exc:
             return self.fault(exc)
+        except Exception as exc:  # a bug here must not end the SMTP session
+            return self.fault(_Fault(f"internal error: {exc!r}"))
 
     async def _replies(self, event: bytes, work: _MessageWork | None) -> Verdict | None:
         """Replies until a decision; at the end of the message the edits before it."""
         body: list[bytes] | None = None
+        body_size = 0
         body_locked = False
-        while True:
+        for _ in range(MAX_REPLIES):
             reply = await self.read_reply(event)
             if body is not None and not isinstance(reply, ReplBody):
                 self._replace_body(work, body)
@@ -522,9 +531,16 @@ class _Milter:
                         "body replacement requests can't currently be mixed with other requests",
                         config=True,
                     )
-                body = [*(body or []), reply.chunk]
+                body_size += len(reply.chunk)
+                if body_size > protocol.MAX_PACKET:
+                    raise _Fault(
+                        f"body replacement larger than {protocol.MAX_PACKET} bytes", config=True
+                    )
+                body = [] if body is None else body
+                body.append(reply.chunk)
                 continue
             return self._final(event, reply)
+        raise _Fault(f"more than {MAX_REPLIES} replies to one event")
 
     def _final(self, event: bytes, reply: MilterReply) -> Verdict | None:
         """A reply that ends the event: continue, accept, discard, skip or a decision."""

@@ -216,7 +216,13 @@ _WORDS = struct.Struct("!III")
 
 
 def _cstr(value: str | bytes) -> bytes:
-    data = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
+    if isinstance(value, str):
+        try:
+            data = value.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a lone surrogate that no bytes decoded to
+            data = value.encode("utf-8", "replace")
+    else:
+        data = value
     return data.replace(b"\0", b"?") + b"\0"
 
 

@@ -49,6 +49,12 @@ def test_a_nul_inside_a_string_cannot_be_framed() -> None:
     assert p.helo("a\0b") == b"\x00\x00\x00\x05Ha?b\0"
 
 
+def test_text_is_utf8_and_undecodable_bytes_go_back_as_they_came() -> None:
+    assert p.helo("é") == b"\x00\x00\x00\x04H\xc3\xa9\0"
+    assert p.helo(b"\xff".decode("utf-8", "surrogateescape")) == b"\x00\x00\x00\x03H\xff\0"
+    assert p.helo("\ud800") == b"\x00\x00\x00\x03H?\0"
+
+
 def decode_all(data: bytes) -> list[p.MilterReply]:
     decoder = p.Decoder()
     decoder.feed(data)
