@@ -271,7 +271,7 @@ class _Fault(Exception):
 def _strerror(exc: BaseException | None) -> str:
     """What Postfix's %m prints for this failure."""
     if exc is None:
-        return "Success"  # end of file: errno is not set
+        return "Application error"  # end of file: Postfix prints errno 0 so (vbuf_print.c)
     if isinstance(exc, TimeoutError):
         return os.strerror(errno.ETIMEDOUT)
     if isinstance(exc, OSError) and exc.errno:
@@ -763,6 +763,7 @@ class MilterSession:
         self.milters = [_Milter(spec, self) for spec in config.milters]
         self._macros: Mapping[str, str] = {}
         self.queue_id = ""
+        self._helo_seen = False
 
     # -- macros --------------------------------------------------------------------------
 
@@ -880,15 +881,26 @@ class MilterSession:
         return self._finish(None)
 
     async def helo(self, macros: Mapping[str, str], name: str) -> Verdict:
-        """HELO or EHLO (SMFIC_HELO)."""
+        """HELO or EHLO (SMFIC_HELO); after a repeated one, SMFIC_ABORT as well (Postfix's
+        helo_cmd reports the HELO, then helo_reset aborts)."""
         self._use(macros)
-        return await self._round(
+        verdict = await self._round(
             protocol.SMFIC_HELO,
             protocol.SMFIP_NOHELO,
             protocol.SMFIP_NR_HELO,
             "helo",
             protocol.helo(name),
         )
+        await self.reset_helo()
+        self._helo_seen = True
+        return verdict
+
+    async def reset_helo(self) -> None:
+        """The client's HELO is forgotten (STARTTLS; a repeated HELO/EHLO and the end of
+        the session do it themselves): SMFIC_ABORT when there was one (helo_reset)."""
+        if self._helo_seen:
+            self._helo_seen = False
+            await self.abort()
 
     async def mail(self, macros: Mapping[str, str], sender: str, params: Sequence[str]) -> Verdict:
         """MAIL FROM (SMFIC_MAIL): ``sender`` as the client wrote it inside ``<>``."""
@@ -1003,13 +1015,16 @@ class MilterSession:
         )
 
     async def abort(self) -> None:
-        """The end of a transaction (after the message, RSET, a refused MAIL, a second
-        HELO/EHLO): SMFIC_ABORT to every milter that is in one."""
+        """The end of a transaction begun with :meth:`mail` (after the message, RSET, a
+        refused MAIL or RCPT-less DATA, QUIT: Postfix's mail_reset): SMFIC_ABORT to every
+        milter that is in the envelope or message state."""
         for milter in self.milters:
             await milter.abort()
 
     async def close(self) -> None:
-        """The client is gone: SMFIC_QUIT to every milter still listening, sockets closed."""
+        """The client is gone: SMFIC_ABORT if there was a HELO (helo_reset), SMFIC_QUIT to
+        every milter still listening, sockets closed. Redundant calls do nothing."""
+        await self.reset_helo()
         for milter in self.milters:
             await milter.quit()
 

@@ -122,7 +122,7 @@ async def test_a_clean_session_is_what_postfix_sends() -> None:
     assert result.content is MESSAGE and not result.changed
     conn = fake.connections[0]
     assert conn.optneg == (6, 0x1FF, 0x1FFFFF)
-    assert conn.commands() == b"ODCDHDMDRDTDLDLDLDLDNDBDEAQ"
+    assert conn.commands() == b"ODCDHDMDRDTDLDLDLDLDNDBDEAAQ"
     (connect,) = conn.of(p.SMFIC_CONNECT)
     assert connect.data == b"client.example\x004" + struct.pack("!H", 40000) + b"192.0.2.1\x00"
     assert conn.of(p.SMFIC_HELO)[0].strings == ["client.example"]
@@ -292,7 +292,7 @@ async def test_accept_at_connect_ends_that_milters_part() -> None:
     assert [v.action for v in verdicts] == ["continue"] * 5
     assert result.verdict.action == "continue"
     assert fake.connections[0].commands() == b"ODC"
-    assert other.connections[0].commands().endswith(b"DEQ")
+    assert other.connections[0].commands().endswith(b"DEAQ")
 
 
 async def test_accept_everywhere_is_reported_as_accept() -> None:
@@ -308,7 +308,7 @@ async def test_accept_everywhere_is_reported_as_accept() -> None:
     assert [v.action for v in verdicts] == ["continue", "continue", "accept", "accept", "accept"]
     assert result.verdict.action == "accept"
     # Accept at MAIL ends the milter's part in this message only: after ABORT, MAIL again.
-    assert fake.connections[0].events() == b"OCHMAMQ"
+    assert fake.connections[0].events() == b"OCHMAMAQ"
     assert again.action == "accept"
 
 
@@ -467,7 +467,7 @@ async def test_a_big_body_goes_in_chunks_and_skip_stops_them() -> None:
     assert [len(c) for c in chunks] == [65535, 65535, 65535, 3395]
     assert b"".join(chunks) == body
     assert len(fake.connections[0].of(p.SMFIC_BODY)) == 2
-    assert fake.connections[0].events().endswith(b"BBEQ")
+    assert fake.connections[0].events().endswith(b"BBEAQ")
 
 
 async def test_no_events_and_no_replies_as_negotiated() -> None:
@@ -490,9 +490,9 @@ async def test_no_events_and_no_replies_as_negotiated() -> None:
     assert time.monotonic() - started < 3  # nobody waited for a reply that never comes
     assert [v.action for v in verdicts] == ["continue"] * 5
     assert result.verdict.action == "continue"
-    assert silent.connections[0].events() == b"OCHMRTULLLLNBEQ"
+    assert silent.connections[0].events() == b"OCHMRTULLLLNBEAQ"
     # NOHELO: HELO's macros still go, HELO does not; NOHDRS/NOBODY: neither macros nor events.
-    assert picky.connections[0].commands() == b"ODCDDMDRDTDDNDEQ"
+    assert picky.connections[0].commands() == b"ODCDDMDRDTDDNDEAQ"
 
 
 async def test_an_older_protocol_version_gets_only_its_events() -> None:
@@ -503,7 +503,7 @@ async def test_an_older_protocol_version_gets_only_its_events() -> None:
         await s.message(MACROS, MESSAGE)
         await s.close()
     # Version 2 has no DATA and no UNKNOWN event: not even their macros are sent.
-    assert old.connections[0].events() == b"OCHMRLLLLNBEQ"
+    assert old.connections[0].events() == b"OCHMRLLLLNBEAQ"
 
 
 async def test_rejected_recipients_go_to_the_milters_that_want_them() -> None:
@@ -658,7 +658,9 @@ async def test_a_milter_that_closes_mid_message() -> None:
     assert result.verdict == named(TEMPFAIL, fake)
     assert result.content == MESSAGE
     assert after == named(TEMPFAIL, fake)
-    assert log.lines == [f"milter {fake.name}: can't read SMFIC_BODY reply packet header: Success"]
+    assert log.lines == [
+        f"milter {fake.name}: can't read SMFIC_BODY reply packet header: Application error"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -699,7 +701,7 @@ async def test_a_truncated_packet_then_the_end() -> None:
         verdicts = await envelope(s)
         await s.close()
     assert verdicts[2] == named(TEMPFAIL, fake)
-    assert log.lines == [f"milter {fake.name}: EOF while reading data: Success"]
+    assert log.lines == [f"milter {fake.name}: EOF while reading data: Application error"]
 
 
 async def test_a_milter_that_never_negotiates() -> None:
@@ -765,13 +767,26 @@ async def test_a_bad_header_name_is_skipped_with_a_warning() -> None:
     ]
 
 
+async def test_a_repeated_helo_and_starttls_abort() -> None:
+    async with FakeMilter() as fake:
+        s = session(fake)
+        await s.connect(MACROS, "h", "192.0.2.1", 1, "inet")
+        await s.reset_helo()  # STARTTLS before any HELO: nothing to forget
+        await s.helo(MACROS, "one")
+        await s.helo(MACROS, "two")  # HELO, then ABORT
+        await s.reset_helo()  # STARTTLS
+        await s.close()
+        await fake.wait(lambda: fake.connections[0].closed)
+    assert fake.connections[0].events() == b"OCHHAAQ"
+
+
 async def test_abort_and_quit() -> None:
     async with FakeMilter() as fake:
         s = session(fake)
         await envelope(s)
         await s.abort()
         await s.abort()  # still in the envelope state: another ABORT, as Postfix sends
-        await s.close()
+        await s.close()  # after a HELO: ABORT (Postfix's helo_reset), then QUIT
         await s.close()  # redundant: nothing happens
         await fake.wait(lambda: fake.connections[0].closed)
-    assert fake.connections[0].events() == b"OCHMRTAAQ"
+    assert fake.connections[0].events() == b"OCHMRTAAAQ"
