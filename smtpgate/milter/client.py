@@ -762,28 +762,49 @@ class MilterSession:
         self.log = log
         self.milters = [_Milter(spec, self) for spec in config.milters]
         self._macros: Mapping[str, str] = {}
+        self._overrides: dict[str, str] = {}
         self.queue_id = ""
         self._helo_seen = False
 
     # -- macros --------------------------------------------------------------------------
 
-    def _use(self, macros: Mapping[str, str]) -> None:
-        canonical = {_canonical(k): v for k, v in macros.items() if v is not None}
-        self.queue_id = canonical.get("{i}", self.queue_id)
-        self._macros = canonical
+    def _use(self, macros: Mapping[str, str], **overrides: str) -> None:
+        """The caller's macros for this event: looked up only when a list names them (the
+        mapping may compute each value lazily, as Postfix's smtpd_milter_eval does)."""
+        self._macros = macros
+        self._overrides = {_canonical(k): v for k, v in overrides.items()}
+        queue_id = self._lookup("{i}")
+        if queue_id:
+            self.queue_id = queue_id
+
+    def _lookup(self, key: str) -> str | None:
+        """The value of ``{name}`` (asked for as ``{name}``, or ``name`` for one letter)."""
+        if key in self._overrides:
+            return self._overrides[key]
+        bare = key[1:-1]
+        for name in (key, bare) if len(bare) != 1 else (bare, key):
+            try:
+                value = self._macros.get(name)
+            except Exception:  # a lazy value that fails is a macro without a value
+                value = None
+            if value is not None:
+                return value
+        return None
 
     def macro_pairs(self, names: Sequence[str]) -> list[tuple[str, str]]:
         """(name as listed, value) for each listed macro that has a value (milter.c
-        milter_macro_lookup: the session's value, else milter_macro_defaults)."""
+        milter_macro_lookup: the session's value, else milter_macro_defaults);
+        ``{daemon_name}`` and ``v`` are the configuration's when it has them."""
         pairs = []
         for name in names:
             key = _canonical(name)
+            value: str | None = None
             if key == "{daemon_name}":
-                value: str | None = self.config.daemon_name
+                value = self.config.daemon_name or None
             elif key == "{v}":
-                value = self.config.v
-            else:
-                value = self._macros.get(key)
+                value = self.config.v or None
+            if value is None:
+                value = self._lookup(key)
             if value is None:
                 value = self.config.macro_defaults.get(key)
             if value is not None:
@@ -940,12 +961,10 @@ class MilterSession:
             )
         words = rejected[4:].split(" ", 1)
         self._use(
-            {
-                **macros,
-                "{rcpt_mailer}": "error",
-                "{rcpt_host}": words[0],
-                "{rcpt_addr}": words[1] if len(words) > 1 else "",
-            }
+            macros,
+            rcpt_mailer="error",
+            rcpt_host=words[0],
+            rcpt_addr=words[1] if len(words) > 1 else "",
         )
         await self._round(
             protocol.SMFIC_RCPT,

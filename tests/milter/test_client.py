@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -790,3 +791,34 @@ async def test_abort_and_quit() -> None:
         await s.close()  # redundant: nothing happens
         await fake.wait(lambda: fake.connections[0].closed)
     assert fake.connections[0].events() == b"OCHMRTAAAQ"
+
+
+class LazyMacros(Mapping[str, str]):
+    """Values computed when asked for, as the machine's SessionMacros does; never listed."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self.values = values
+        self.asked: list[str] = []
+
+    def __getitem__(self, name: str) -> str:
+        self.asked.append(name)
+        return self.values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        raise AssertionError("the macros are looked up by name, never listed")
+
+    def __len__(self) -> int:
+        raise AssertionError("the macros are looked up by name, never counted")
+
+
+async def test_macros_are_looked_up_by_name_only() -> None:
+    macros = LazyMacros({"i": "QID1", "{mail_addr}": "a@example.org", "j": "mx"})
+    async with FakeMilter() as fake:
+        s = session(fake)
+        await s.connect(macros, "h", "192.0.2.1", 1, "inet")
+        await s.mail(macros, "a@example.org", [])
+        await s.close()
+    assert fake.connections[0].macros_for(p.SMFIC_MAIL) == [
+        {"i": "QID1", "{mail_addr}": "a@example.org"}
+    ]
+    assert "{auth_type}" in macros.asked and "{client_addr}" not in macros.asked
