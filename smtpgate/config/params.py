@@ -97,6 +97,15 @@ _DIFFERENCES = {
         "standard error, which systemd's journal and docker logs collect."
     ),
     "smtpd_proxy_timeout": "In smtpgate it bounds every exchange with the backend MTA.",
+    "smtpd_milters": (
+        "A relative unix: path is relative to the configuration's folder (Postfix: to the "
+        "queue directory, where smtpd runs chrooted). A bad endpoint, default_action or "
+        "protocol is an error at load (Postfix: a warning and 451 4.3.5 in each session)."
+    ),
+    "milter_default_action": (
+        "An unknown action is an error at load (Postfix: a warning and 451 4.3.5 in each "
+        "session that needs it)."
+    ),
     "smtp_connect_timeout": (
         "In smtpgate it bounds the TCP connection to the backend MTA and its greeting "
         "(Postfix's smtp_helo_timeout covers the greeting there)."
