@@ -50,6 +50,7 @@ def test_postfix_3_7_defaults() -> None:
     assert dict(found.macro_defaults) == {}
 
 
+@pytest.mark.postfix
 def test_the_defaults_are_those_of_the_installed_postfix() -> None:
     # postconf -d is Postfix's own word (Debian's postfix is installed for the tests).
     out = subprocess.run(
