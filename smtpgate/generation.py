@@ -30,6 +30,7 @@ its reloads and ``explain`` replace it by a surrogate whose every lookup answers
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ class Configuration:
 
     plan: Plan
     config: ServiceConfig
+    milters: Milters = field(default_factory=Milters)
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,15 @@ def load_configuration(
     Raises ConfigError when the file cannot be read or parsed at all.
     """
     settings, diagnostics = load_settings(config_path, overrides)
-    return compile_configuration(settings, diagnostics)
+    compiled, found = compile_configuration(settings, diagnostics)
+    try:
+        milters = Milters(milter_config(settings))
+    except ConfigError as exc:
+        found.append(_located(settings, exc, "smtpd_milters"))
+        return None, found
+    if compiled is None:
+        return None, found
+    return dataclasses.replace(compiled, milters=milters), found
 
 
 def server_tls_context(settings: Settings, config: ServiceConfig) -> ssl.SSLContext | None:

@@ -337,10 +337,10 @@ def test_non_smtpd_milters_is_a_warning() -> None:
 
 
 def test_tuning_parameters_of_a_refused_feature_stay_warnings() -> None:
-    (message,) = messages("smtpd_policy_service_timeout = 10s\n")
+    (message,) = messages("smtpd_sasl_security_options = noanonymous\n")
     assert message == (
         "main.cf, line 1: warning: parameter known to Postfix but not supported by smtpgate "
-        "(ignored): smtpd_policy_service_timeout = 10s"
+        "(ignored): smtpd_sasl_security_options = noanonymous"
     )
 
 
