@@ -21,7 +21,6 @@ from tests.serve.backend import RecordingBackend
 from tests.serve.client import LineClient
 from tests.serve.conftest import running_gate
 
-
 MAIN_CF = """\
 myhostname = mx.example.org
 mynetworks = 192.0.2.0/24
@@ -84,9 +83,7 @@ async def test_rspamd_verdicts_through_serve(
     assert ": milter-reject: END-OF-MESSAGE from unknown[127.0.0.2]: 5.7.1 " in log
 
 
-async def test_rspamd_stopped_is_451_and_nothing_stored(
-    tmp_path: Path, backend: RecordingBackend
-):
+async def test_rspamd_stopped_is_451_and_nothing_stored(tmp_path: Path, backend: RecordingBackend):
     endpoint = f"inet:127.0.0.1:{free_port()}"  # where a stopped rspamd listened
     cf = MAIN_CF.format(milter=endpoint)
     async with running_gate(tmp_path, cf, backend) as gate:
