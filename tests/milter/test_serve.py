@@ -1,5 +1,7 @@
-"""rspamd as a milter behind a deployed smtpgate (2 workers, dropped privileges): the
-issue's "done when".
+"""Real milters behind a deployed smtpgate (2 workers, dropped privileges), with an SMTP
+backend that stores what it gets.
+
+rspamd (the issue's "done when"):
 
 - GTUBE gets rspamd's 554 and nothing reaches the backend;
 - rspamd's "add header" verdict is in the message the backend stores;
@@ -7,16 +9,17 @@ issue's "done when".
 - clean mail passes, and the client's 250 is the backend's;
 - with rspamd stopped, the client gets 451 4.7.1 (milter_default_action = tempfail) and
   nothing is stored.
+
+OpenDKIM signs what smtpgate relays: the backend stores the signed message, and a
+verifying OpenDKIM (the backend's, as it were) finds the signature good.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from tests.milter.daemons import Daemon, free_port, gtube, start_rspamd
+from tests.milter.daemons import Daemon, OpenDkim, free_port, gtube
+from tests.milter.test_daemons import deliver, headers, session
 from tests.serve.backend import RecordingBackend
 from tests.serve.client import LineClient
 from tests.serve.conftest import running_gate
@@ -29,13 +32,6 @@ smtpd_recipient_restrictions = reject_unauth_destination
 smtpd_milters = {milter}
 milter_default_action = tempfail
 """
-
-
-@pytest.fixture(scope="module")
-def rspamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    folder = tmp_path_factory.mktemp("rspamd")
-    with start_rspamd(folder, cache_dir=tmp_path_factory.getbasetemp() / "rspamd-cache") as d:
-        yield d
 
 
 def message(subject: str, body: str) -> bytes:
@@ -55,11 +51,9 @@ async def send(c: LineClient, content: bytes) -> list[str]:
     return await c.reply()
 
 
-async def test_rspamd_verdicts_through_serve(
-    rspamd: Daemon, tmp_path: Path, backend: RecordingBackend
-):
-    cf = MAIN_CF.format(milter=rspamd.endpoint)
-    async with running_gate(tmp_path, cf, backend) as gate:
+async def test_rspamd_verdicts_through_serve(rspamd_milter: Daemon, tmp_path: Path):
+    cf = MAIN_CF.format(milter=rspamd_milter.endpoint)
+    async with RecordingBackend() as backend, running_gate(tmp_path, cf, backend) as gate:
         c = await gate.connect()
         final = await send(c, message("spam", gtube("reject")))
         assert final[0].startswith("554 5.7.1 "), final
@@ -83,10 +77,10 @@ async def test_rspamd_verdicts_through_serve(
     assert ": milter-reject: END-OF-MESSAGE from unknown[127.0.0.2]: 5.7.1 " in log
 
 
-async def test_rspamd_stopped_is_451_and_nothing_stored(tmp_path: Path, backend: RecordingBackend):
+async def test_rspamd_stopped_is_451_and_nothing_stored(tmp_path: Path):
     endpoint = f"inet:127.0.0.1:{free_port()}"  # where a stopped rspamd listened
     cf = MAIN_CF.format(milter=endpoint)
-    async with running_gate(tmp_path, cf, backend) as gate:
+    async with RecordingBackend() as backend, running_gate(tmp_path, cf, backend) as gate:
         c = await gate.connect()
         assert (await c.cmd("EHLO client.example"))[0].startswith("250-")
         assert await c.cmd("MAIL FROM:<friend@example.net>") == [
@@ -96,3 +90,26 @@ async def test_rspamd_stopped_is_451_and_nothing_stored(tmp_path: Path, backend:
         log = await gate.wait_log("disconnect from")
     assert backend.messages == [] and backend.connections == []
     assert f"warning: connect to Milter service {endpoint}: Connection refused" in log
+
+
+async def test_opendkim_signs_what_smtpgate_relays(
+    dkim_signer: OpenDkim, dkim_verifier: OpenDkim, tmp_path: Path
+):
+    cf = MAIN_CF.format(milter=dkim_signer.endpoint)
+    content = (
+        b"From: Sender <sender@example.org>\r\nTo: foo@bar.org\r\nSubject: signed\r\n"
+        b"Message-ID: <dkim@example.org>\r\nDate: Tue, 8 Dec 2026 10:00:00 +0000\r\n"
+        b"\r\nThis message is signed by the milter behind smtpgate.\r\n"
+    )
+    async with RecordingBackend() as backend, running_gate(tmp_path, cf, backend) as gate:
+        c = await gate.connect()
+        final = await send(c, content)
+        assert final[0].startswith("250 2.0.0 Ok: queued as "), final
+        await c.cmd("QUIT")
+    [stored] = backend.messages
+    signature = headers(stored.content)["DKIM-Signature"]
+    assert signature is not None and "d=example.org" in signature, stored.content
+    verifier = session(dkim_verifier)
+    _, verified = await deliver(verifier, stored.content)
+    await verifier.close()
+    assert "dkim=pass" in headers(verified.content)["Authentication-Results"]
