@@ -557,7 +557,12 @@ def shared_anvil(url: str, local: AnvilClient, lease: float) -> SharedAnvil:
 
 def preload() -> None:
     """Import redis-py now (``serve`` calls this before it drops privileges)."""
-    import redis.asyncio
-    import redis.asyncio.connection
-    import redis.asyncio.retry
-    import redis.backoff  # noqa: F401
+    import importlib
+
+    for name in ("redis.asyncio", "redis.asyncio.connection", "redis.asyncio.retry"):
+        importlib.import_module(name)
+    from redis.utils import get_lib_version
+
+    # Each new connection tells Redis redis-py's version, read from the package's
+    # metadata with modules (email.parser, ...) that would be imported on first use.
+    get_lib_version()
