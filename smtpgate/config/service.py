@@ -129,11 +129,12 @@ def parse_shared_state(text: str) -> str:
 
     Only the form is checked here (the config layer does no network I/O); the URL is
     returned as written."""
-    text = text.strip()
-    if not text:
+    url = text.strip()
+    if not url:
         return ""
     example = "use redis://host:port/db, e.g. redis://127.0.0.1:6379/0"
-    parts = urllib.parse.urlsplit(text)
+    parts = urllib.parse.urlsplit(url)
+    text = _without_password(url, parts)  # what the messages show
     if parts.scheme.lower() not in SHARED_STATE_SCHEMES:
         raise ConfigError(f"smtpgate_shared_state = {text}: not a redis:// URL: {example}")
     try:
@@ -153,7 +154,16 @@ def parse_shared_state(text: str) -> str:
         raise ConfigError(
             f"smtpgate_shared_state = {text}: no ?options or #fragment here: {example}"
         )
-    return text
+    return url
+
+
+def _without_password(url: str, parts: urllib.parse.SplitResult) -> str:
+    """``url`` with the password (if any) replaced by ``***``."""
+    user, at, host = parts.netloc.rpartition("@")
+    if not at or ":" not in user:
+        return url
+    name = user.partition(":")[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{name}:***@{host}"))
 
 
 def _default_forbidden() -> Forbidden:
