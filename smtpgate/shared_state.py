@@ -78,6 +78,8 @@ WARN_EVERY = 60.0
 PREFIX = "smtpgate:"
 RENEW_BATCH = 500
 """Connections renewed by one script call."""
+MAX_UNREMOVED = 10_000
+"""Ended connections remembered for removal once the store answers again."""
 MAX_POOL = 64
 """Redis connections one worker opens at most (a session waits for one, within TIMEOUT)."""
 
@@ -415,6 +417,8 @@ class SharedAnvil:
         self._renewer: asyncio.Task[None] | None = None
         self._renewing: set[str] | None = None
         self._gone_while_renewing: list[tuple[str, str]] = []
+        self._unremoved: list[tuple[str, str]] = []
+        """Connections that ended while the store did not answer."""
         store.on_recover(self._renew_soon)
 
     # -- the lifecycle
@@ -507,12 +511,25 @@ class SharedAnvil:
         if member.counting is not None and not member.counting.done():
             with contextlib.suppress(Exception):
                 await member.counting  # a connect still on its way: remove after it
-        with contextlib.suppress(StoreUnavailable):
+        try:
             await self.store.disconnect(address, member.name)
+        except StoreUnavailable:
+            if len(self._unremoved) < MAX_UNREMOVED:  # beyond: their leases end them
+                self._unremoved.append((address, member.name))
 
     def _renew_soon(self) -> None:
-        """The store is back: renew now (the connections it lost count again)."""
+        """The store is back: renew now (the connections it lost count again) and remove
+        the connections that ended while it was away (they would count until their
+        lease ends)."""
         self._spawn(self._renew_once())
+        if self._unremoved:
+            self._spawn(self._remove_ended())
+
+    async def _remove_ended(self) -> None:
+        ended, self._unremoved = self._unremoved, []
+        for address, name in ended:
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.disconnect(address, name)
 
     async def _renew_forever(self) -> None:
         while True:

@@ -264,3 +264,28 @@ async def test_a_crashed_instance_stops_counting_after_its_lease(
         members = redis_server.command("ZRANGE", conn_key("192.0.2.1"), "0", "-1").split()
         assert len(members) == 1 and members[0].startswith(survivor.instance)
         await crashed.store.close()
+
+
+async def test_connections_that_end_while_redis_is_away_are_removed_after(
+    redis_server: RedisServer,
+) -> None:
+    """A Redis cut off (stalled), not restarted: it still holds the connections that
+    ended meanwhile; they are removed when it answers again, not a lease later."""
+    async with instance(redis_server) as one:
+        for _ in range(3):
+            await one.connect("192.0.2.1", UNIT)
+        assert redis_server.command("ZCARD", conn_key("192.0.2.1")) == "3"
+        redis_server.freeze()
+        try:
+            assert (await one.connect("192.0.2.1", UNIT)).connections == 4  # local
+            for _ in range(3):
+                one.disconnect("192.0.2.1")
+            await one.settle()
+        finally:
+            redis_server.thaw()
+
+        async def one_left() -> bool:
+            return redis_server.command("ZCARD", conn_key("192.0.2.1")) == "1"
+
+        await eventually(one_left, "the ended connections to be removed")
+        assert (await one.connect("192.0.2.1", UNIT)).connections == 2
