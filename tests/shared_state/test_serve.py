@@ -195,3 +195,27 @@ async def test_a_crashed_instance_stops_counting_after_its_lease(
         # one lease later the dead instance's connections no longer count
         await eventually(lambda: open_in_redis(redis_server) == 2, "the leases to end")
         assert [(await open_session(two))[1] for _ in range(4)] == [GREETING] * 3 + [TOO_MANY]
+
+
+async def test_redis_down_at_start_stops_nothing(tmp_path: Path, backend: RecordingBackend) -> None:
+    """Redis not there when serve starts: serve starts, the limits hold per instance,
+    mail goes through; once Redis starts the instance counts there."""
+    redis = RedisServer(tmp_path / "redis")  # not started yet
+    overrides = (
+        f"smtpgate_shared_state={redis.url}",
+        f"smtpgate_shared_state_lease={LEASE:g}s",
+        "smtpd_client_connection_count_limit=2",
+    )
+    try:
+        async with running_gate(tmp_path, MAIN_CF, backend, overrides=overrides) as gate:
+            sessions = [await open_session(gate) for _ in range(3)]
+            assert [line for _, line in sessions] == [GREETING] * 2 + [TOO_MANY]
+            reply = await send_mail(sessions[0][0], 0)
+            assert reply[0].startswith("250 2.0.0 Ok: queued as "), reply
+            assert f"warning: smtpgate_shared_state {redis.url}: Connection refused; " in gate.log
+            redis.start()
+            await eventually(lambda: open_in_redis(redis) == 2, "the open connections")
+            await gate.wait_log("answering again; counting shared")
+            assert len(backend.messages) == 1
+    finally:
+        redis.stop()
