@@ -28,6 +28,7 @@ from smtpgate.config.service import ListenAddress
 from smtpgate.errors import ConfigError
 from smtpgate.generation import Generation
 from smtpgate.logs import MailLog, route_python_logging
+from smtpgate.shared_state import SharedAnvil, shared_anvil
 from smtpgate.smtpd import GateProtocol, Shared
 
 DRAIN_TIMEOUT = 30.0
@@ -257,12 +258,19 @@ class Server:
     ) -> None:
         """Serve ``generation`` (see :mod:`smtpgate.generation`); ``anvil``: the counters
         shared with the other workers (a ``RemoteAnvil`` on the supervisor's
-        ``AnvilService``); by default this process's own."""
+        ``AnvilService``); by default this process's own.  With smtpgate_shared_state the
+        per-client counters go to Redis, ``anvil`` keeps the rest and stands in for Redis
+        while it does not answer (``smtpgate.shared_state``)."""
         self.maillog = maillog
+        local = anvil if anvil is not None else LocalAnvil()
+        config = generation.config
+        self.shared_anvil: SharedAnvil | None = None
+        if config.shared_state:
+            self.shared_anvil = shared_anvil(config.shared_state, local, config.shared_state_lease)
         self.shared = Shared(
             generation=generation,
             maillog=maillog,
-            anvil=anvil if anvil is not None else LocalAnvil(),
+            anvil=self.shared_anvil or local,
         )
         self.retiring = False
         self.on_closed: Callable[[], None] | None = None
@@ -307,6 +315,8 @@ class Server:
                     bound.close()
                 raise ListenError(address, exc) from None
             self.servers.append(server)
+        if self.shared_anvil is not None:
+            self.shared_anvil.start()
         names = ", ".join(f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in self.sockets)
         self.maillog.info(f"smtpgate listening on {names} (event loop: {event_loop_name()})")
 
@@ -400,6 +410,8 @@ class Server:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
         await self.shared.relay.close()
+        if self.shared_anvil is not None:
+            await self.shared_anvil.close()
         policy_client = self.shared.generation.policy_client
         if policy_client is not None:
             await policy_client.close()

@@ -580,6 +580,25 @@ _SPECS = [
         "smtpgate only (Postfix: the smtpd process limit in master.cf).",
     ),
     ParamSpec(
+        "smtpgate_shared_state",
+        "",
+        "str",
+        "Share the per-client connection counts and rates (smtpd_client_connection_count_limit "
+        "and the smtpd_client_*_rate_limit counters) with every smtpgate instance that names "
+        "the same Redis: redis://host:port/db, or rediss:// for TLS, with user:password@ "
+        "when Redis wants them. Empty: each instance counts alone (its workers together). "
+        "When Redis does not answer, each instance counts alone until it does.",
+        "smtpgate only (Postfix's anvil counts for one machine).",
+    ),
+    ParamSpec(
+        "smtpgate_shared_state_lease",
+        "30s",
+        "time",
+        "How long a connection counted in smtpgate_shared_state keeps counting when its "
+        "instance stops renewing it (crashed, or cut off from Redis); renewed every third.",
+        "smtpgate only.",
+    ),
+    ParamSpec(
         "smtpgate_greet_pause",
         "0s",
         "time",
