@@ -36,6 +36,7 @@ what ``explain`` prints is what ``serve`` does.  The rules, in the order they ap
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import time
@@ -396,6 +397,10 @@ class SmtpMachine:
         (Postfix's vsmtpd_chat_reply()); a disconnecting reply closes the connection."""
         if self.closing:
             return
+        if reply.code >= 500 and self.plan.soft_bounce:
+            # smtpd_chat_reply(): every 5xx the client gets is a 4xx (log lines keep 5xx)
+            dsn = "4" + reply.dsn[1:] if reply.dsn.startswith("5") else reply.dsn
+            reply = dataclasses.replace(reply, code=reply.code - 100, dsn=dsn)
         if self.observer is not None:
             self.observer.reply(reply)
         out = self._out
