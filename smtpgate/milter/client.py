@@ -323,30 +323,24 @@ class _Milter:
 
     def comm_error(self) -> Verdict | None:
         """milter8_comm_error: out for the session, default_action from now on."""
-        self._drop()
-        action = self.spec.default_action
-        if action == "accept":
-            reply = None
-        elif action == "reject":
-            reply = _verdict(DEFAULT_REJECT_TEXT, self.name)
-        elif action == "quarantine":
-            reply = Verdict("quarantine", milter=self.name, reason="milter default_action")
-        else:
-            reply = _verdict(TEMPFAIL_TEXT, self.name)
-        self.def_reply = reply
-        self.state = State.ERROR
-        return reply
+        return self._out_for_session(DEFAULT_REJECT_TEXT, TEMPFAIL_TEXT)
 
     def conf_error(self) -> Verdict | None:
         """milter8_conf_error: as comm_error, but 451 4.3.5 unless accept/quarantine."""
+        return self._out_for_session(CONFIG_ERROR_TEXT, CONFIG_ERROR_TEXT)
+
+    def _out_for_session(
+        self, reject: tuple[str, str, str], tempfail: tuple[str, str, str]
+    ) -> Verdict | None:
         self._drop()
         action = self.spec.default_action
+        reply: Verdict | None
         if action == "accept":
             reply = None
         elif action == "quarantine":
             reply = Verdict("quarantine", milter=self.name, reason="milter default_action")
         else:
-            reply = _verdict(CONFIG_ERROR_TEXT, self.name)
+            reply = _verdict(reject if action == "reject" else tempfail, self.name)
         self.def_reply = reply
         self.state = State.ERROR
         return reply
