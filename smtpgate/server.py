@@ -17,9 +17,11 @@ import contextlib
 import ctypes
 import errno
 import os
+import shutil
 import signal
 import socket
 import struct
+import tempfile
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -234,6 +236,29 @@ def unprivileged_user(user: str) -> tuple[int, int] | None:
     return entry.pw_uid, entry.pw_gid
 
 
+def prepare_spool(directory: str, user: str) -> None:
+    """Make ``directory`` (mode 0700, owned by ``user`` when root) unless it exists."""
+    try:
+        os.makedirs(directory, mode=0o700)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"smtpgate_spool_directory = {directory}: {exc.strerror}") from None
+    ids = unprivileged_user(user)
+    if ids is not None:
+        os.chown(directory, *ids)
+
+
+def private_spool(user: str) -> str:
+    """A new private spool directory in the system's temporary directory: mode 0700,
+    owned by ``user`` when root (the workers write there once they dropped root)."""
+    directory = tempfile.mkdtemp(prefix="smtpgate-spool.")
+    ids = unprivileged_user(user)
+    if ids is not None:
+        os.chown(directory, *ids)
+    return directory
+
+
 def drop_privileges(user: str) -> None:
     """Become ``user`` (its uid, gid, no supplementary groups); refuse to stay root."""
     ids = unprivileged_user(user)
@@ -255,13 +280,19 @@ class Server:
         maillog: MailLog,
         *,
         anvil: AnvilClient | None = None,
+        spool_directory: str | None = None,
     ) -> None:
         """Serve ``generation`` (see :mod:`smtpgate.generation`); ``anvil``: the counters
         shared with the other workers (a ``RemoteAnvil`` on the supervisor's
         ``AnvilService``); by default this process's own.  With smtpgate_shared_state the
         per-client counters go to Redis, ``anvil`` keeps the rest and stands in for Redis
-        while it does not answer (``smtpgate.shared_state``)."""
+        while it does not answer (``smtpgate.shared_state``).  ``spool_directory``: where
+        messages are spooled when smtpgate_spool_directory is empty (the supervisor's
+        private directory); without it the server makes its own and removes it at stop."""
         self.maillog = maillog
+        self._own_spool: str | None = None
+        if spool_directory is None:
+            spool_directory = self._own_spool = tempfile.mkdtemp(prefix="smtpgate-spool.")
         local = anvil if anvil is not None else LocalAnvil()
         config = generation.config
         self.shared_anvil: SharedAnvil | None = None
@@ -271,6 +302,7 @@ class Server:
             generation=generation,
             maillog=maillog,
             anvil=self.shared_anvil or local,
+            spool_directory=spool_directory,
         )
         self.retiring = False
         self.on_closed: Callable[[], None] | None = None
@@ -415,6 +447,9 @@ class Server:
         policy_client = self.shared.generation.policy_client
         if policy_client is not None:
             await policy_client.close()
+        if self._own_spool is not None:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(self._own_spool)
         self.maillog.info("stopped")
         self.stopped.set()
 

@@ -57,6 +57,7 @@ from smtpgate.smtp.ports import (
     Effect,
     FixedTransaction,
 )
+from smtpgate.smtp.store import MessageStore, open_spool
 
 log = logging.getLogger("smtpgate.smtpd")
 
@@ -79,6 +80,16 @@ class Shared:
     """Connection counts and event rates per client address, and the message bytes held
     in memory (smtpgate_data_memory_limit), for the whole server: every worker asks the
     same anvil."""
+    spool_directory: str = ""
+    """The server's own spool directory, used when smtpgate_spool_directory is empty."""
+
+    def new_store(self) -> MessageStore:
+        """Where one message waits: memory up to smtpgate_message_memory_limit, then an
+        anonymous file in the spool directory."""
+        config = self.config
+        directory = config.spool_directory or self.spool_directory
+        spool = open_spool(directory) if directory else None
+        return MessageStore(config.message_memory_limit, spool)
 
     @property
     def plan(self) -> Plan:
@@ -179,6 +190,7 @@ class GateProtocol(asyncio.Protocol):
             resolver=shared.resolver,
             starttls=shared.tls_context is not None,
             queue_ids=new_queue_id,
+            new_store=shared.new_store,
         )
         shared.sessions.add(self)
         self.task = asyncio.get_running_loop().create_task(self._run())

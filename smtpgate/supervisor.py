@@ -38,6 +38,7 @@ import gc
 import hashlib
 import os
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -55,6 +56,8 @@ from smtpgate.server import (
     WORKER_SIGNALS,
     Server,
     drop_privileges,
+    prepare_spool,
+    private_spool,
     unprivileged_user,
     worker_ready,
     write_pid_file,
@@ -143,6 +146,7 @@ class Supervisor:
         config_path: str,
         overrides: Sequence[str] = (),
         control: str | None = None,
+        spool: str = "",
     ) -> None:
         self.socket_sets = [list(s) for s in socket_sets]
         self.generation = generation
@@ -151,6 +155,8 @@ class Supervisor:
         self.config_path = config_path
         self.overrides = tuple(overrides)
         self.control_name = control
+        self.spool = spool
+        """The private spool directory (smtpgate_spool_directory empty)."""
         self.workers: dict[int, _Worker] = {}  # pid -> worker
         self.selector = selectors.DefaultSelector()
         self.anvil = AnvilService(self.selector, maillog)
@@ -209,6 +215,11 @@ class Supervisor:
 
     def _spawn(self, slot: int, generation: Generation) -> None:
         """Fork a worker for ``slot`` that serves ``generation``."""
+        if generation.config.spool_directory:  # a reload may name a new one
+            try:
+                prepare_spool(generation.config.spool_directory, self.user)
+            except ConfigError as exc:
+                self.maillog.error(str(exc))  # big messages will get 451 until it is fixed
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         anvil = self.anvil.attach()
         self.maillog.flush()
@@ -223,7 +234,9 @@ class Supervisor:
                 mine.close()
                 self._become_worker(slot)
                 sockets = self.socket_sets[slot]
-                run_worker(slot, generation, sockets, theirs, anvil, self.user, self.maillog)
+                run_worker(
+                    slot, generation, sockets, theirs, anvil, self.user, self.maillog, self.spool
+                )
                 status = 0
             except BaseException as exc:  # the worker must never return to the caller
                 with contextlib.suppress(BaseException):
@@ -473,6 +486,7 @@ def run_worker(
     anvil: socket.socket,
     user: str,
     maillog: MailLog,
+    spool: str = "",
 ) -> None:
     """A worker's life: drop privileges, serve ``sockets`` with ``generation``, exit.
 
@@ -490,7 +504,7 @@ def run_worker(
 
     async def work() -> None:
         loop = asyncio.get_running_loop()
-        server = Server(generation, maillog, anvil=RemoteAnvil(anvil))
+        server = Server(generation, maillog, anvil=RemoteAnvil(anvil), spool_directory=spool)
         await server.start(sockets)
         loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(server.stop()))
         loop.add_signal_handler(signal.SIGINT, lambda: asyncio.ensure_future(server.stop()))
@@ -523,6 +537,9 @@ def serve(config: str, overrides: Sequence[str], generation: Generation, maillog
 
         preload()
     socket_sets = bind_listeners(service.listen, copies=service.workers)
+    if service.spool_directory:
+        prepare_spool(service.spool_directory, user)
+    spool = private_spool(user)
     pid_file = service.pid_file
     supervisor = Supervisor(
         socket_sets=socket_sets,
@@ -532,6 +549,7 @@ def serve(config: str, overrides: Sequence[str], generation: Generation, maillog
         config_path=config,
         overrides=overrides,
         control=control_address(pid_file, config),
+        spool=spool,
     )
     wrote_pid = False
     try:
@@ -544,6 +562,8 @@ def serve(config: str, overrides: Sequence[str], generation: Generation, maillog
         if wrote_pid:
             with contextlib.suppress(OSError):
                 os.unlink(pid_file)
+        with contextlib.suppress(OSError):
+            shutil.rmtree(spool)
 
 
 def pid_file_of(config: str, overrides: Sequence[str]) -> str:

@@ -623,6 +623,25 @@ _SPECS = [
         "451 4.3.1 Insufficient system resources (0 = no limit).",
         "smtpgate only (Postfix spools messages to disk instead).",
     ),
+    ParamSpec(
+        "smtpgate_message_memory_limit",
+        "1048576",
+        "int",
+        "Bytes of one message kept in memory while it waits for the milters and the "
+        "backend; beyond them the whole message goes to an anonymous file in "
+        "smtpgate_spool_directory (0: every message goes to a file).",
+        "smtpgate only (Postfix writes every message to its queue file).",
+    ),
+    ParamSpec(
+        "smtpgate_spool_directory",
+        "",
+        "str",
+        "Where messages beyond smtpgate_message_memory_limit wait, in files without a "
+        "name (deleted whatever happens); empty: a private directory that serve makes "
+        "in the system's temporary directory and removes at exit.  A directory that "
+        "does not exist is made, mode 0700, owned by smtpgate_user.",
+        "smtpgate only (Postfix: queue_directory).",
+    ),
     _p(
         "smtpd_forbid_bare_newline",
         "normalize",

@@ -210,6 +210,10 @@ class ServiceConfig:
     forbid_unauth_pipelining: bool = True
     forbidden: Forbidden = field(default_factory=_default_forbidden)
     data_memory_limit: int = 0
+    message_memory_limit: int = 1 << 20
+    """smtpgate_message_memory_limit: a message's bytes kept in memory, then spooled."""
+    spool_directory: str = ""
+    """smtpgate_spool_directory (empty: the server's private temporary directory)."""
     greet_pause: float = 0.0
     peername_lookup: bool = True
     """smtpd_peername_lookup: look the client's name up in DNS at connect."""
@@ -403,6 +407,8 @@ def service_config(settings: Settings) -> tuple[ServiceConfig | None, list[Diagn
         forbid_unauth_pipelining=r.flag("smtpd_forbid_unauth_pipelining"),
         forbidden=forbidden,
         data_memory_limit=r.number("smtpgate_data_memory_limit"),
+        message_memory_limit=r.number("smtpgate_message_memory_limit"),
+        spool_directory=r.text("smtpgate_spool_directory"),
         greet_pause=r.seconds("smtpgate_greet_pause"),
         peername_lookup=r.flag("smtpd_peername_lookup"),
         helo_required=r.flag("smtpd_helo_required"),

@@ -44,9 +44,10 @@ from __future__ import annotations
 import asyncio
 import enum
 import errno
+import itertools
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -75,6 +76,7 @@ from smtpgate.milter.protocol import (
     Tempfail,
 )
 from smtpgate.reply import Reply
+from smtpgate.smtp.store import Message
 
 
 class WarningLog(Protocol):
@@ -138,7 +140,7 @@ class MessageResult:
     """
 
     verdict: Verdict
-    content: bytes
+    content: bytes | Message
     sender: tuple[str, tuple[str, ...]] | None = None
     add_recipients: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
     delete_recipients: list[str] = field(default_factory=list)
@@ -286,6 +288,39 @@ class _MessageWork:
     message: edits.Message
     envelope: edits.EnvelopeEdits
     edited: bool = False
+    rest: Message | None = None  # the body beyond ``message.body``, still in the store
+
+    def body_chunks(self, size: int) -> Iterator[bytes]:
+        """The body as a milter receives it (every line ended with CRLF), in pieces of
+        ``size`` bytes (the last may be shorter): ``message.body``, then the rest."""
+        buffer = bytearray()
+        last = 0
+        pieces: Iterable[bytes] = (self.message.body,)
+        if self.rest is not None:
+            pieces = itertools.chain(pieces, self.rest)
+        for piece in pieces:
+            if not piece:
+                continue
+            last = piece[-1]
+            buffer += piece
+            while len(buffer) >= size:
+                yield bytes(buffer[:size])
+                del buffer[:size]
+        if last and last != 0x0A:
+            buffer += b"\r\n"
+        if buffer:
+            yield bytes(buffer)
+
+    def result(self, original: bytes | Message) -> bytes | Message:
+        """The message after the edits: ``original`` when there were none."""
+        if not self.edited:
+            return original
+        head = self.message.render()
+        if isinstance(original, bytes):
+            return head
+        if self.rest is None:
+            return Message(head)
+        return Message(head, self.rest.store, self.rest.offset)
 
 
 class _Milter:
@@ -605,6 +640,7 @@ class _Milter:
     def _replace_body(self, work: _MessageWork | None, pieces: list[bytes]) -> None:
         if work is not None:
             work.message = edits.replace_body(work.message, b"".join(pieces))
+            work.rest = None
             work.edited = True
 
     # -- the message ---------------------------------------------------------------------
@@ -655,14 +691,13 @@ class _Milter:
             if self._done(verdict):
                 return verdict
         if self.wants(protocol.SMFIP_NOBODY):
-            body = work.message.milter_body()
-            for start in range(0, len(body), protocol.CHUNK_SIZE):
+            for chunk in work.body_chunks(protocol.CHUNK_SIZE):
                 verdict = await self.event(
                     protocol.SMFIC_BODY,
                     protocol.SMFIP_NOBODY,
                     protocol.SMFIP_NR_BODY,
                     "end_of_data",
-                    protocol.body(body[start : start + protocol.CHUNK_SIZE]),
+                    protocol.body(chunk),
                 )
                 if self._done(verdict):
                     return verdict
@@ -1001,16 +1036,24 @@ class MilterSession:
         return CONTINUE
 
     async def message(
-        self, macros: Mapping[str, str], content: bytes, *, hidden_headers: int = 0
+        self, macros: Mapping[str, str], content: bytes | Message, *, hidden_headers: int = 0
     ) -> MessageResult:
         """The message through every milter in order, edits applied between them.
 
-        ``content``: headers and body, lines ending in CRLF, dots unstuffed. Its first
+        ``content``: headers and body, lines ending in CRLF, dots unstuffed: bytes, or a
+        :class:`~smtpgate.smtp.store.Message` whose header block is read into memory
+        (bounded) and whose body is read from its store for each milter.  Its first
         ``hidden_headers`` headers are smtpgate's own (its ``Received:``): milters do not
-        see them, and they count for an insertion's position only (as in Postfix).
+        see them, and they count for an insertion's position only (as in Postfix).  The
+        result's content is of the same kind: bytes for bytes; for a message, the edited
+        header block followed by the stored body, or by a milter's replacement body.
         """
         self._use(macros)
-        work = _MessageWork(edits.parse(content, hidden_headers), edits.EnvelopeEdits())
+        if isinstance(content, Message):
+            head, rest = content.split_head()
+            work = _MessageWork(edits.parse(head, hidden_headers), edits.EnvelopeEdits(), rest=rest)
+        else:
+            work = _MessageWork(edits.parse(content, hidden_headers), edits.EnvelopeEdits())
         verdict: Verdict | None = None
         for milter in self.milters:
             if milter.state in _STOPPED or milter.state == State.ACCEPT_MSG:
@@ -1021,7 +1064,7 @@ class MilterSession:
                 break
         return MessageResult(
             verdict=self._finish(verdict),
-            content=work.message.render() if work.edited else content,
+            content=work.result(content),
             sender=work.envelope.sender,
             add_recipients=work.envelope.add_recipients,
             delete_recipients=work.envelope.delete_recipients,

@@ -48,7 +48,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from smtpgate.config.relayconf import RelayConfig, Relayhost
 from smtpgate.facts import ClientFacts
@@ -60,9 +61,10 @@ from smtpgate.relay.tls import TLSPolicy, tls_policy
 from smtpgate.relay.wire import (
     DSN_MAIL_PARAMS,
     DSN_RCPT_PARAMS,
+    END_OF_DATA,
     arg,
-    bdat_chunks,
-    data_pieces,
+    bdat_stream,
+    data_stream,
     without,
     xforward_commands,
 )
@@ -436,12 +438,14 @@ class Transaction:
             return  # data() finds the connection dead and answers 451
         self._data_started = True
 
-    async def data(self, message: bytes) -> Reply:
+    async def data(self, message: bytes | Iterable[bytes]) -> Reply:
         """Send the message and end it; the backend's reply to the end is the client's.
 
         *message* is the content as the client meant it: dots unstuffed, lines ending in
         CRLF or a bare LF, a lone CR sent as a space (see :mod:`smtpgate.relay.wire`); it is framed
-        here, with DATA or with BDAT when the backend offers CHUNKING.
+        here, with DATA or with BDAT when the backend offers CHUNKING.  It is bytes, or
+        pieces of any size (a spooled message read back), framed and sent as they come:
+        the pieces are read once, and never joined.
         """
         if self._finished:
             return R503_NO_TRANSACTION
@@ -467,7 +471,7 @@ class Transaction:
                 if not start.is_success:
                     await self._give_back(rset=True)
                     return self._record("DATA", start)
-                await self._send_content(conn, *data_pieces(message))
+                await self._send_content(conn, message)
                 reply = await self._end_of_data(conn)
         except Fault as fault:
             return self._fail("END-OF-DATA" if self._dot_sent else "DATA", fault)
@@ -479,24 +483,22 @@ class Transaction:
         await self._give_back(rset=False)
         return self._record("END-OF-DATA", reply)
 
-    async def _send_content(self, conn: Connection, body: bytes, end: bytes) -> None:
+    async def _send_content(self, conn: Connection, message: bytes | Iterable[bytes]) -> None:
         """Write the framed content with flow control (each wait bounded), then the dot;
-        a message up to CONTENT_CHUNK is one write with its dot."""
+        the last piece, when it is up to CONTENT_CHUNK, is one write with the dot."""
         protocol = conn.protocol
         timeout = self.relay.command_timeout
         try:
-            size = len(body)
-            if size > CONTENT_CHUNK:
-                view = memoryview(body)
-                for offset in range(0, size, CONTENT_CHUNK):
-                    protocol.write(view[offset : offset + CONTENT_CHUNK])
-                    if protocol.must_drain:
-                        await protocol.drain(timeout)
-                self._dot_sent = True
-                protocol.write(end)
-            else:
-                self._dot_sent = True  # this write ends with the dot
-                protocol.writelines([body, end])
+            held: bytes | None = None
+            for piece in data_stream(message):
+                if held is not None:
+                    await _write(protocol, held, timeout)
+                held = piece
+            if held is not None and len(held) > CONTENT_CHUNK:
+                await _write(protocol, held, timeout)
+                held = None
+            self._dot_sent = True  # the next write ends with the dot
+            protocol.writelines([held, END_OF_DATA] if held is not None else [END_OF_DATA])
             if protocol.must_drain:
                 await protocol.drain(timeout)
         except TimeoutError:
@@ -506,13 +508,15 @@ class Transaction:
             conn.close()
             raise Fault(f"lost connection sending message content: {fault.detail}") from None
 
-    async def _send_bdat(self, conn: Connection, message: bytes) -> tuple[str, Reply]:
+    async def _send_bdat(
+        self, conn: Connection, message: bytes | Iterable[bytes]
+    ) -> tuple[str, Reply]:
         """The message in BDAT chunks (RFC 3030), each chunk's reply read before the next
         is sent; ``("END-OF-DATA", reply to the LAST chunk)``, or ``("BDAT", refusal)``
         when the backend refused an earlier chunk."""
         protocol = conn.protocol
         timeout = self.relay.command_timeout
-        for line, chunk in bdat_chunks(message, self.relay.config.chunk_size):
+        for line, chunk in bdat_stream(message, self.relay.config.chunk_size):
             last = line.endswith(b" LAST\r\n")
             try:
                 if last:
@@ -521,10 +525,7 @@ class Transaction:
                     protocol.writelines([line, chunk])
                 else:
                     protocol.write(line)
-                    for offset in range(0, len(chunk), CONTENT_CHUNK):
-                        protocol.write(chunk[offset : offset + CONTENT_CHUNK])
-                        if protocol.must_drain:
-                            await protocol.drain(timeout)
+                    await _write(protocol, chunk, timeout)
                 if protocol.must_drain:
                     await protocol.drain(timeout)
             except TimeoutError:
@@ -560,3 +561,17 @@ class Transaction:
         except BaseException:
             self._drop()
             raise
+
+
+async def _write(protocol: Any, data: bytes, timeout: float) -> None:
+    """``data`` written in pieces of CONTENT_CHUNK, waiting for the socket between them."""
+    if len(data) <= CONTENT_CHUNK:
+        protocol.write(data)
+        if protocol.must_drain:
+            await protocol.drain(timeout)
+        return
+    view = memoryview(data)
+    for offset in range(0, len(data), CONTENT_CHUNK):
+        protocol.write(view[offset : offset + CONTENT_CHUNK])
+        if protocol.must_drain:
+            await protocol.drain(timeout)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 
 from smtpgate.facts import ClientFacts
 from smtpgate.reply import Reply
@@ -90,6 +90,92 @@ def bdat_chunks(message: bytes, chunk_size: int) -> Iterator[tuple[bytes, memory
         yield b"BDAT %d\r\n" % chunk_size, body[offset : offset + chunk_size]
         offset += chunk_size
     yield b"BDAT %d LAST\r\n" % (size - offset), body[offset:]
+
+
+class Framer:
+    """:func:`canonical_lines` (and the dot-stuffing of :func:`data_pieces` when ``stuff``)
+    on a message given in pieces: every piece is framed as it comes, whatever the pieces'
+    boundaries split (a CR from its LF, a line end from the dot after it).  The pieces
+    joined are what the whole-message functions give for the whole message."""
+
+    __slots__ = ("stuff", "cr", "bol", "started")
+
+    def __init__(self, stuff: bool) -> None:
+        self.stuff = stuff
+        self.cr = False  # the last piece ended with a CR: its fate depends on what follows
+        self.bol = True  # the output so far ends a line (or is empty)
+        self.started = False  # some output was given
+
+    def feed(self, piece: bytes | bytearray | memoryview) -> bytes:
+        """The wire form of ``piece`` (possibly empty, possibly shorter by a held CR)."""
+        chunk = bytes(piece) if not isinstance(piece, bytes) else piece
+        if self.cr:
+            chunk, self.cr = b"\r" + chunk, False
+        if chunk.endswith(b"\r"):
+            chunk, self.cr = chunk[:-1], True
+        if not chunk:
+            return b""
+        lf = chunk.count(b"\n")
+        if chunk.count(b"\r\n") != lf:
+            chunk = _BARE_LF.sub(b"\r\n", chunk)
+        if chunk.count(b"\r") != lf:
+            chunk = _LONE_CR.sub(b" ", chunk)
+        if self.stuff:
+            if _DOT_LINE.search(chunk) is not None:
+                chunk = chunk.replace(b"\n.", b"\n..")
+            if self.bol and chunk.startswith(b"."):
+                chunk = b"." + chunk
+        self.bol = chunk.endswith(b"\n")
+        self.started = True
+        return chunk
+
+    def end(self) -> bytes:
+        """What ends the content: a held CR (as a space) and the last line's CRLF."""
+        tail = b""
+        if self.cr:
+            self.cr, tail = False, b" "
+            self.bol, self.started = False, True
+        if self.started and not self.bol:
+            tail += b"\r\n"
+            self.bol = True
+        return tail
+
+
+def pieces_of(message: bytes | bytearray | memoryview | Iterable[bytes]) -> Iterable[bytes]:
+    """A message given whole as one piece; pieces as they are."""
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        return (bytes(message),)
+    return message
+
+
+def data_stream(message: bytes | Iterable[bytes]) -> Iterator[bytes]:
+    """The wire form after DATA, without the final dot, in non-empty pieces."""
+    framer = Framer(stuff=True)
+    for piece in pieces_of(message):
+        framed = framer.feed(piece)
+        if framed:
+            yield framed
+    tail = framer.end()
+    if tail:
+        yield tail
+
+
+def bdat_stream(message: bytes | Iterable[bytes], chunk_size: int) -> Iterator[tuple[bytes, bytes]]:
+    """:func:`bdat_chunks` for a message in pieces: chunks of exactly *chunk_size* octets
+    while more than that is left, then the LAST one (possibly empty); at most one chunk
+    and one piece are held."""
+    framer = Framer(stuff=False)
+    buffer = bytearray()
+    for piece in pieces_of(message):
+        buffer += framer.feed(piece)
+        while len(buffer) > chunk_size:
+            yield b"BDAT %d\r\n" % chunk_size, bytes(buffer[:chunk_size])
+            del buffer[:chunk_size]
+    buffer += framer.end()
+    while len(buffer) > chunk_size:
+        yield b"BDAT %d\r\n" % chunk_size, bytes(buffer[:chunk_size])
+        del buffer[:chunk_size]
+    yield b"BDAT %d LAST\r\n" % len(buffer), bytes(buffer)
 
 
 # -- XFORWARD -------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from email.utils import formatdate
 
 from smtpgate.policy.address import header_safe, quote_822_local
 from smtpgate.policy.model import ClientInfo
+from smtpgate.smtp.store import MessageStore
 
 END_OF_DATA = b"\r\n.\r\n"
 _BARE_LF = re.compile(rb"(?<!\r)\n")
@@ -24,23 +25,33 @@ _BARE_LF = re.compile(rb"(?<!\r)\n")
 class DotReader:
     """DATA content up to ``CRLF.CRLF``: feed it input, it says where the message ends.
 
-    The content is kept with a leading CRLF so that a first line of ``.`` is found like
-    any other; once the message is being discarded (too big, no memory) only the last
-    four bytes are kept, enough to find the end.
+    Complete lines go to the message store as they arrive, with SMTP transparency removed
+    and the false ends of a bare LF dropped (:func:`unstuff`, :func:`drop_false_ends`,
+    line by line); the reader keeps only the last, incomplete line and the two octets
+    before it (a leading CRLF at first, so that a first line of ``.`` is found like any
+    other).  Once the message is being discarded (too big, no memory) nothing more is
+    stored; the end is still found.
     """
 
-    __slots__ = ("buffer", "searched", "received", "discarding")
+    __slots__ = ("buffer", "searched", "received", "discarding", "store", "taken")
 
-    def __init__(self) -> None:
+    def __init__(self, store: MessageStore | None = None) -> None:
         self.buffer = bytearray(b"\r\n")
         self.searched = 0
         self.received = 0  # bytes of input taken (for "timeout after DATA (N bytes)")
         self.discarding = False
+        self.store = MessageStore() if store is None else store
+        self.taken = 0  # content octets passed on to the store (before unstuffing)
 
     @property
     def size(self) -> int:
-        """Content bytes held so far (without the leading CRLF)."""
-        return len(self.buffer) - 2
+        """Content bytes received so far (without the leading CRLF), transparency kept."""
+        return self.taken + len(self.buffer) - 2
+
+    @property
+    def memory(self) -> int:
+        """Content bytes held in memory: the store's and the incomplete line."""
+        return self.store.memory + len(self.buffer)
 
     def feed(self, data: bytearray) -> bytes | None:
         """Take all of ``data``; returns what follows the end of data (pipelined input,
@@ -50,44 +61,71 @@ class DotReader:
         buffer += data
         data.clear()
         end = buffer.find(END_OF_DATA, self.searched)
-        if end < 0:
-            if self.discarding:
-                del buffer[:-4]
-            self.searched = max(len(buffer) - len(END_OF_DATA) + 1, 0)
-            return None
-        rest = bytes(buffer[end + len(END_OF_DATA) :])
-        del buffer[end + 2 :]  # keep the last line's CRLF
-        return rest
+        if end >= 0:
+            rest = bytes(buffer[end + len(END_OF_DATA) :])
+            self._lines(end + 2)  # the last line's CRLF is content
+            del buffer[2:]
+            return rest
+        last = buffer.rfind(b"\n")
+        if last >= 2:
+            self._lines(last + 1)
+            del buffer[: last - 1]  # keep the two octets before what is left
+        self.searched = max(len(buffer) - len(END_OF_DATA) + 1, 0)
+        return None
+
+    def _lines(self, stop: int) -> None:
+        """Pass ``buffer[2:stop]`` (complete lines) to the store."""
+        buffer = self.buffer
+        self.taken += stop - 2
+        if self.discarding:
+            return
+        block = bytes(memoryview(buffer)[2:stop])
+        if not block.startswith(b".") and b"\n." not in block:
+            self.store.append(block)  # the usual case: no line starts with a dot
+            return
+        bare_before = buffer[0] != 0x0D  # the line before ended with a bare LF
+        out = bytearray()
+        start = 0
+        while start < len(block):
+            end = block.index(b"\n", start) + 1
+            line = block[start:end]
+            start = end
+            bare = not line.endswith(b"\r\n")
+            if line == b".\n" or (bare_before and line == b".\r\n"):
+                # a false end (drop_false_ends); ".\n" with CRLF before is one too
+                bare_before = bare
+                continue
+            bare_before = bare
+            out += line[1:] if line.startswith(b".") else line
+        self.store.append(out)
 
     def discard(self) -> None:
         """Stop keeping the content (it will not be relayed); the end is still found."""
         self.discarding = True
-        del self.buffer[:-4]
-        self.searched = 0
+        self.store.close()
 
     def content(self) -> bytes:
-        """The message, transparency removed (call after the end was found)."""
-        raw = bytes(memoryview(self.buffer)[2:])
-        return unstuff(drop_false_ends(raw))
+        """The message, transparency removed (call after the end was found; tests)."""
+        return b"".join(self.store.chunks())
 
 
 class ChunkReader:
     """One BDAT chunk: exactly ``size`` octets, taken from input as they come."""
 
-    __slots__ = ("size", "remaining", "last", "chunk")
+    __slots__ = ("size", "remaining", "last", "store")
 
-    def __init__(self, size: int, last: bool, keep: bool) -> None:
+    def __init__(self, size: int, last: bool, store: MessageStore | None) -> None:
         self.size = size
         self.remaining = size
         self.last = last
-        self.chunk: bytearray | None = bytearray() if keep else None
+        self.store = store  # where the octets go (None: dropped)
 
     def feed(self, data: bytearray) -> bool:
         """Take what belongs to the chunk from ``data``; True once it is complete."""
         take = min(self.remaining, len(data))
         if take:
-            if self.chunk is not None:
-                self.chunk += memoryview(data)[:take]
+            if self.store is not None:
+                self.store.append(memoryview(data)[:take])
             del data[:take]
             self.remaining -= take
         return self.remaining == 0

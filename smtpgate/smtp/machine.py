@@ -59,7 +59,6 @@ from smtpgate.smtp import syntax as s
 from smtpgate.smtp.data import (
     ChunkReader,
     DotReader,
-    has_bare_lf,
     header_date,
     received_header,
 )
@@ -78,6 +77,7 @@ from smtpgate.smtp.ports import (
     Observer,
 )
 from smtpgate.smtp.routes import Route, lockstep, route_of
+from smtpgate.smtp.store import Message, MessageStore
 from smtpgate.smtp.syntax import (
     ALLOWED_BEFORE_TLS,
     COUNTED,
@@ -124,7 +124,7 @@ class Transaction:
     relay: BackendTransaction | None = None
     route: Route | None = None  # what ``relay`` was opened with
     overshoot: int = 0
-    chunks: bytearray | None = None  # BDAT content so far
+    chunks: MessageStore | None = None  # BDAT content so far
     chunk_problem: Reply | None = None  # a BDAT chunk failed: every later one gets this
     milters_open: bool = True  # the milters have this transaction (an abort is owed)
     envelope_changed: bool = False  # a milter changed the sender
@@ -153,6 +153,7 @@ class SmtpMachine:
         known_client: ClientInfo | None = None,
         milters: Milters | None = None,
         server: tuple[str, int] | None = None,
+        new_store: Callable[[], MessageStore] = MessageStore,
     ) -> None:
         self.plan = plan
         self.config = config
@@ -170,6 +171,7 @@ class SmtpMachine:
         self.known_client = known_client  # found already: no lookup at connect
         self.milters = milters
         self.server = server  # the listener's address and port ({daemon_addr})
+        self.new_store = new_store  # where a message's content waits (memory, spool file)
         self.connections = 0  # this client's concurrent sessions ({client_connections})
         self.macros = SessionMacros(self._macro)
         self._milter_sender: str | None = None  # the address MAIL is checking
@@ -337,6 +339,8 @@ class SmtpMachine:
             self._release_data()
             self._data_rejected = R451_LOCAL_ERROR  # read the rest, then answer
             return
+        if self._dot is not None:
+            self._dot.store.close()
         self.mode, self._dot, self._chunk = Mode.COMMAND, None, None
         self._release_data()
         await self._end_transaction()
@@ -379,6 +383,8 @@ class SmtpMachine:
     async def close(self) -> None:
         """The connection ended: give back what it held and log the disconnect."""
         self.closing = True
+        if self._dot is not None:
+            self._dot.store.close()
         await self._end_transaction()
         self._release_data()
         if self.anvil_counted:
@@ -560,7 +566,9 @@ class SmtpMachine:
         finally:
             self._milter_helo = self._milter_proto = None
 
-    async def _milter_message(self, txn: Transaction, message: bytes) -> tuple[Reply | None, bytes]:
+    async def _milter_message(
+        self, txn: Transaction, message: Message
+    ) -> tuple[Reply | None, Message]:
         """The whole message goes to the milters (headers, body, end of message) before
         the backend sees any of it: their verdict, and the message and envelope as their
         edits left them.  Postfix's cleanup does this for smtpd; its log lines say
@@ -596,7 +604,8 @@ class SmtpMachine:
             if added.lower() not in (r.lower() for r in txn.recipients):
                 txn.recipients.append(added)
                 txn.rcpt_params.append(list(params))
-        return None, outcome.content
+        content = outcome.content
+        return None, Message(content) if isinstance(content, bytes) else content
 
     async def _milter_connect(self) -> Reply | None:
         """The milters' CONNECT event; the greeting when they refuse (smtpd.c: a refusal
@@ -1096,7 +1105,7 @@ class SmtpMachine:
                 txn.relay.start_data()  # the backend's 354 comes while the content does
         self._reply(s.DATA_GO_AHEAD)
         self._out.append(FLUSH)
-        self._dot = DotReader()
+        self._dot = DotReader(self.new_store())
         self.mode = Mode.DATA
         return None
 
@@ -1123,7 +1132,8 @@ class SmtpMachine:
             problem = s.NO_VALID_RCPT
         elif size == 0 and not last:
             self.log.warning(f"{self._queue_id()}: null BDAT request from {self.namaddr}")
-            txn.chunk_problem, txn.chunks = Reply(551, "5.7.1", "Null BDAT request"), None
+            txn.chunk_problem = Reply(551, "5.7.1", "Null BDAT request")
+            self._drop_chunks(txn)
             self._release_data()
             return self._fail(txn.chunk_problem)
         elif txn.chunk_problem is not None:
@@ -1138,20 +1148,21 @@ class SmtpMachine:
             if txn.chunks is None:
                 problem = await self._start_content(txn, where="BDAT")
                 if problem is None:
-                    txn.chunks = bytearray()
+                    txn.chunks = self.new_store()
             if problem is None:
                 assert txn.chunks is not None
-                total = len(txn.chunks) + size
+                total = txn.chunks.size + size
                 if self.config.size_limit and total > self.config.size_limit:
                     self.log.warning(f"{self._queue_id()}: queue file size limit exceeded")
                     problem = Reply(552, "5.3.4", "Error: message file too big")
-                elif not await self._account(total, complete=True):
+                elif not await self._account(_in_memory(txn.chunks, total), complete=True):
                     problem = s.NO_MEMORY
             if problem is not None:
                 txn.chunk_problem = problem
-                txn.chunks = None
+                self._drop_chunks(txn)
                 self._release_data()
-        self._chunk = ChunkReader(size, last, keep=problem is None)
+        keep = txn.chunks if problem is None and txn is not None else None
+        self._chunk = ChunkReader(size, last, keep)
         self._chunk_problem = problem
         self.mode = Mode.BDAT
         return None
@@ -1178,11 +1189,14 @@ class SmtpMachine:
         self._in[0:0] = rest  # pipelined commands after the dot
         self._dot, self.mode = None, Mode.COMMAND
         problem, self._data_rejected = self._data_rejected, None
-        if problem is not None:
-            await self._end_transaction()
-            reply = problem
-        else:
-            reply = await self._finish_message(reader.content())
+        try:
+            if problem is not None:
+                await self._end_transaction()
+                reply = problem
+            else:
+                reply = await self._finish_message(reader.store)
+        finally:
+            reader.store.close()
         self._release_data()
         self._content_done("data", reply, message_done=True)
         return True
@@ -1193,7 +1207,7 @@ class SmtpMachine:
         size = reader.size
         if not complete and self.config.size_limit and size > self.config.size_limit + 8:
             return s.TOO_BIG  # the content can only grow: certainly too big
-        if not await self._account(size, complete):
+        if not await self._account(reader.memory, complete or reader.store.spooled):
             return s.NO_MEMORY
         return None
 
@@ -1211,14 +1225,15 @@ class SmtpMachine:
                 await self._end_transaction()
             self._content_done("bdat", problem, message_done=False)
             return True
-        assert txn is not None and txn.chunks is not None and chunk.chunk is not None
-        txn.chunks += chunk.chunk
+        assert txn is not None and txn.chunks is not None
         if not chunk.last:
             self._content_done("bdat", Reply(250, "2.0.0", f"Ok: {chunk.size} bytes"), False)
             return True
-        content = bytes(txn.chunks)
-        txn.chunks = None
-        reply = await self._finish_message(content)
+        store = txn.chunks
+        try:
+            reply = await self._finish_message(store)
+        finally:
+            store.close()
         self._release_data()
         self._content_done("bdat", reply, message_done=True)
         return True
@@ -1276,12 +1291,17 @@ class SmtpMachine:
             self.anvil.release(self.data_held)
             self.data_held = 0
 
-    def _check_content(self, content: bytes) -> Reply | None:
-        if self.config.size_limit and len(content) > self.config.size_limit:
+    def _drop_chunks(self, txn: Transaction) -> None:
+        if txn.chunks is not None:
+            txn.chunks.close()
+            txn.chunks = None
+
+    def _check_content(self, content: MessageStore) -> Reply | None:
+        if self.config.size_limit and content.size > self.config.size_limit:
             return s.TOO_BIG
-        if b"\x00" in content:
+        if content.nul:
             return s.NUL_IN_DATA
-        if self._bare_newline_rejected() and has_bare_lf(content):
+        if self._bare_newline_rejected() and content.bare_lf:
             txn = self.txn
             recipients = txn.recipients if txn is not None and len(txn.recipients) == 1 else []
             saved, self.where = self.where, "END-OF-MESSAGE"
@@ -1290,21 +1310,21 @@ class SmtpMachine:
             return self._bare_newline_reply()
         return None
 
-    async def _finish_message(self, content: bytes) -> Reply:
+    async def _finish_message(self, content: MessageStore) -> Reply:
         """The whole message is in: end-of-data restrictions, then the backend."""
         txn, policy = self.txn, self.policy
         assert txn is not None and policy is not None
         st = policy.state
         reply = self._check_content(content)
         if reply is None:
-            decision = await policy.end_of_data(size=len(content))
+            decision = await policy.end_of_data(size=content.size)
             self._note(decision)
             reply = decision.reply
         if reply is not None:
             await self._end_transaction()
             return reply
         queue_id = self._queue_id()
-        message = self._received_header(txn) + content
+        message = Message(self._received_header(txn), content)
         if self._milters_listen():
             reply, message = await self._milter_message(txn, message)
             if reply is not None:
@@ -1321,7 +1341,7 @@ class SmtpMachine:
             return problem
         assert txn.relay is not None and txn.route is not None
         if txn.route.hold is False and any(v == "HOLD" for v, _ in st.queue_actions):
-            message = f"{HOLD_HEADER}: {header_safe(self.namaddr)}\r\n".encode() + message
+            message = message.prefixed(f"{HOLD_HEADER}: {header_safe(self.namaddr)}\r\n".encode())
         reply = await asyncio.shield(txn.relay.data(message))
         whatsup = "proxy-accept" if reply.code // 100 == 2 else "proxy-reject"
         self._log_proxy(whatsup, "END-OF-MESSAGE", reply, txn.recipients)
@@ -1461,6 +1481,8 @@ class SmtpMachine:
 
     async def _end_transaction(self) -> None:
         txn, self.txn = self.txn, None
+        if txn is not None:
+            self._drop_chunks(txn)
         if txn is not None and txn.milters_open and self.milters is not None:
             await asyncio.shield(self.milters.abort())
         if txn is not None and txn.relay is not None:
@@ -1521,6 +1543,13 @@ _COMMANDS: dict[str, Any] = {
     "XFORWARD": SmtpMachine.cmd_xforward,
 }
 _COUNTER_NAMES = {verb: verb.lower() for verb in _COMMANDS}
+
+
+def _in_memory(store: MessageStore, total: int) -> int:
+    """What a store holds in memory once its content is ``total`` bytes."""
+    if store.spooled or (store.spoolable and total > store.memory_limit):
+        return 0
+    return total
 
 
 def _bare(address: str) -> str:

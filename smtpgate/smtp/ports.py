@@ -10,7 +10,7 @@ The driver (``smtpd.py``) performs the effects; ``serve`` plugs the relay into
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -18,6 +18,7 @@ from smtpgate.facts import ClientFacts
 from smtpgate.policy.model import Decision
 from smtpgate.reply import Reply
 from smtpgate.smtp import syntax as s
+from smtpgate.smtp.store import Message
 
 
 class Action(enum.Enum):
@@ -48,7 +49,9 @@ class BackendTransaction(Protocol):
 
     def start_data(self) -> None: ...
 
-    async def data(self, message: bytes) -> Reply: ...
+    async def data(self, message: bytes | Iterable[bytes]) -> Reply:
+        """The message as bytes or as pieces (a :class:`~smtpgate.smtp.store.Message`),
+        read once, in order, as it is sent."""
 
     async def abort(self) -> None: ...
 
@@ -158,7 +161,7 @@ class FixedTransaction:
     def start_data(self) -> None:
         pass
 
-    async def data(self, message: bytes) -> Reply:
+    async def data(self, message: bytes | Iterable[bytes]) -> Reply:
         return self.data_reply
 
     async def abort(self) -> None:
@@ -217,8 +220,8 @@ class MilterMessage(Protocol):
     def verdict(self) -> MilterVerdict: ...
 
     @property
-    def content(self) -> bytes:
-        """The message after header and body edits."""
+    def content(self) -> bytes | Message:
+        """The message after header and body edits (the message given when none)."""
 
     @property
     def sender(self) -> tuple[str, Sequence[str]] | None:
@@ -266,7 +269,7 @@ class Milters(Protocol):
     async def unknown(self, macros: Mapping[str, str], command: str) -> MilterVerdict: ...
 
     async def message(
-        self, macros: Mapping[str, str], content: bytes, *, hidden_headers: int = 0
+        self, macros: Mapping[str, str], content: bytes | Message, *, hidden_headers: int = 0
     ) -> MilterMessage:
         """The first ``hidden_headers`` headers are smtpgate's own (PREPEND, Received):
         Postfix does not show its own to milters."""

@@ -67,3 +67,31 @@ def test_canonical_content_is_not_copied(message: bytes) -> None:
     assert (body is message) == canonical
     assert (canonical_lines(message) is message) == (normalised(message) == message)
     assert end == b".\r\n"
+
+
+SPLITS = st.lists(st.integers(min_value=0, max_value=120), max_size=10)
+
+
+def split(message: bytes, cuts: list[int]) -> list[bytes]:
+    points = [0, *sorted({c for c in cuts if c <= len(message)}), len(message)]
+    return [message[a:b] for a, b in zip(points, points[1:], strict=False)]
+
+
+@given(MESSAGE, SPLITS)
+def test_data_stream_equals_whole_frame(message: bytes, cuts: list[int]) -> None:
+    """Framing the message in pieces, cut anywhere (a dot after a cut, CR | LF), gives
+    the frame of the whole message."""
+    from smtpgate.relay.wire import data_stream
+
+    pieces = split(message, cuts)
+    streamed = b"".join(data_stream(pieces)) + b".\r\n"
+    assert streamed == frame_data(message)
+
+
+@given(MESSAGE, SPLITS, st.integers(min_value=1, max_value=9))
+def test_bdat_stream_equals_whole_chunks(message: bytes, cuts: list[int], size: int) -> None:
+    from smtpgate.relay.wire import bdat_stream
+
+    streamed = [(line, bytes(chunk)) for line, chunk in bdat_stream(split(message, cuts), size)]
+    whole = [(line, bytes(chunk)) for line, chunk in bdat_chunks(message, size)]
+    assert streamed == whole

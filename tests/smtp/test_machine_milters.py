@@ -89,7 +89,8 @@ class FakeMilters:
         return self._verdict("unknown", macros, command)
 
     async def message(self, macros, content, *, hidden_headers=0):  # type: ignore[no-untyped-def]
-        self.message_in = content
+        # the machine hands over a Message (its Received: header and the stored content)
+        self.message_in = content if isinstance(content, bytes) else content.to_bytes()
         self.hidden_headers = hidden_headers
         self.calls.append(("message", None))
         self.macros_seen["message"] = dict(macros)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pytest
@@ -34,8 +34,8 @@ class Recorded:
     def start_data(self) -> None:
         pass
 
-    async def data(self, message: bytes) -> Reply:
-        self.message = message
+    async def data(self, message: bytes | Iterable[bytes]) -> Reply:
+        self.message = message if isinstance(message, bytes) else b"".join(message)
         return Reply(250, "2.0.0", "Ok: queued as R1")
 
     async def abort(self) -> None:
