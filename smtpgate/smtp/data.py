@@ -51,7 +51,7 @@ class DotReader:
     @property
     def memory(self) -> int:
         """Content bytes held in memory: the store's and the incomplete line."""
-        return self.store.memory + len(self.buffer)
+        return self.store.memory + len(self.buffer) - 2
 
     def feed(self, data: bytearray) -> bytes | None:
         """Take all of ``data``; returns what follows the end of data (pipelined input,
