@@ -33,7 +33,7 @@ class DotReader:
     stored; the end is still found.
     """
 
-    __slots__ = ("buffer", "searched", "received", "discarding", "store", "taken")
+    __slots__ = ("buffer", "searched", "received", "discarding", "store", "taken", "failure")
 
     def __init__(self, store: MessageStore | None = None) -> None:
         self.buffer = bytearray(b"\r\n")
@@ -42,6 +42,7 @@ class DotReader:
         self.discarding = False
         self.store = MessageStore() if store is None else store
         self.taken = 0  # content octets passed on to the store (before unstuffing)
+        self.failure: OSError | None = None  # the store could not take the content
 
     @property
     def size(self) -> int:
@@ -81,7 +82,7 @@ class DotReader:
             return
         block = bytes(memoryview(buffer)[2:stop])
         if not block.startswith(b".") and b"\n." not in block:
-            self.store.append(block)  # the usual case: no line starts with a dot
+            self._store(block)  # the usual case: no line starts with a dot
             return
         bare_before = buffer[0] != 0x0D  # the line before ended with a bare LF
         out = bytearray()
@@ -97,7 +98,14 @@ class DotReader:
                 continue
             bare_before = bare
             out += line[1:] if line.startswith(b".") else line
-        self.store.append(out)
+        self._store(out)
+
+    def _store(self, data: bytes | bytearray) -> None:
+        try:
+            self.store.append(data)
+        except OSError as exc:  # the spool file (a full disk): read on, then say 451
+            self.failure = exc
+            self.discard()
 
     def discard(self) -> None:
         """Stop keeping the content (it will not be relayed); the end is still found."""
@@ -112,20 +120,24 @@ class DotReader:
 class ChunkReader:
     """One BDAT chunk: exactly ``size`` octets, taken from input as they come."""
 
-    __slots__ = ("size", "remaining", "last", "store")
+    __slots__ = ("size", "remaining", "last", "store", "failure")
 
     def __init__(self, size: int, last: bool, store: MessageStore | None) -> None:
         self.size = size
         self.remaining = size
         self.last = last
         self.store = store  # where the octets go (None: dropped)
+        self.failure: OSError | None = None  # the store could not take them
 
     def feed(self, data: bytearray) -> bool:
         """Take what belongs to the chunk from ``data``; True once it is complete."""
         take = min(self.remaining, len(data))
         if take:
             if self.store is not None:
-                self.store.append(memoryview(data)[:take])
+                try:
+                    self.store.append(bytes(memoryview(data)[:take]))
+                except OSError as exc:  # the spool file: read the chunk on, then say 451
+                    self.failure, self.store = exc, None
             del data[:take]
             self.remaining -= take
         return self.remaining == 0

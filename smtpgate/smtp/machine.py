@@ -1178,6 +1178,10 @@ class SmtpMachine:
         assert reader is not None
         rest = reader.feed(self._in)
         complete = rest is not None
+        if reader.failure is not None and self._data_rejected is None:
+            self._spool_failed(reader.failure)
+            self._release_data()
+            self._data_rejected = R451_LOCAL_ERROR
         if not reader.discarding:
             problem = await self._data_problem(reader, complete)
             if problem is not None:
@@ -1219,6 +1223,12 @@ class SmtpMachine:
         self._chunk, self.mode = None, Mode.COMMAND
         problem, self._chunk_problem = self._chunk_problem, None
         txn = self.txn
+        if problem is None and chunk.failure is not None and txn is not None:
+            self._spool_failed(chunk.failure)
+            problem = txn.chunk_problem = R451_LOCAL_ERROR
+            self._drop_chunks(txn)
+            self._release_data()
+            self._reset_after_chunk = True
         if problem is not None:
             if chunk.last or self._reset_after_chunk:
                 self._reset_after_chunk = False
@@ -1290,6 +1300,12 @@ class SmtpMachine:
         if self.data_held:
             self.anvil.release(self.data_held)
             self.data_held = 0
+
+    def _spool_failed(self, error: OSError) -> None:
+        self.log.warning(
+            f"{self._queue_id()}: cannot spool the message from {self.namaddr}: "
+            f"{error.strerror or error}"
+        )
 
     def _drop_chunks(self, txn: Transaction) -> None:
         if txn.chunks is not None:

@@ -217,3 +217,68 @@ async def test_postfix_backend_gets_bdat(
     body = postcat_body(postfix, queue_id)
     assert "\n.leading dot\n" in body and "..leading" not in body
     assert "line 0119 " in body
+
+
+# -- a message in pieces (read back from the spool) ------------------------------------------
+
+# Every awkward place for a cut: CR | LF, a line end | the dot after it, a dot | its line
+# end, a bare LF | a dot, a lone CR at the end of a piece, no line end at the very end.
+AWKWARD = [
+    b"Subject: split\r",
+    b"\n",
+    b"\r\n",
+    b".",
+    b"dot after a cut\r\n",
+    b"line\r",
+    b"\n.",
+    b".two dots\r\n",
+    b"bare\n",
+    b".",
+    b"\n",
+    b"lone\r",
+    b"cr\r\n",
+    b".\r",
+    b"\n",
+    b"end without line end",
+]
+
+
+async def test_pieces_cut_anywhere_frame_as_the_whole_message() -> None:
+    whole = b"".join(AWKWARD)
+    async with RecordingBackend() as backend:
+        relay = make_relay(backend.relayhost)
+        try:
+            for message in (whole, iter(AWKWARD)):
+                tx = await relay.begin(CLIENT, "a@example.net", [])
+                assert (await tx.rcpt("b@example.org", [])).code == 250
+                tx.start_data()
+                assert (await tx.data(message)).code == 250
+        finally:
+            await relay.close()
+    first, second = backend.messages
+    assert second.raw == first.raw
+    assert first.raw.endswith(b"\r\n..\r\nend without line end\r\n.\r\n")
+    assert b"\r\n..dot after a cut\r\n" in first.raw and b"\r\n...two dots\r\n" in first.raw
+
+
+@pytest.mark.postfix
+@pytest.mark.skipif(not os.path.exists(POSTFIX), reason="Postfix is not installed")
+async def test_postfix_backend_gets_bdat_of_pieces(postfix: PostfixInstance) -> None:
+    """Pieces cut at every awkward place, in BDAT chunks of 7 octets: Postfix stores what
+    it stores for the whole message in one chunk."""
+    bodies = []
+    for chunk_size, message in ((1 << 20, b"".join(AWKWARD)), (7, iter(AWKWARD))):
+        relay = make_relay(f"[127.0.0.1]:{postfix.port}", chunk_size=chunk_size)
+        try:
+            tx = await relay.begin(CLIENT, "friend@example.net", [])
+            assert (await tx.rcpt("foo@bar.org", [])).code == 250
+            tx.start_data()
+            done = await tx.data(message)
+        finally:
+            await relay.close()
+        assert done.code == 250, done
+        assert tx.backend_queue_id is not None
+        bodies.append(postcat_body(postfix, tx.backend_queue_id))
+    whole, pieces = bodies
+    assert pieces == whole
+    assert "\n.dot after a cut\n" in whole and "\nlone cr\n" in whole

@@ -17,7 +17,7 @@ from smtpgate.policy.plan import build_plan
 from smtpgate.smtp.machine import SmtpMachine
 from smtpgate.smtp.ports import LocalCounters, _Granted
 from smtpgate.smtp.store import MessageStore, open_spool
-from tests.smtp.test_machine_routes import RecordingBackend, _Log
+from tests.smtp.test_machine_routes import RecordingBackend
 
 BOUND = 4096
 
@@ -39,6 +39,17 @@ class Budget(LocalCounters):
     def release(self, nbytes: int) -> None:
         self.in_flight -= nbytes
         assert self.in_flight >= 0
+
+
+class Log:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def info(self, text: str) -> None:
+        self.lines.append(text)
+
+    def warning(self, text: str) -> None:
+        self.lines.append(f"warning: {text}")
 
 
 class Stores:
@@ -68,7 +79,7 @@ async def machine_for(tmp_path: Path, stores: Stores, budget: Budget, extra: str
         config=ServiceConfig.from_settings(settings),
         backend=backend,
         anvil=budget,
-        log=_Log(),
+        log=Log(),
         address="192.0.2.1",
         queue_ids=lambda: "QID",
         new_store=stores,
@@ -220,3 +231,36 @@ def _points_to(fd: str, target: str) -> bool:
         return os.readlink(f"/proc/self/fd/{fd}") == target
     except OSError:
         return False
+
+
+class FullDisk:
+    """A spool file on a full disk."""
+
+    def write(self, data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("command", ["DATA", "BDAT"])
+async def test_full_disk_is_451_and_the_rest_is_read_as_content(
+    tmp_path: Path, command: str
+) -> None:
+    budget = Budget()
+    stores = Stores(None)
+    stores.spool = FullDisk  # type: ignore[assignment]
+    machine = await machine_for(tmp_path, stores, budget)
+    await envelope(machine)
+    # a line in the content that must never be taken for a command
+    content = b"x" * 5000 + b"\r\nRSET\r\n" + b"y" * 5000 + b"\r\n"
+    if command == "DATA":
+        await say(machine, b"DATA\r\n")
+        out = await say(machine, content + b".\r\n")
+    else:
+        out = await say(machine, b"BDAT %d LAST\r\n" % len(content) + content)
+    assert out == [b"451 4.3.0 Error: local error while processing\r\n"]
+    assert any("cannot spool the message" in line for line in machine.log.lines), machine.log
+    assert budget.in_flight == 0
+    await envelope(machine)  # the session goes on
+    await machine.close()
