@@ -211,6 +211,7 @@ class SmtpMachine:
         self._chunk_problem: Reply | None = None  # the BDAT chunk being read is dropped
         self._reset_after_chunk = False  # the transaction ends once that chunk is read
         self._last_rcpt: str | None = None  # for the bare <LF> log line
+        self._sending: asyncio.Future[Reply] | None = None  # the relay sending a message
 
     # -- driver interface ----------------------------------------------------------------
 
@@ -1200,7 +1201,7 @@ class SmtpMachine:
             else:
                 reply = await self._finish_message(reader.store)
         finally:
-            reader.store.close()
+            self._dispose(reader.store)
         self._release_data()
         self._content_done("data", reply, message_done=True)
         return True
@@ -1243,7 +1244,7 @@ class SmtpMachine:
         try:
             reply = await self._finish_message(store)
         finally:
-            store.close()
+            self._dispose(store)
         self._release_data()
         self._content_done("bdat", reply, message_done=True)
         return True
@@ -1300,6 +1301,14 @@ class SmtpMachine:
         if self.data_held:
             self.anvil.release(self.data_held)
             self.data_held = 0
+
+    def _dispose(self, store: MessageStore) -> None:
+        """Close ``store`` now, or when the relay still reading it is done."""
+        sending, self._sending = self._sending, None
+        if sending is not None and not sending.done():
+            sending.add_done_callback(lambda _: store.close())
+        else:
+            store.close()
 
     def _spool_failed(self, error: OSError) -> None:
         self.log.warning(
@@ -1358,7 +1367,11 @@ class SmtpMachine:
         assert txn.relay is not None and txn.route is not None
         if txn.route.hold is False and any(v == "HOLD" for v, _ in st.queue_actions):
             message = message.prefixed(f"{HOLD_HEADER}: {header_safe(self.namaddr)}\r\n".encode())
-        reply = await asyncio.shield(txn.relay.data(message))
+        # The relay finishes even when this task is cancelled (shield); the store stays
+        # open until it has (see _dispose).
+        self._sending = asyncio.ensure_future(txn.relay.data(message))
+        reply = await asyncio.shield(self._sending)
+        self._sending = None
         whatsup = "proxy-accept" if reply.code // 100 == 2 else "proxy-reject"
         self._log_proxy(whatsup, "END-OF-MESSAGE", reply, txn.recipients)
         if txn.relay.outcome_unknown:

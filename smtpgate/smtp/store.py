@@ -119,6 +119,8 @@ class MessageStore:
         fd = self._file.fileno()
         offset = start
         while offset < self.size:
+            if self.closed:  # never read a descriptor number that may be another file's
+                raise ValueError("read from a closed message store")
             piece = os.pread(fd, min(size, self.size - offset), offset)
             if not piece:
                 raise OSError(f"spool file shorter than its content ({offset} of {self.size})")
