@@ -3,9 +3,12 @@
 No I/O.  :class:`DotReader` collects DATA content from input as it arrives and finds the
 end (``CRLF . CRLF``, and nothing else: under ``smtpd_forbid_bare_newline = normalize``
 a bare LF ends a line but never the message, which closes the SMTP smuggling hole);
-:class:`ChunkReader` counts out a BDAT chunk.  What the machine hands the relay is the
-content with SMTP transparency removed (:func:`unstuff`); line ends are the relay's
-business (it sends every line with CRLF).
+:class:`ChunkReader` counts out a BDAT chunk.  Both pass the content on as it arrives
+to a :class:`~smtpgate.smtp.store.MessageStore` (memory, then a spool file): the DATA
+reader line by line, with SMTP transparency removed (:func:`unstuff`) and the false ends
+of a bare LF dropped (:func:`drop_false_ends`), keeping only the incomplete last line.
+The store remembers a NUL and a bare LF as it goes, for the checks at the end.  Line
+ends are the relay's business (it sends every line with CRLF).
 """
 
 from __future__ import annotations
