@@ -23,6 +23,7 @@ def main() -> None:
     # The codec of serve's pid file: Python imports it on first use, which the user cannot
     # do here (a real non-root deployment reads its standard library, so serve does not).
     import encodings.ascii  # noqa: F401
+
     entry = pwd.getpwnam(user)
     os.setgroups([])
     os.setgid(entry.pw_gid)

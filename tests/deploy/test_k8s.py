@@ -136,8 +136,9 @@ def test_kustomization_names_every_manifest() -> None:
     labels = find("Namespace", kz["namespace"])["metadata"]["labels"]
     assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
     [image] = kz["images"]
-    assert container(find("Deployment", "smtpgate"), "smtpgate")["image"].split(":")[0] == (
-        image["name"]
+    assert (
+        container(find("Deployment", "smtpgate"), "smtpgate")["image"].split(":")[0]
+        == image["name"]
     )
     assert image["newTag"] != "latest"
 
@@ -264,7 +265,8 @@ def test_shared_state_is_the_redis_service() -> None:
     assert server["args"][server["args"].index("--save") + 1] == ""
     policy = find("NetworkPolicy", "redis")["spec"]
     [rule] = policy["ingress"]
-    assert rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "smtpgate"}}}]
+    smtpgate_pods = {"matchLabels": {"app.kubernetes.io/name": "smtpgate"}}
+    assert rule["from"] == [{"podSelector": smtpgate_pods}]
 
 
 # -- the ConfigMap's main.cf, run ------------------------------------------------------------
@@ -398,8 +400,9 @@ def test_serve_runs_non_root_from_the_start_and_drains_on_sigterm(public_dir: Pa
     try:
         workers = int(main_cf()["smtpgate_workers"])
         assert wait_until(
-            lambda: log.read_text().count("smtpgate listening on") >= workers
-            or gate.poll() is not None
+            lambda: (
+                log.read_text().count("smtpgate listening on") >= workers or gate.poll() is not None
+            )
         ), log.read_text()
         assert gate.poll() is None, log.read_text()
         # The whole tree runs as the unprivileged user: no drop happened, none was needed.
@@ -458,4 +461,3 @@ def test_serve_runs_non_root_from_the_start_and_drains_on_sigterm(public_dir: Pa
 
 def _delivered(mail: Path) -> list[Path]:
     return [p for p in mail.rglob("*") if p.is_file() and b"Subject: k8s" in p.read_bytes()]
-
