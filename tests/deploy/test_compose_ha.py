@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +165,108 @@ def test_docker_compose_config_validates() -> None:
     [cfg] = services["haproxy"]["volumes"]
     assert cfg["source"] == str(DEPLOY / "haproxy" / "haproxy.cfg")
     assert services["postfix"]["build"]["context"] == str(DEPLOY / "postfix")
+
+
+def local_cfg(text: str, port: int, stats: int, gates: list[int]) -> str:
+    """haproxy.cfg as compose-ha.yml mounts it, with the compose network's names and ports
+    replaced by loopback ones (no Docker DNS here)."""
+    text = re.sub(r"^resolvers docker\n(?:    .*\n)*", "", text, flags=re.M)
+    text = text.replace(" resolvers docker", "")
+    text = text.replace("    bind :25\n", f"    bind 127.0.0.1:{port}\n")
+    text = text.replace("    bind :8404\n", f"    bind 127.0.0.1:{stats}\n")
+    for name, gate_port in zip(GATES, gates, strict=True):
+        text = re.sub(
+            rf"server {name} \S+$", f"server {name} 127.0.0.1:{gate_port}", text, flags=re.M
+        )
+    return text
+
+
+def server_states(stats: int) -> dict[str, str]:
+    """HAProxy's status page as CSV: server -> "status check_status" ("UP L7OK" once the
+    SMTP checks pass); nothing while HAProxy does not answer yet."""
+    import csv
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", stats, timeout=5)
+    try:
+        connection.request("GET", "/;csv")
+        text = connection.getresponse().read().decode()
+    except OSError:
+        return {}
+    finally:
+        connection.close()
+    rows = list(csv.DictReader(text.lstrip("# ").splitlines()))
+    return {r["svname"]: f"{r['status']} {r['check_status']}" for r in rows if r["svname"] in GATES}
+
+
+def test_two_instances_behind_this_haproxy_cfg(compose: dict[str, Any], public_dir: Path) -> None:
+    """Debian's HAProxy with deploy/haproxy/haproxy.cfg (on loopback) in front of two
+    `smtpgate serve` with compose-ha.yml's options: both pass the SMTP checks, and a client
+    bound to 127.0.0.2 reaches one of them, which logs the client's own address."""
+    if not implemented("smtpd_upstream_proxy_protocol"):
+        pytest.skip("needs smtpd_upstream_proxy_protocol (issue 14, branch proxy-protocol)")
+    from tests.deploy.conftest import free_port, stop
+    from tests.processes import wait_until
+
+    given = options(compose["services"]["smtpgate1"])
+    sink_port, port, stats = free_port(), free_port(), free_port()
+    gate_ports = [free_port(), free_port()]
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        processes.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "smtpgate",
+                    "sink",
+                    "--listen",
+                    f"127.0.0.1:{sink_port}",
+                    "--maildir",
+                    str(public_dir / "mail"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+        )
+        logs = []
+        for n, gate_port in enumerate(gate_ports):
+            overrides = {
+                **{k: v for k, v in given.items() if not k.startswith("smtpgate_metrics")},
+                "listen": f"127.0.0.1:{gate_port}",
+                "relayhost": f"[127.0.0.1]:{sink_port}",
+                "smtpgate_upstream_proxy_networks": "127.0.0.1/32",
+                "smtpgate_shared_state": "",  # tests/shared_state runs two with a Redis
+                "pid_file": str(public_dir / f"gate{n}.pid"),
+                "maillog_file": str(public_dir / f"gate{n}.log"),
+                "smtpgate_user": "nobody",
+            }
+            args = ["serve", "-c", str(ROOT / "examples" / "main.cf")]
+            for name, value in overrides.items():
+                args += ["-o", f"{name}={value}"]
+            logs.append(public_dir / f"gate{n}.log")
+            processes.append(subprocess.Popen([sys.executable, "-m", "smtpgate", *args]))
+        assert wait_until(lambda: all(p.exists() and "listening on" in p.read_text() for p in logs))
+        cfg = public_dir / "haproxy.cfg"
+        cfg.write_text(local_cfg(haproxy_cfg(compose).read_text(), port, stats, gate_ports))
+        with open(public_dir / "haproxy.out", "wb") as out:
+            processes.append(
+                subprocess.Popen([HAPROXY, "-db", "-f", str(cfg)], stdout=out, stderr=out)
+            )
+        # Both UP with a passed SMTP check (inter 5s: the first within about 5 s).
+        assert wait_until(lambda: set(server_states(stats).values()) == {"UP L7OK"}, deadline=20), (
+            server_states(stats)
+        )
+        with socket.create_connection(("127.0.0.1", port), 10, ("127.0.0.2", 0)) as sock:
+            stream = sock.makefile("rwb")
+            assert stream.readline().startswith(b"220 ")
+            for line, code in [(b"HELO client.example", b"250"), (b"QUIT", b"221")]:
+                stream.write(line + b"\r\n")
+                stream.flush()
+                assert stream.readline().startswith(code)
+        assert wait_until(
+            lambda: any("connect from unknown[127.0.0.2]" in p.read_text() for p in logs)
+        ), [p.read_text() for p in logs]
+    finally:
+        for process in reversed(processes):
+            stop(process)

@@ -415,6 +415,13 @@ def test_serve_runs_non_root_from_the_start_and_drains_on_sigterm(public_dir: Pa
         assert pid_file.read_text().strip() == str(gate.pid)
         assert "privilege" not in log.read_text() and "error" not in log.read_text()
 
+        if implemented("smtpgate_metrics_listen"):
+            # The pod's probes: alive, and ready (the backend, the sink, is reachable).
+            metrics = metrics_address(serve_args)
+            assert http_get(metrics, "/healthz")[0] == 200
+            status, body = http_get(metrics, "/readyz")
+            assert status == 200, body
+
         # A message through it, with STARTTLS offered (the key was readable).
         with socket.create_connection(("127.0.0.1", gate_port), timeout=10) as sock:
             sock.sendall(proxy_header("192.0.2.7"))
@@ -433,6 +440,9 @@ def test_serve_runs_non_root_from_the_start_and_drains_on_sigterm(public_dir: Pa
             assert smtp(stream, "Subject: k8s\r\n\r\nhello\r\n.").startswith("250")
             smtp(stream, "QUIT")
         assert wait_until(lambda: bool(_delivered(mail)))
+        if implemented("smtpd_upstream_proxy_protocol"):
+            # The client of the PROXY header, not the balancer, is the client.
+            assert "client=unknown[192.0.2.7]" in log.read_text(), log.read_text()
 
         # SIGTERM (after the preStop wait): an idle session is told 421, serve exits 0
         # well within the grace period, and removes its pid file.
@@ -457,6 +467,23 @@ def test_serve_runs_non_root_from_the_start_and_drains_on_sigterm(public_dir: Pa
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def metrics_address(args: list[str]) -> tuple[str, int]:
+    [value] = [a.split("=", 1)[1] for a in args if a.startswith("smtpgate_metrics_listen=")]
+    return host_port(value)
+
+
+def http_get(where: tuple[str, int], path: str) -> tuple[int, str]:
+    import http.client
+
+    connection = http.client.HTTPConnection(*where, timeout=10)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
 
 
 def _delivered(mail: Path) -> list[Path]:
