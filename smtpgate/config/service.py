@@ -107,6 +107,19 @@ def parse_listen(entries: Sequence[str]) -> list[ListenAddress]:
     return out
 
 
+def parse_metrics_listen(text: str) -> ListenAddress | None:
+    """``smtpgate_metrics_listen``: one ``host:port`` or ``[ipv6]:port``; empty: None."""
+    words = text.replace(",", " ").split()
+    if not words:
+        return None
+    if len(words) > 1:
+        raise ConfigError(f"smtpgate_metrics_listen = {text}: give one address (host:port)")
+    try:
+        return parse_listen(words)[0]
+    except ConfigError as exc:
+        raise ConfigError(exc.message.replace("listen:", "smtpgate_metrics_listen:", 1)) from None
+
+
 def parse_workers(text: str) -> int:
     """``smtpgate_workers``: ``auto`` (one per CPU core) or a whole number, at least 1."""
     text = text.strip().lower()
@@ -185,6 +198,11 @@ class ServiceConfig:
     dns_tries: int = 2
     dns_concurrency_limit: int = 100
     dns_cache_size: int = 10000
+    metrics_listen: ListenAddress | None = None
+    """smtpgate_metrics_listen; None: no metrics listener."""
+    metrics_directory: str = ""
+    """smtpgate_metrics_directory; empty: a private temporary folder."""
+    readyz_backend_age: float = 60.0
 
     @property
     def tls_offered(self) -> bool:
@@ -303,6 +321,11 @@ def service_config(settings: Settings) -> tuple[ServiceConfig | None, list[Diagn
     )
     nowhere: tuple[ListenAddress, ...] = ()
     listen = r.opened("listen", lambda: tuple(parse_listen(r.words("listen"))), nowhere)
+    metrics_listen = r.opened(
+        "smtpgate_metrics_listen",
+        lambda: parse_metrics_listen(r.text("smtpgate_metrics_listen")),
+        None,
+    )
     workers = r.opened("smtpgate_workers", lambda: parse_workers(r.text("smtpgate_workers")), 1)
     tls_level = r.text("smtpd_tls_security_level").strip().lower()
     tls_cert = r.text("smtpd_tls_cert_file")
@@ -358,6 +381,9 @@ def service_config(settings: Settings) -> tuple[ServiceConfig | None, list[Diagn
         dns_tries=r.number("dns_tries"),
         dns_concurrency_limit=r.number("dns_concurrency_limit"),
         dns_cache_size=r.number("dns_cache_size"),
+        metrics_listen=metrics_listen,
+        metrics_directory=r.text("smtpgate_metrics_directory").strip(),
+        readyz_backend_age=r.seconds("smtpgate_readyz_backend_age"),
     )
     if any(d.severity == "error" for d in r.diagnostics):
         return None, r.diagnostics
