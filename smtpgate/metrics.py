@@ -31,7 +31,6 @@ Theory of operation (docs/metrics.md lists every metric):
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import glob
 import os
@@ -41,6 +40,7 @@ import stat
 import sys
 import tempfile
 import time
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -163,7 +163,7 @@ class _Histogram:
         series = self.series.get(key)
         if series is None:
             series = self.series[key] = [0.0] * (len(self.bounds) + 1)
-        series[bisect.bisect_left(self.bounds, value)] += 1.0
+        series[bisect_left(self.bounds, value)] += 1.0
         series[-1] += value
 
     def flush(self) -> None:
@@ -197,10 +197,7 @@ class _Gauge:
             self.flushed = self.value
 
 
-def _status(code: int) -> str:
-    return f"{code // 100}xx"
-
-
+_STATUS = {2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 _MESSAGE_RESULT = {2: "accepted", 4: "deferred", 5: "rejected"}
 
 
@@ -436,7 +433,7 @@ class ServerMetrics:
         self.backend_seen(ok)
 
     def backend_reply(self, command: str, code: int, seconds: float) -> None:
-        self._backend_replies.inc((command, _status(code)))
+        self._backend_replies.inc((command, _STATUS.get(code // 100, "5xx")))
         self._backend_seconds.observe((command,), seconds)
 
     def backend_error(self, command: str) -> None:
