@@ -19,7 +19,14 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.serve.backend import RecordingBackend
-from tests.serve.conftest import LOG_DEADLINE, SEED_MAIN_CF, SEED_TABLES, Gate, running_gate
+from tests.serve.conftest import (
+    LOG_DEADLINE,
+    SEED_MAIN_CF,
+    SEED_TABLES,
+    DeployedGate,
+    Gate,
+    running_gate,
+)
 
 METRICS_AT = re.compile(r"metrics and health checks on http://127\.0\.0\.1:(\d+)/")
 METRICS_ON = ("smtpgate_metrics_listen = 127.0.0.1:0",)
@@ -163,9 +170,9 @@ async def test_counts_survive_a_reload(tmp_path: Path, backend: RecordingBackend
         port = await metrics_port(gate)
         await send_the_sessions(gate)
         await scrape_until(port, "postfix_smtpd_disconnects_total", 3)
-        assert isinstance(gate.proc, asyncio.subprocess.Process)  # type: ignore[attr-defined]
+        assert isinstance(gate, DeployedGate)
         before = gate.log.count("metrics and health checks on")
-        os.kill(gate.proc.pid, signal.SIGHUP)  # type: ignore[attr-defined]
+        os.kill(gate.proc.pid, signal.SIGHUP)
         await gate.wait_log("reloaded ")
         end = time.monotonic() + LOG_DEADLINE
         while gate.log.count("metrics and health checks on") == before:
@@ -218,3 +225,33 @@ async def test_ready_with_a_live_backend_it_has_not_used(
         port = await metrics_port(gate)
         status, body = await http_get(port, "/readyz")
         assert (status, body.split(":")[0]) == (200, "ready"), body
+
+
+async def test_tls_sessions_are_counted_as_postfix_exporter_counts_them(
+    tmp_path: Path, backend: RecordingBackend
+) -> None:
+    from tests.serve.test_tls import inbound_tls, upgrade
+
+    async with running_gate(tmp_path, inbound_tls("may"), backend, overrides=METRICS_ON) as gate:
+        port = await metrics_port(gate)
+        client = await gate.connect()
+        await client.cmd("EHLO client.example")
+        await upgrade(client)
+        cipher = client.writer.get_extra_info("cipher")  # (name, protocol, secret bits)
+        assert (await client.cmd("QUIT"))[0].startswith("221")
+        await client.close()
+        found = await scrape_until(port, "postfix_smtpd_disconnects_total", 1)
+        tls = {
+            labels: count
+            for (name, labels), count in found.items()
+            if name == "postfix_smtpd_tls_connections_total"
+        }
+        assert len(tls) == 1 and list(tls.values()) == [1], tls
+        labels = dict(next(iter(tls)))
+        assert labels["trust"] == "Anonymous"
+        assert (labels["cipher"], labels["protocol"], labels["secret_bits"]) == (
+            cipher[0],
+            cipher[1],
+            str(cipher[2]),
+        )
+        assert labels["algorithm_bits"].isdigit()
