@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from bench.harness import (
     CLIENT_HELO,
@@ -45,9 +45,15 @@ from bench.harness import (
     raise_fd_limit,
     run_source,
 )
+from tests.dns.dnsserver import FakeDns
+from tests.milter.daemons import start_rspamd
 
 Kind = Literal["sessions", "msgs", "bytes", "memory", "idle"]
 GATE, POSTFIX = "smtpgate", "Postfix"
+
+
+#: rspamd compiles its regular expressions on first start (20-30 s); kept between runs.
+RSPAMD_CACHE = Path("/var/tmp/smtpgate-bench-rspamd-cache")
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ class Workload:
     count: int = 0  # messages (or rejected sessions) per run
     size: int = 0  # message payload bytes (smtp-source -l)
     many: bool = False  # many messages per session (smtp-source -d)
+    milter: bool = False  # both sides with rspamd as a milter (their own servers)
     target: str = ""  # the issue's goal for the ratio (or the absolute figure)
 
     @property
@@ -115,6 +122,8 @@ def workloads(quick: bool) -> list[Workload]:
                  1024, many=True, target=">= 1.0"),
         Workload("relay-100k-10", "relay 100 KB, 10 sess, many msgs/sess", "bytes", 10,
                  n(600, 10), 100 * 1024, many=True, target=">= 1.0"),
+        Workload("milter-1k-10", "relay 1 KB via rspamd milter, 10 sess", "msgs", 10,
+                 n(1000, 20), 1024, milter=True),
         Workload("memory-500", f"memory, {n(500, 20)} sessions in MAIL/RCPT", "memory",
                  n(500, 20), target="<= 0.1"),
         Workload("idle-10000", f"memory, {n(10000, 100)} idle sessions (smtpgate)", "idle",
@@ -177,14 +186,28 @@ async def _pss_while_held(side: Side, sessions: int, commands: Sequence[str]) ->
     return kib
 
 
-def run_rounds(
-    rows: Sequence[Workload], gate: Gate, postfix: PostfixRef, rounds: int, results: Results
-) -> None:
+@dataclass
+class Servers:
+    """The two sides, and the two with rspamd as a milter (for the milter rows)."""
+
+    gate: Gate
+    postfix: PostfixRef
+    milter_gate: Gate | None = None
+    milter_postfix: PostfixRef | None = None
+
+    def sides(self, w: Workload) -> list[Side]:
+        if w.milter:
+            assert self.milter_gate is not None and self.milter_postfix is not None
+            return [self.milter_gate, self.milter_postfix]
+        return [self.gate, self.postfix]
+
+
+def run_rounds(rows: Sequence[Workload], servers: Servers, rounds: int, results: Results) -> None:
     """All workloads, ``rounds`` times; per round the side that goes first alternates."""
-    sides: list[Side] = [gate, postfix]
     interleaved = [w for w in rows if w.kind != "idle"]
     for r in range(rounds):
         for w in interleaved:
+            sides = servers.sides(w)
             for side in sides if r % 2 == 0 else reversed(sides):
                 measure(w, side, results)
         _progress(f"round {r + 1}/{rounds} done")
@@ -193,15 +216,18 @@ def run_rounds(
     for w in rows:
         if w.kind == "idle":
             for _ in range(rounds):
-                measure(w, gate, results)
+                measure(w, servers.gate, results)
 
 
-def warm_up(gate: Gate, postfix: PostfixRef, quick: bool) -> None:
+def warm_up(servers: Servers, quick: bool) -> None:
     """A short unrecorded run per side: Postfix spawns its smtpd processes, caches fill."""
     count = 20 if quick else 300
-    for side in (gate, postfix):
+    for side in (servers.gate, servers.postfix):
         run_source(side.port, sessions=10, count=count, size=1024)
         run_source(side.port, sessions=10, count=count, reject=True)
+    for milter_side in (servers.milter_gate, servers.milter_postfix):
+        if milter_side is not None:
+            run_source(milter_side.port, sessions=10, count=count // 3, size=1024)
 
 
 def _fmt(value: float) -> str:
@@ -290,19 +316,36 @@ def bench(args: argparse.Namespace) -> int:
     tmp = new_tmp()
     results = Results()
     sink = Sink(tmp)
-    gate: Gate | None = None
-    postfix: PostfixRef | None = None
+    started: list[Any] = [sink]
     try:
         gate = Gate(tmp, sink.port, args.option)
+        started.append(gate)
         postfix = PostfixRef(sink.port, process_limit=biggest + 100)
+        started.append(postfix)
+        servers = Servers(gate, postfix)
         _progress(f"smtpgate :{gate.port}, Postfix :{postfix.port}, smtp-sink :{sink.port}")
-        warm_up(gate, postfix, args.quick)
-        run_rounds(rows, gate, postfix, rounds, results)
+        if any(w.milter for w in rows):
+            # a DNS server that answers at once (NXDOMAIN): rspamd's lookups would
+            # otherwise wait for their timeout, and both sides would measure that
+            dns = FakeDns().start()
+            started.append(dns)
+            rspamd = start_rspamd(tmp / "rspamd", dns=dns.address, cache_dir=RSPAMD_CACHE)
+            started.append(rspamd)
+            milter = f"smtpd_milters={rspamd.endpoint}"
+            servers.milter_gate = Gate(tmp, sink.port, [*args.option, milter], "smtpgate-milter")
+            started.append(servers.milter_gate)
+            servers.milter_postfix = PostfixRef(sink.port, biggest + 100, rspamd.endpoint)
+            started.append(servers.milter_postfix)
+            _progress(
+                f"rspamd {rspamd.endpoint}: smtpgate :{servers.milter_gate.port}, "
+                f"Postfix :{servers.milter_postfix.port}"
+            )
+        warm_up(servers, args.quick)
+        run_rounds(rows, servers, rounds, results)
         header = _header(args, postfix.version, rounds)
     finally:
-        for proc in (gate, postfix, sink):
-            if proc is not None:
-                proc.stop()
+        for proc in reversed(started):
+            proc.stop()
         if not args.keep:
             subprocess.run(["rm", "-rf", str(tmp)], check=False)
     print(header)

@@ -220,8 +220,10 @@ class Gate:
 
     name = "smtpgate"
 
-    def __init__(self, tmp: Path, sink_port: int, options: Sequence[str] = ()) -> None:
-        self.dir = tmp / "smtpgate"
+    def __init__(
+        self, tmp: Path, sink_port: int, options: Sequence[str] = (), dirname: str = "smtpgate"
+    ) -> None:
+        self.dir = tmp / dirname
         self.dir.mkdir(mode=0o755)
         for name, text in TABLES.items():
             (self.dir / name).write_text(text)
@@ -266,14 +268,25 @@ class PostfixRef:
 
     ``smtpd_proxy_filter`` is set in main.cf rather than with ``-o`` in master.cf: only
     smtpd reads it, so the effect is the same (SMTPD_PROXY_README's setup).
+
+    With ``milter`` it is instead an smtpd with ``smtpd_milters`` that queues the message
+    and delivers it to the sink (relayhost): a before-queue proxy does not show the
+    message to its milters (smtpd hands the content to the proxy, not to cleanup, where
+    Postfix runs the milters' content events), so that is the Postfix an admin with rspamd
+    runs.  The client's 250 then comes after the milters and the queue file's fsync.
     """
 
     name = "Postfix"
 
-    def __init__(self, sink_port: int, process_limit: int) -> None:
-        main_cf = SHARED_MAIN_CF + (
-            f"smtpd_proxy_filter = 127.0.0.1:{sink_port}\ndefault_process_limit = {process_limit}\n"
-        )
+    def __init__(self, sink_port: int, process_limit: int, milter: str | None = None) -> None:
+        main_cf = SHARED_MAIN_CF + f"default_process_limit = {process_limit}\n"
+        if milter is None:
+            main_cf += f"smtpd_proxy_filter = 127.0.0.1:{sink_port}\n"
+        else:
+            main_cf += (
+                f"smtpd_milters = {milter}\nmilter_default_action = tempfail\n"
+                f"relayhost = [127.0.0.1]:{sink_port}\n"
+            )
         self.instance = PostfixInstance(main_cf, TABLES)
         self.port = self.instance.port
         try:

@@ -2,6 +2,8 @@
 # Install what the benchmark needs from packages, idempotently:
 # - Debian's postfix (smtp-source, smtp-sink, and the Postfix the benchmark compares with);
 #   the system instance is left unconfigured and stopped (the benchmark runs its own);
+# - Debian's rspamd (the milter row); its system service is stopped (the benchmark starts
+#   its own on loopback);
 # - with --profile: py-spy in the venv (python -m bench --profile).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +22,13 @@ if ! dpkg-query -W -f='${Status}' postfix 2>/dev/null | grep -q "install ok inst
 fi
 if [ -f /etc/postfix/main.cf ] && postfix status >/dev/null 2>&1; then
     postfix stop
+fi
+if ! dpkg-query -W -f='${Status}' rspamd 2>/dev/null | grep -q "install ok installed"; then
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends rspamd
+fi
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet rspamd 2>/dev/null; then
+    systemctl stop rspamd
 fi
 
 if [ "${1:-}" = "--profile" ] && [ ! -x "$VENV/bin/py-spy" ]; then

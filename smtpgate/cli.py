@@ -276,6 +276,7 @@ def explain(
                 info,
                 config=loaded.config,
                 resolver=resolver,
+                milters=loaded.milters.session() if loaded.milters else None,
                 lookup_client_name=resolver is not None and client_name is None,
                 writes=writes,
                 helo=helo,

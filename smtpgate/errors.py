@@ -8,7 +8,9 @@
      +-- TableLookupError         a lookup failed for now (a temporary error, never a miss)
      |    +-- TableUnavailableError   the table could not be opened: every lookup fails
      +-- RelayError               the backend MTA failed (refused, timeout, garbled)
-          +-- FilterDestinationError  a FILTER next hop smtpgate cannot relay to
+     |    +-- FilterDestinationError  a FILTER next hop smtpgate cannot relay to
+     +-- MilterError              a milter failed (down, slow, closed, garbled)
+          +-- MilterProtocolError     a milter sent bytes that break the protocol
 
 Library code raises these; only ``cli.py`` turns them into messages and exit codes.
 """
@@ -55,3 +57,11 @@ class RelayError(SmtpgateError):
 
 class FilterDestinationError(RelayError):
     """A FILTER destination smtpgate cannot relay to (``lmtp:``, a master.cf service...)."""
+
+
+class MilterError(SmtpgateError):
+    """A milter did not complete an exchange; its ``default_action`` applies."""
+
+
+class MilterProtocolError(MilterError):
+    """A milter's reply breaks the protocol; the message is the text Postfix logs."""

@@ -30,15 +30,18 @@ its reloads and ``explain`` replace it by a surrogate whose every lookup answers
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from smtpgate.config import Diagnostic, Settings, load_settings
+from smtpgate.config.milterconf import milter_config
 from smtpgate.config.relayconf import relay_config
 from smtpgate.config.service import ServiceConfig, relay_diagnostics, service_config
 from smtpgate.delegation import DelegationClient
 from smtpgate.errors import ConfigError
+from smtpgate.milter import Milters
 from smtpgate.policy.plan import Plan, build_plan
 from smtpgate.policy.ports import Resolver
 from smtpgate.relay import Relay, load_cert_files
@@ -51,6 +54,7 @@ class Configuration:
 
     plan: Plan
     config: ServiceConfig
+    milters: Milters = field(default_factory=Milters)
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,8 @@ class Generation:
     """The front end's STARTTLS context; None when STARTTLS is not offered."""
     relay: Relay
     resolver: Resolver
+    milters: Milters = field(default_factory=Milters)
+    """``smtpd_milters``: false when empty; ``milters.session()`` per SMTP session."""
 
     @property
     def policy_client(self) -> DelegationClient | None:
@@ -124,11 +130,15 @@ def build_generation(
     """Everything serve uses, from ``settings``; None when any diagnostic is an error."""
     compiled, found = compile_configuration(settings, diagnostics, strict_tables=strict_tables)
     found += relay_diagnostics(settings)
-    relay = resolver = context = None
+    relay = resolver = context = milters = None
     try:
         relay = Relay.from_config(relay_config(settings))
     except ConfigError as exc:
         found.append(_located(settings, exc, "relayhost"))
+    try:
+        milters = Milters(milter_config(settings))
+    except ConfigError as exc:
+        found.append(_located(settings, exc, "smtpd_milters"))
     if compiled is not None:
         try:
             resolver = resolver_from_config(compiled.config)
@@ -139,10 +149,13 @@ def build_generation(
         except ConfigError as exc:
             found.append(Diagnostic("error", str(exc), None))
     found = _unique(found)
-    if compiled is None or relay is None or resolver is None or _failed(found):
+    if compiled is None or relay is None or resolver is None or milters is None or _failed(found):
         return None, found
     _wire_next_hops(relay, resolver)
-    return Generation(number, compiled.plan, compiled.config, context, relay, resolver), found
+    generation = Generation(
+        number, compiled.plan, compiled.config, context, relay, resolver, milters
+    )
+    return generation, found
 
 
 def load_generation(
@@ -164,7 +177,15 @@ def load_configuration(
     Raises ConfigError when the file cannot be read or parsed at all.
     """
     settings, diagnostics = load_settings(config_path, overrides)
-    return compile_configuration(settings, diagnostics)
+    compiled, found = compile_configuration(settings, diagnostics)
+    try:
+        milters = Milters(milter_config(settings))
+    except ConfigError as exc:
+        found.append(_located(settings, exc, "smtpd_milters"))
+        return None, found
+    if compiled is None:
+        return None, found
+    return dataclasses.replace(compiled, milters=milters), found
 
 
 def server_tls_context(settings: Settings, config: ServiceConfig) -> ssl.SSLContext | None:

@@ -30,6 +30,7 @@ from smtpgate.errors import ConfigError
 from smtpgate.generation import Generation
 from smtpgate.logs import MailLog, route_python_logging
 from smtpgate.metrics import HealthEndpoint, ServerMetrics
+from smtpgate.shared_state import SharedAnvil, shared_anvil
 from smtpgate.smtpd import GateProtocol, Shared
 
 DRAIN_TIMEOUT = 30.0
@@ -260,13 +261,20 @@ class Server:
     ) -> None:
         """Serve ``generation`` (see :mod:`smtpgate.generation`); ``anvil``: the counters
         shared with the other workers (a ``RemoteAnvil`` on the supervisor's
-        ``AnvilService``); by default this process's own.  ``metrics``: what this
+        ``AnvilService``); by default this process's own.  With smtpgate_shared_state the
+        per-client counters go to Redis, ``anvil`` keeps the rest and stands in for Redis
+        while it does not answer (``smtpgate.shared_state``).  ``metrics``: what this
         worker counts for Prometheus (None: nothing)."""
         self.maillog = maillog
+        local = anvil if anvil is not None else LocalAnvil()
+        config = generation.config
+        self.shared_anvil: SharedAnvil | None = None
+        if config.shared_state:
+            self.shared_anvil = shared_anvil(config.shared_state, local, config.shared_state_lease)
         self.shared = Shared(
             generation=generation,
             maillog=maillog,
-            anvil=anvil if anvil is not None else LocalAnvil(),
+            anvil=self.shared_anvil or local,
         )
         self.metrics = metrics
         self.endpoint: HealthEndpoint | None = None
@@ -318,6 +326,8 @@ class Server:
                     bound.close()
                 raise ListenError(address, exc) from None
             self.servers.append(server)
+        if self.shared_anvil is not None:
+            self.shared_anvil.start()
         names = ", ".join(f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in self.sockets)
         self.maillog.info(f"smtpgate listening on {names} (event loop: {event_loop_name()})")
         if self.metrics is not None:
@@ -459,6 +469,8 @@ class Server:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
         await self.shared.relay.close()
+        if self.shared_anvil is not None:
+            await self.shared_anvil.close()
         policy_client = self.shared.generation.policy_client
         if policy_client is not None:
             await policy_client.close()

@@ -42,6 +42,7 @@ from smtpgate.errors import FilterDestinationError
 from smtpgate.facts import ClientFacts
 from smtpgate.generation import Generation
 from smtpgate.logs import MailLog, new_queue_id
+from smtpgate.milter import Milters
 from smtpgate.policy.model import ClientInfo, TlsInfo
 from smtpgate.policy.plan import Plan
 from smtpgate.policy.ports import Resolver
@@ -102,6 +103,10 @@ class Shared:
     @property
     def tls_context(self) -> ssl.SSLContext | None:
         return self.generation.tls_context
+
+    @property
+    def milters(self) -> Milters:
+        return self.generation.milters
 
 
 class RelayBackend:
@@ -174,6 +179,7 @@ class GateProtocol(asyncio.Protocol):
             port=peer.port,
             service=_service(transport),
             server=_server(transport),
+            milters=shared.milters.session(shared.maillog) if shared.milters else None,
             resolver=shared.resolver,
             starttls=shared.tls_context is not None,
             queue_ids=new_queue_id,

@@ -562,6 +562,10 @@ def serve(config: str, overrides: Sequence[str], generation: Generation, maillog
     user = service.user
     unprivileged_user(user)  # a user that cannot be used stops serve here, not each worker
     preload_modules()  # the workers would import these on first use, after the drop
+    if service.shared_state:
+        from smtpgate.shared_state import preload
+
+        preload()
     socket_sets = bind_listeners(service.listen, copies=service.workers)
     metrics_socket: socket.socket | None = None
     metrics: SupervisorMetrics | None = None

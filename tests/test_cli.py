@@ -74,10 +74,10 @@ def test_explain_and_query_need_no_relayhost():
 def test_unsupported_parameter_stops_check_serve_and_explain(tmp_path: Path):
     config = tmp_path / "main.cf"
     config.write_text(
-        "relayhost = [127.0.0.1]:2526\nsmtpd_milters = inet:127.0.0.1:11332\n"
-        "non_smtpd_milters = $smtpd_milters\n"
+        "relayhost = [127.0.0.1]:2526\nsmtpd_milter_maps = cidr:/etc/postfix/milter_map\n"
+        "mine = $smtpd_milter_maps\n"
     )
-    line = f"smtpgate: {config}, line 2: error: not supported yet: smtpd_milters = "
+    line = f"smtpgate: {config}, line 2: error: not supported yet: smtpd_milter_maps = "
     for args in (
         ["check"],
         ["serve", "-o", "listen=127.0.0.1:0"],

@@ -10,13 +10,15 @@ parameter reference in the docs is generated from it.
 in neither table is an "unknown parameter"; one that is only in the second is "known to
 Postfix but not supported by smtpgate", in one of two classes (:func:`classify`):
 
-- ``not_yet``: it changes what mail is accepted or how it is screened (milters, policy
-  services, SASL, address verification, postscreen, content checks, virtual domains, ...)
+- ``not_yet``: it changes what mail is accepted or how it is screened (per-client milters,
+  policy services, SASL, address verification, postscreen, content checks, virtual domains, ...)
   and smtpgate does not implement it yet. Set to anything but Postfix's default, it is an
   error: ignoring it would let mail through that the admin's Postfix refused or scanned.
   :data:`NOT_SUPPORTED_YET` maps each such name to the feature it belongs to.
 - ``ignored``: it changes nothing a front end does (queue, delivery, local, tuning of a
-  feature that the enabling parameter already refuses, such as ``milter_*``): a warning.
+  feature that the enabling parameter already refuses, such as
+  ``smtpd_policy_service_*``; ``non_smtpd_milters``, which applies to mail that Postfix
+  receives other than by SMTP and smtpgate never does): a warning.
 """
 
 from __future__ import annotations
@@ -103,6 +105,15 @@ _DIFFERENCES = {
         "A worker serves many sessions at once and may hold several connections to one "
         "service (one per request in flight, at most 100); each is closed when unused "
         "this long."
+    ),
+    "smtpd_milters": (
+        "A relative unix: path is relative to the configuration's folder (Postfix: to the "
+        "queue directory, where smtpd runs chrooted). A bad endpoint, default_action or "
+        "protocol is an error at load (Postfix: a warning and 451 4.3.5 in each session)."
+    ),
+    "milter_default_action": (
+        "An unknown action is an error at load (Postfix: a warning and 451 4.3.5 in each "
+        "session that needs it)."
     ),
     "smtp_connect_timeout": (
         "In smtpgate it bounds the TCP connection to the backend MTA and its greeting "
@@ -569,6 +580,25 @@ _SPECS = [
         "smtpgate only (Postfix: the smtpd process limit in master.cf).",
     ),
     ParamSpec(
+        "smtpgate_shared_state",
+        "",
+        "str",
+        "Share the per-client connection counts and rates (smtpd_client_connection_count_limit "
+        "and the smtpd_client_*_rate_limit counters) with every smtpgate instance that names "
+        "the same Redis: redis://host:port/db, or rediss:// for TLS, with user:password@ "
+        "when Redis wants them. Empty: each instance counts alone (its workers together). "
+        "When Redis does not answer, each instance counts alone until it does.",
+        "smtpgate only (Postfix's anvil counts for one machine).",
+    ),
+    ParamSpec(
+        "smtpgate_shared_state_lease",
+        "30s",
+        "time",
+        "How long a connection counted in smtpgate_shared_state keeps counting when its "
+        "instance stops renewing it (crashed, or cut off from Redis); renewed every third.",
+        "smtpgate only.",
+    ),
+    ParamSpec(
         "smtpgate_greet_pause",
         "0s",
         "time",
@@ -854,6 +884,97 @@ _SPECS = [
         "SIGHUP and SIGTERM reach every worker. 1: a single process, no workers.",
         "smtpgate only (Postfix: the smtpd process limit in master.cf).",
     ),
+    _p(
+        "smtpd_milters",
+        "",
+        "list",
+        "Milters (Sendmail mail filters) every SMTP session talks to, in order: "
+        "inet:host:port, unix:/path, or { endpoint, name=value ... } with per-milter "
+        "connect_timeout, command_timeout, content_timeout, default_action, protocol.",
+    ),
+    _p(
+        "milter_default_action",
+        "tempfail",
+        "str",
+        "What a milter that is down, slow or garbled means: accept, reject, tempfail "
+        "or quarantine.",
+    ),
+    _p("milter_connect_timeout", "30s", "time", "How long connecting to a milter may take."),
+    _p(
+        "milter_command_timeout",
+        "30s",
+        "time",
+        "How long a milter may take to answer a connection or envelope event.",
+    ),
+    _p(
+        "milter_content_timeout",
+        "300s",
+        "time",
+        "How long a milter may take to answer a message header, body or end of message "
+        "event (SMFIR_PROGRESS restarts the wait).",
+    ),
+    _p(
+        "milter_protocol",
+        "6",
+        "str",
+        "The milter protocol version offered (2, 3, 4 or 6; optionally no_header_reply).",
+    ),
+    _p(
+        "milter_connect_macros",
+        "j {daemon_name} {daemon_addr} v _",
+        "list",
+        "Macros sent to milters with the connection.",
+    ),
+    _p(
+        "milter_helo_macros",
+        "{tls_version} {cipher} {cipher_bits} {cert_subject} {cert_issuer}",
+        "list",
+        "Macros sent to milters with HELO/EHLO.",
+    ),
+    _p(
+        "milter_mail_macros",
+        "i {auth_type} {auth_authen} {auth_author} {mail_addr} {mail_host} {mail_mailer}",
+        "list",
+        "Macros sent to milters with MAIL FROM.",
+    ),
+    _p(
+        "milter_rcpt_macros",
+        "i {rcpt_addr} {rcpt_host} {rcpt_mailer}",
+        "list",
+        "Macros sent to milters with RCPT TO.",
+    ),
+    _p("milter_data_macros", "i", "list", "Macros sent to milters with DATA."),
+    _p(
+        "milter_end_of_header_macros",
+        "i",
+        "list",
+        "Macros sent to milters with each header and the end of the headers.",
+    ),
+    _p(
+        "milter_end_of_data_macros",
+        "i",
+        "list",
+        "Macros sent to milters with the body and the end of the message.",
+    ),
+    _p(
+        "milter_unknown_command_macros",
+        "",
+        "list",
+        "Macros sent to milters with an unknown SMTP command.",
+    ),
+    _p(
+        "milter_macro_defaults",
+        "",
+        "str",
+        "Macro values (name=value) sent when the session has none for that macro.",
+    ),
+    _p(
+        "milter_macro_daemon_name",
+        "$myhostname",
+        "str",
+        "The value of the {daemon_name} macro.",
+    ),
+    _p("milter_macro_v", "$mail_name $mail_version", "str", "The value of the v macro."),
     ParamSpec(
         "smtpgate_user",
         "smtpgate",
@@ -918,12 +1039,13 @@ POSTFIX_DEFAULTS: Mapping[str, str] = MappingProxyType(_load_postfix_defaults())
 
 # Features smtpgate does not implement yet, with the Postfix parameters that switch them on
 # or change what they accept. A name ending in "*" stands for every Postfix parameter with
-# that prefix. Parameters that only tune a feature whose switch is listed here (milter_*,
-# smtpd_sasl_* besides smtpd_sasl_auth_enable) stay warnings: the switch already fails.
+# that prefix. Parameters that only tune a feature whose switch is listed here
+# (smtpd_sasl_* besides smtpd_sasl_auth_enable) stay warnings: the switch already fails.
 # Restrictions of these features (reject_unverified_*, ...) are refused by the restriction
 # registry.
 NOT_YET_FEATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("milters", ("smtpd_milters", "smtpd_milter_maps")),
+    ("per-client milters", ("smtpd_milter_maps",)),
+    ("milter header checks", ("milter_header_checks",)),
     ("before-queue content filter", ("smtpd_proxy_filter",)),
     ("after-queue content filter", ("content_filter",)),
     ("PROXY protocol", ("smtpd_upstream_proxy_protocol",)),

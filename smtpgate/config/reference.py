@@ -30,7 +30,8 @@ parameter not listed here gets a diagnostic naming file and line:
   Postfix's default, because running without it would let mail through that Postfix
   refused or scanned;
 - known to Postfix and changing nothing a front end does (queue, delivery, local
-  delivery, tuning of a feature that is itself refused, such as `milter_*`): a warning.
+  delivery, tuning of a feature that is itself refused, such as
+  `smtpd_policy_service_*`, or `non_smtpd_milters`, which never applies to SMTP): a warning.
 
 Names listed in `smtpd_restriction_classes`, and names used only through `$name`, are
 yours to define.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -132,6 +133,52 @@ def parse_workers(text: str) -> int:
     )
 
 
+SHARED_STATE_SCHEMES = ("redis", "rediss")
+MIN_LEASE = 3.0
+
+
+def parse_shared_state(text: str) -> str:
+    """``smtpgate_shared_state``: empty, or ``redis[s]://[user:password@]host[:port][/db]``.
+
+    Only the form is checked here (the config layer does no network I/O); the URL is
+    returned as written."""
+    url = text.strip()
+    if not url:
+        return ""
+    example = "use redis://host:port/db, e.g. redis://127.0.0.1:6379/0"
+    parts = urllib.parse.urlsplit(url)
+    text = _without_password(url, parts)  # what the messages show
+    if parts.scheme.lower() not in SHARED_STATE_SCHEMES:
+        raise ConfigError(f"smtpgate_shared_state = {text}: not a redis:// URL: {example}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"smtpgate_shared_state = {text}: bad port: {example}") from None
+    if not parts.hostname:
+        raise ConfigError(f"smtpgate_shared_state = {text}: no host: {example}")
+    if port == 0:
+        raise ConfigError(f"smtpgate_shared_state = {text}: bad port: {example}")
+    db = parts.path.strip("/")
+    if db and not (db.isdigit() and int(db) < 2**31):
+        raise ConfigError(
+            f"smtpgate_shared_state = {text}: the database is a number (/0, /1, ...): {example}"
+        )
+    if parts.query or parts.fragment:
+        raise ConfigError(
+            f"smtpgate_shared_state = {text}: no ?options or #fragment here: {example}"
+        )
+    return url
+
+
+def _without_password(url: str, parts: urllib.parse.SplitResult) -> str:
+    """``url`` with the password (if any) replaced by ``***``."""
+    user, at, host = parts.netloc.rpartition("@")
+    if not at or ":" not in user:
+        return url
+    name = user.partition(":")[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{name}:***@{host}"))
+
+
 def _default_forbidden() -> Forbidden:
     return Forbidden(FORBIDDEN_VERBS)
 
@@ -203,6 +250,9 @@ class ServiceConfig:
     metrics_directory: str = ""
     """smtpgate_metrics_directory; empty: a private temporary folder."""
     readyz_backend_age: float = 60.0
+    shared_state: str = ""
+    """smtpgate_shared_state, checked (redis:// or rediss://); empty: counted here alone."""
+    shared_state_lease: float = 30.0
 
     @property
     def tls_offered(self) -> bool:
@@ -327,6 +377,16 @@ def service_config(settings: Settings) -> tuple[ServiceConfig | None, list[Diagn
         None,
     )
     workers = r.opened("smtpgate_workers", lambda: parse_workers(r.text("smtpgate_workers")), 1)
+    shared_state = r.opened(
+        "smtpgate_shared_state", lambda: parse_shared_state(r.text("smtpgate_shared_state")), ""
+    )
+    lease = r.seconds("smtpgate_shared_state_lease")
+    if shared_state and lease < MIN_LEASE:
+        r.error(
+            "smtpgate_shared_state_lease",
+            f"smtpgate_shared_state_lease = {r.text('smtpgate_shared_state_lease')}: "
+            f"at least {MIN_LEASE:g}s (it is renewed every third of it)",
+        )
     tls_level = r.text("smtpd_tls_security_level").strip().lower()
     tls_cert = r.text("smtpd_tls_cert_file")
     if tls_level in ("may", "encrypt") and not tls_cert:
@@ -384,6 +444,8 @@ def service_config(settings: Settings) -> tuple[ServiceConfig | None, list[Diagn
         metrics_listen=metrics_listen,
         metrics_directory=r.text("smtpgate_metrics_directory").strip(),
         readyz_backend_age=r.seconds("smtpgate_readyz_backend_age"),
+        shared_state=shared_state,
+        shared_state_lease=lease,
     )
     if any(d.severity == "error" for d in r.diagnostics):
         return None, r.diagnostics

@@ -36,6 +36,7 @@ what ``explain`` prints is what ``serve`` does.  The rules, in the order they ap
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import time
@@ -406,6 +407,10 @@ class SmtpMachine:
         (Postfix's vsmtpd_chat_reply()); a disconnecting reply closes the connection."""
         if self.closing:
             return
+        if reply.code >= 500 and self.plan.soft_bounce:
+            # smtpd_chat_reply(): every 5xx the client gets is a 4xx (log lines keep 5xx)
+            dsn = "4" + reply.dsn[1:] if reply.dsn.startswith("5") else reply.dsn
+            reply = dataclasses.replace(reply, code=reply.code - 100, dsn=dsn)
         if self.observer is not None:
             self.observer.reply(reply)
         out = self._out
@@ -582,7 +587,9 @@ class SmtpMachine:
         assert self.milters is not None
         saved, self.where = self.where, "END-OF-MESSAGE"
         try:
-            outcome = await self.milters.message(self.macros, message)
+            assert self.policy is not None
+            hidden = len(self.policy.state.prepend) + 1  # and smtpgate's Received:
+            outcome = await self.milters.message(self.macros, message, hidden_headers=hidden)
             txn.milters_open = False  # the milters are done with this message
             last = txn.recipients[-1:]
             reply = self._milter_verdict(outcome.verdict, recipients=last, cleanup=True)
@@ -630,6 +637,15 @@ class SmtpMachine:
         if reply.code // 100 == 5:
             self.error_count += 1
             return Reply(554, "", f"{hostname} ESMTP not accepting connections")
+        return None
+
+    async def _milter_other(self) -> Reply | None:
+        """VRFY, ETRN, STARTTLS: the milters' standing refusal, if any (milter_other_event)."""
+        if self.milters is None:
+            return None
+        verdict = self.milters.other()
+        if verdict.code is not None and verdict.code // 100 in (4, 5):
+            return Reply(verdict.code, verdict.enhanced or "", verdict.text or "")
         return None
 
     async def _milter_unknown(self, raw: bytes) -> Reply | None:
@@ -948,6 +964,10 @@ class SmtpMachine:
         decision = await self.policy.rcpt(address)
         self._note(decision)
         if decision.reply is not None:
+            if self._milters_listen():
+                assert self.milters is not None
+                text = " ".join(decision.reply.lines())
+                await self.milters.rcpt(self.macros, address, params, rejected=text)
             return self._fail(decision.reply)
         if self._milters_listen():
             assert self.milters is not None
@@ -1378,6 +1398,9 @@ class SmtpMachine:
             return self._fail(s.syntax("VRFY address [SMTPUTF8]"))
         if await self._rate_exceeded("rcpt"):
             return False
+        refused = await self._milter_other()
+        if refused is not None:
+            return self._fail(refused)
         words = [t.text for t in args]
         if len(words) > 1 and words[-1].upper() == "SMTPUTF8":
             words.pop()
@@ -1402,6 +1425,9 @@ class SmtpMachine:
         assert self.policy is not None
         if self.policy.state.helo_name is None and self.plan.helo_required:
             return self._fail(Reply(503, "", "Error: send HELO/EHLO first"))
+        refused = await self._milter_other()
+        if refused is not None:
+            return self._fail(refused)
         if self.txn is not None:
             return self._fail(Reply(503, "", "Error: MAIL transaction in progress"))
         if len(args) != 1:
@@ -1437,6 +1463,11 @@ class SmtpMachine:
             return self._fail(s.syntax("STARTTLS"))
         if not self.starttls_offered:
             return self._fail(s.NOT_IMPLEMENTED)
+        refused = await self._milter_other()
+        if refused is not None:  # Sendmail's rule: a 4xx becomes 454
+            return self._fail(
+                refused if refused.code // 100 == 5 else Reply(454, "4.3.0", "Try again later")
+            )
         if self.tls_active:
             return self._fail(s.TLS_ACTIVE)
         await self._end_transaction()
@@ -1444,6 +1475,8 @@ class SmtpMachine:
         # Plaintext sent behind STARTTLS is dropped, never read as commands over TLS
         # (CVE-2011-0411, the command injection).
         self._in.clear()
+        if self.milters is not None:
+            await self.milters.reset_helo()
         self._out += (FLUSH, START_TLS)
         self._stop = True
         return True

@@ -362,14 +362,31 @@ class Milters(Protocol):
     ) -> MilterVerdict: ...
 
     async def rcpt(
-        self, macros: Mapping[str, str], recipient: str, params: Sequence[str]
-    ) -> MilterVerdict: ...
+        self,
+        macros: Mapping[str, str],
+        recipient: str,
+        params: Sequence[str],
+        *,
+        rejected: str | None = None,
+    ) -> MilterVerdict:
+        """``rejected``: the restrictions refused it with this reply (only milters that
+        asked for rejected recipients hear of it; their answer changes nothing)."""
 
     async def data(self, macros: Mapping[str, str]) -> MilterVerdict: ...
 
     async def unknown(self, macros: Mapping[str, str], command: str) -> MilterVerdict: ...
 
-    async def message(self, macros: Mapping[str, str], content: bytes) -> MilterMessage: ...
+    async def message(
+        self, macros: Mapping[str, str], content: bytes, *, hidden_headers: int = 0
+    ) -> MilterMessage:
+        """The first ``hidden_headers`` headers are smtpgate's own (PREPEND, Received):
+        Postfix does not show its own to milters."""
+
+    def other(self) -> MilterVerdict:
+        """The standing reply for VRFY, ETRN and STARTTLS (a connect-stage refusal)."""
+
+    async def reset_helo(self) -> None:
+        """STARTTLS: the HELO the milters heard is forgotten."""
 
     async def abort(self) -> None: ...
 

@@ -284,7 +284,8 @@ def test_bad_reply_code_is_an_error_diagnostic() -> None:
 @pytest.mark.parametrize(
     "line",
     [
-        "smtpd_milters = inet:127.0.0.1:11332",
+        "smtpd_milter_maps = cidr:/etc/postfix/smtpd_milter_map",
+        "milter_header_checks = pcre:/etc/postfix/milter_header_checks",
         "smtpd_sasl_auth_enable = yes",
         "smtpd_upstream_proxy_protocol = haproxy",
         "smtpd_proxy_filter = 127.0.0.1:10025",
@@ -306,7 +307,7 @@ def test_parameters_that_change_what_is_accepted_are_errors(line: str) -> None:
 @pytest.mark.parametrize(
     "text",
     [
-        "smtpd_milters =\n",
+        "smtpd_milter_maps =\n",
         "smtpd_sasl_auth_enable = No\n",
         "postscreen_greet_banner = $smtpd_banner\n",
         "postscreen_greet_wait = ${stress?{2}:{6}}s\n",
@@ -318,21 +319,28 @@ def test_postfix_defaults_of_unsupported_parameters_are_fine(text: str) -> None:
     assert [m for m in messages(text) if "error" in m] == []
 
 
-def test_a_referenced_milter_is_still_an_error() -> None:
-    # Debian/rspamd set-ups write non_smtpd_milters = $smtpd_milters: the reference must
-    # not hide the line that is not supported (it only silences the "unused" warning).
+def test_a_referenced_unsupported_parameter_is_still_an_error() -> None:
+    # A reference must not hide the line that is not supported (it only silences the
+    # "unused" warning).
+    found = messages(
+        "milter_header_checks = pcre:/etc/postfix/mhc\nmine = $milter_header_checks\n"
+        "smtpd_milters = inet:127.0.0.1:11332, $mine\n"
+    )
+    assert [m.split(": ")[0:2] for m in found] == [["main.cf, line 1", "error"]]
+
+
+def test_non_smtpd_milters_is_a_warning() -> None:
+    # Debian/rspamd set-ups write non_smtpd_milters = $smtpd_milters: smtpgate receives
+    # mail by SMTP only, so it applies to nothing here.
     found = messages("smtpd_milters = inet:127.0.0.1:11332\nnon_smtpd_milters = $smtpd_milters\n")
-    assert [m.split(": ")[0:2] for m in found] == [
-        ["main.cf, line 1", "error"],
-        ["main.cf, line 2", "warning"],
-    ]
+    assert [m.split(": ")[0:2] for m in found] == [["main.cf, line 2", "warning"]]
 
 
 def test_tuning_parameters_of_a_refused_feature_stay_warnings() -> None:
-    (message,) = messages("milter_default_action = accept\n")
+    (message,) = messages("smtpd_sasl_security_options = noanonymous\n")
     assert message == (
         "main.cf, line 1: warning: parameter known to Postfix but not supported by smtpgate "
-        "(ignored): milter_default_action = accept"
+        "(ignored): smtpd_sasl_security_options = noanonymous"
     )
 
 
@@ -340,7 +348,8 @@ def test_the_classification_covers_every_postfix_name_once() -> None:
     from smtpgate.config.params import classify
 
     assert classify("relayhost") == "supported"
-    assert classify("smtpd_milters") == "not_yet"
+    assert classify("smtpd_milters") == "supported"
+    assert classify("smtpd_milter_maps") == "not_yet"
     assert classify("queue_directory") == "ignored"
     assert classify("relayhsot") == "unknown"
     assert not set(NOT_SUPPORTED_YET) & set(PARAMETERS)

@@ -1,4 +1,4 @@
-"""The examples of docs/filters-policy.md, for the tests that run them against the real
+"""The examples of docs/filters.md, for the tests that run them against the real
 daemons: a ```main.cf block is found by its first line (``# postgrey``), an untagged
 block by a word it holds."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-DOC = Path(__file__).parents[2] / "docs" / "filters-policy.md"
+DOC = Path(__file__).parents[2] / "docs" / "filters.md"
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```$", re.M | re.S)
 
 

@@ -1,4 +1,4 @@
-"""docs/filters-policy.md's examples, run: each main.cf of the document through a deployed
+"""docs/filters.md's examples, run: each main.cf of the document through a deployed
 `smtpgate serve` (two workers, privileges dropped when run as root) in front of a real
 aiosmtpd backend, with the real policy daemon from Debian on loopback -- postgrey
 greylists, postfwd rejects by a rule, policyd-spf rejects a ``-all`` sender and

@@ -1284,6 +1284,27 @@ ACCESS_ACTIONS = [
 ]
 
 
+#: soft_bounce = yes: smtpd_chat_reply() turns every 5xx the client gets into a 4xx, the
+#: syntax and sequence errors too (the log lines of restrictions keep what they say).
+SOFT_BOUNCE_CF = SessionConfig("soft_bounce", "soft_bounce = yes\n")
+SOFT_BOUNCE = [
+    s(
+        "soft-bounce/every-5xx",
+        EHLO,
+        "FOO",
+        "MAIL FROM:<a b@x>",
+        MAIL,
+        "RCPT TO:<x@elsewhere.example>",
+        "DATA",
+        "VRFY",
+        "QUIT",
+        config=SOFT_BOUNCE_CF,
+        logs=True,
+        note="400 4.5.2 Error: command not recognized, 454 4.5.1 Error: no valid recipients",
+    ),
+]
+
+
 SCRIPTS: list[Script] = [
     *HELLO,
     *MAIL_FORMS,
@@ -1296,6 +1317,7 @@ SCRIPTS: list[Script] = [
     *SEED,
     *DELAY_REJECT_NO,
     *ETRN,
+    *SOFT_BOUNCE,
     *BARE_NEWLINE,
     *UNAUTH_PIPELINING,
     *LOG_FORMS,

@@ -112,10 +112,18 @@ class DeployedGate(Gate):
         super().__init__("127.0.0.1", port)
         self.proc = proc
         self.maillog = maillog
+        self.crashed = False
 
     @property
     def log(self) -> str:
         return self.maillog.read_text() if self.maillog.exists() else ""
+
+    async def crash(self) -> None:
+        """SIGKILL the supervisor and its workers at once (a machine that dies); the
+        fixture then does not stop it."""
+        self.crashed = True
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        await self.proc.wait()
 
 
 class InProcessGate(Gate):
@@ -280,6 +288,8 @@ async def _deployed_gate(
             yield gate
         finally:
             await gate.close_clients()
+        if gate.crashed:
+            return
         proc.send_signal(signal.SIGTERM)
         try:
             status = await asyncio.wait_for(proc.wait(), STOP_DEADLINE)

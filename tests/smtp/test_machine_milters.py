@@ -56,6 +56,7 @@ class FakeMilters:
         self.calls: list[tuple[str, object]] = []
         self.macros_seen: dict[str, dict[str, str]] = {}
         self.message_in: bytes | None = None
+        self.hidden_headers = -1
 
     def _verdict(self, stage: str, macros: Mapping[str, str], arg: object = None) -> Verdict:
         self.calls.append((stage, arg))
@@ -75,7 +76,10 @@ class FakeMilters:
     async def mail(self, macros, sender, params):  # type: ignore[no-untyped-def]
         return self._verdict("mail", macros, sender)
 
-    async def rcpt(self, macros, recipient, params):  # type: ignore[no-untyped-def]
+    async def rcpt(self, macros, recipient, params, *, rejected=None):  # type: ignore[no-untyped-def]
+        if rejected is not None:
+            self.calls.append(("rcpt-rejected", (recipient, rejected)))
+            return Verdict()
         return self._verdict("rcpt", macros, recipient)
 
     async def data(self, macros):  # type: ignore[no-untyped-def]
@@ -84,8 +88,9 @@ class FakeMilters:
     async def unknown(self, macros, command):  # type: ignore[no-untyped-def]
         return self._verdict("unknown", macros, command)
 
-    async def message(self, macros, content):  # type: ignore[no-untyped-def]
+    async def message(self, macros, content, *, hidden_headers=0):  # type: ignore[no-untyped-def]
         self.message_in = content
+        self.hidden_headers = hidden_headers
         self.calls.append(("message", None))
         self.macros_seen["message"] = dict(macros)
         outcome = self.script.get("message", Outcome())
@@ -93,6 +98,12 @@ class FakeMilters:
         if outcome.content is None:
             outcome.content = content
         return outcome
+
+    def other(self) -> Verdict:
+        return self._verdict("other", {})
+
+    async def reset_helo(self) -> None:
+        self.calls.append(("reset_helo", None))
 
     async def abort(self) -> None:
         self.calls.append(("abort", None))
@@ -271,6 +282,7 @@ async def test_end_of_message_reject_relays_nothing(tmp_path: Path):
     assert milters.message_in is not None
     assert milters.message_in.startswith(b"Received: from c.example (unknown [192.0.2.1])")
     assert milters.message_in.endswith(b"Subject: x\r\n\r\nhi\r\n")
+    assert milters.hidden_headers == 1  # smtpgate's Received:, hidden as Postfix hides its own
     assert "abort" not in milters.stages()[milters.stages().index("message") :]
 
 
@@ -350,3 +362,21 @@ async def test_macros_as_postfix_gives_them(tmp_path: Path):
     assert milters.macros_seen["message"]["i"] == "QID"
     await s.machine.close()
     assert milters.stages()[-1] == "close"
+
+
+async def test_vrfy_and_etrn_get_the_standing_refusal(tmp_path: Path):
+    s = await session(tmp_path, FakeMilters({"other": TEMPFAIL}), RecordingBackend())
+    await s.send("EHLO c.example")
+    assert await s.send("VRFY x@bar.org") == ["451 4.7.1 Service unavailable - try again later"]
+    assert await s.send("ETRN bar.org") == ["451 4.7.1 Service unavailable - try again later"]
+
+
+async def test_a_rejected_recipient_is_told_to_the_milters(tmp_path: Path):
+    milters = FakeMilters()
+    s = await session(tmp_path, milters, RecordingBackend())
+    await s.send("EHLO c.example")
+    await s.send("MAIL FROM:<s@example.net>")
+    refusal = "454 4.7.1 <x@elsewhere.example>: Relay access denied"
+    assert await s.send("RCPT TO:<x@elsewhere.example>") == [refusal]
+    [(_, (rcpt, text))] = [c for c in milters.calls if c[0] == "rcpt-rejected"]
+    assert rcpt == "x@elsewhere.example" and text == refusal
