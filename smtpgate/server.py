@@ -283,6 +283,7 @@ class Server:
             self.shared.metrics = generation.relay.metrics = metrics
             if generation.policy_client is not None:
                 generation.policy_client.metrics = metrics
+            generation.milters.metrics = metrics
         self.retiring = False
         self.on_closed: Callable[[], None] | None = None
         """Called once the listeners are closed (a worker tells its supervisor)."""

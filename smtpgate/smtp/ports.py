@@ -184,10 +184,8 @@ class Metrics(Protocol):
         """What the milters together decided at ``where``."""
 
     def milter_reply(self, milter: str, event: str, seconds: float) -> None:
-        """One milter answered one event.  For the milter client (smtpgate/milter/, not
-        called yet): time ``milter.event(...)`` in ``MilterSession._one`` and report it
-        with the milter's name and the event's stage; the server sets the metrics on the
-        generation's milter factory as it does on the relay and the policy client."""
+        """One milter answered one event (connect, helo, mail, rcpt, data, unknown,
+        eom: the whole message) after ``seconds``."""
 
     def policy_reply(self, service: str, action: str, seconds: float) -> None:
         """A policy server answered (``action`` its first word) or did not (``error``)."""
