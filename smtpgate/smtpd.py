@@ -52,10 +52,12 @@ from smtpgate.smtp.machine import SmtpMachine
 from smtpgate.smtp.ports import (
     CLOSE,
     FLUSH,
+    NO_METRICS,
     START_TLS,
     BackendTransaction,
     Effect,
     FixedTransaction,
+    Metrics,
 )
 
 log = logging.getLogger("smtpgate.smtpd")
@@ -79,6 +81,8 @@ class Shared:
     """Connection counts and event rates per client address, and the message bytes held
     in memory (smtpgate_data_memory_limit), for the whole server: every worker asks the
     same anvil."""
+    metrics: Metrics = NO_METRICS
+    """What the sessions count for Prometheus (smtpgate_metrics_listen)."""
 
     @property
     def plan(self) -> Plan:
@@ -179,6 +183,7 @@ class GateProtocol(asyncio.Protocol):
             resolver=shared.resolver,
             starttls=shared.tls_context is not None,
             queue_ids=new_queue_id,
+            metrics=shared.metrics,
         )
         shared.sessions.add(self)
         self.task = asyncio.get_running_loop().create_task(self._run())
