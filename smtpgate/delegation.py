@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 from smtpgate.config.policyconf import PolicyService
 from smtpgate.policy.ports import PolicyAnswer
+from smtpgate.smtp.ports import NO_METRICS, Metrics
 
 MAX_CONNECTIONS = 100
 """Connections one worker holds to one policy service at most (Postfix: one per smtpd
@@ -291,6 +292,8 @@ class DelegationClient:
         self._pid = os.getpid()
         self._closed = False
         self._sleep = sleep or asyncio.sleep
+        self.metrics: Metrics = NO_METRICS
+        """Told each answer's action and how long it took (set in a worker)."""
 
     def _pool(self, service: PolicyService) -> _Pool:
         if self._pid != os.getpid():
@@ -315,6 +318,7 @@ class DelegationClient:
         where = service.address
         warnings: list[str] = []
         tries = 0
+        start = time.monotonic()
         async with pool.slots:
             while True:
                 try:
@@ -323,12 +327,15 @@ class DelegationClient:
                     warnings.extend(failed.warnings)
                     code = failed.code
                 else:
+                    verb = action.split(None, 1)[0].upper() if action.strip() else "(empty)"
+                    self.metrics.policy_reply(service.name, verb, time.monotonic() - start)
                     return PolicyAnswer(action, tuple(warnings))
                 tries += 1
                 last = tries >= service.try_limit
                 if last or code not in _QUIET:
                     warnings.append(f"problem talking to server {where}: {_strerror(code)}")
                 if last or self._closed:
+                    self.metrics.policy_reply(service.name, "error", time.monotonic() - start)
                     return PolicyAnswer(None, tuple(warnings))
                 await self._sleep(service.retry_delay)  # type: ignore[misc]
 

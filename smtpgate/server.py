@@ -22,6 +22,7 @@ import signal
 import socket
 import struct
 import tempfile
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -30,6 +31,7 @@ from smtpgate.config.service import ListenAddress
 from smtpgate.errors import ConfigError
 from smtpgate.generation import Generation
 from smtpgate.logs import MailLog, route_python_logging
+from smtpgate.metrics import HealthEndpoint, ServerMetrics
 from smtpgate.shared_state import SharedAnvil, shared_anvil
 from smtpgate.smtpd import GateProtocol, Shared
 
@@ -281,6 +283,7 @@ class Server:
         *,
         anvil: AnvilClient | None = None,
         spool_directory: str | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         """Serve ``generation`` (see :mod:`smtpgate.generation`); ``anvil``: the counters
         shared with the other workers (a ``RemoteAnvil`` on the supervisor's
@@ -288,7 +291,8 @@ class Server:
         per-client counters go to Redis, ``anvil`` keeps the rest and stands in for Redis
         while it does not answer (``smtpgate.shared_state``).  ``spool_directory``: where
         messages are spooled when smtpgate_spool_directory is empty (the supervisor's
-        private directory); without it the server makes its own and removes it at stop."""
+        private directory); without it the server makes its own and removes it at stop.
+        ``metrics``: what this worker counts for Prometheus (None: nothing)."""
         self.maillog = maillog
         self._own_spool: str | None = None
         if spool_directory is None:
@@ -304,6 +308,14 @@ class Server:
             anvil=self.shared_anvil or local,
             spool_directory=spool_directory,
         )
+        self.metrics = metrics
+        self.endpoint: HealthEndpoint | None = None
+        self._probing = asyncio.Lock()
+        if metrics is not None:
+            self.shared.metrics = generation.relay.metrics = metrics
+            if generation.policy_client is not None:
+                generation.policy_client.metrics = metrics
+            generation.milters.metrics = metrics
         self.retiring = False
         self.on_closed: Callable[[], None] | None = None
         """Called once the listeners are closed (a worker tells its supervisor)."""
@@ -351,9 +363,59 @@ class Server:
             self.shared_anvil.start()
         names = ", ".join(f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in self.sockets)
         self.maillog.info(f"smtpgate listening on {names} (event loop: {event_loop_name()})")
+        if self.metrics is not None:
+            self.metrics.start()
+
+    async def serve_metrics(self, sock: socket.socket) -> None:
+        """Answer /metrics, /healthz and /readyz on ``sock`` (bound by the supervisor)."""
+        assert self.metrics is not None
+        self.endpoint = HealthEndpoint(self.metrics, self.readiness)
+        await self.endpoint.start(sock)
+        host, port = sock.getsockname()[:2]
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.maillog.info(
+            f"metrics and health checks on http://{where}/ (metrics, healthz, readyz)"
+        )
+
+    async def readiness(self) -> tuple[bool, str]:
+        """/readyz: serving a configuration (it is loaded before a worker starts), not
+        stopping, and the backend reachable: it accepted a connection within
+        smtpgate_readyz_backend_age and has not failed since (in any worker), or it
+        accepts one now."""
+        if self.shared.draining or self.retiring:
+            return False, "not ready: stopping"
+        metrics = self.metrics
+        assert metrics is not None
+        age = self.shared.config.readyz_backend_age
+        async with self._probing:  # one probe at a time; the others use its result
+            metrics.flush()
+            ok_at, failed_at = await asyncio.to_thread(metrics.backend_times)
+            since = time.time() - ok_at
+            if ok_at >= failed_at and since <= age:
+                return True, f"ready: the backend answered {since:.0f}s ago"
+            problem = await self.relayhost_problem()
+            metrics.backend_seen(problem is None)
+            metrics.flush()
+        if problem is not None:
+            return False, f"not ready: {problem}"
+        return True, "ready: relayhost accepts connections"
 
     async def probe_relayhost(self) -> None:
-        """Warn (and keep serving) when the backend cannot be reached at start.
+        """Warn (and keep serving) when the backend cannot be reached at start."""
+        relayhost = self.shared.relay.relayhost
+        if relayhost is None:
+            self.maillog.warning("relayhost is empty: every message will be deferred (451)")
+            return
+        problem = await self.relayhost_problem()
+        if self.metrics is not None:
+            self.metrics.backend_seen(problem is None)
+        if problem is not None:
+            self.maillog.warning(
+                f"{problem}: smtpgate keeps serving and answers 451 4.3.0 until the backend is back"
+            )
+
+    async def relayhost_problem(self) -> str | None:
+        """Why relayhost cannot be reached now (a TCP connection), or None when it can.
 
         An unbracketed relayhost is looked up as the relay does (its MX hosts, with the
         configured resolver); one host that answers is enough.
@@ -361,8 +423,7 @@ class Server:
         relay = self.shared.relay
         relayhost = relay.relayhost
         if relayhost is None:
-            self.maillog.warning("relayhost is empty: every message will be deferred (451)")
-            return
+            return "relayhost is empty"
         timeout = min(relay.config.connect_timeout, 5.0)
         why = "no address to connect to"
         try:
@@ -385,11 +446,8 @@ class Server:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
-            return
-        self.maillog.warning(
-            f"relayhost {relayhost} is not reachable now ({why}): "
-            "smtpgate keeps serving and answers 451 4.3.0 until the backend is back"
-        )
+            return None
+        return f"relayhost {relayhost} is not reachable now ({why})"
 
     async def serve_forever(self) -> None:
         await self.stopped.wait()
@@ -406,6 +464,8 @@ class Server:
     def _close_listeners(self) -> None:
         for server in self.servers:
             server.close()
+        if self.endpoint is not None:
+            self.endpoint.close()
         if self.on_closed is not None:
             self.on_closed()
             self.on_closed = None
@@ -450,6 +510,8 @@ class Server:
         if self._own_spool is not None:
             with contextlib.suppress(OSError):
                 shutil.rmtree(self._own_spool)
+        if self.metrics is not None:
+            self.metrics.stop()
         self.maillog.info("stopped")
         self.stopped.set()
 

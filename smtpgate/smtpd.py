@@ -52,10 +52,12 @@ from smtpgate.smtp.machine import SmtpMachine
 from smtpgate.smtp.ports import (
     CLOSE,
     FLUSH,
+    NO_METRICS,
     START_TLS,
     BackendTransaction,
     Effect,
     FixedTransaction,
+    Metrics,
 )
 from smtpgate.smtp.store import MessageStore, open_spool
 
@@ -82,6 +84,8 @@ class Shared:
     same anvil."""
     spool_directory: str = ""
     """The server's own spool directory, used when smtpgate_spool_directory is empty."""
+    metrics: Metrics = NO_METRICS
+    """What the sessions count for Prometheus (smtpgate_metrics_listen)."""
 
     def new_store(self) -> MessageStore:
         """Where one message waits: memory up to smtpgate_message_memory_limit, then an
@@ -191,6 +195,7 @@ class GateProtocol(asyncio.Protocol):
             starttls=shared.tls_context is not None,
             queue_ids=new_queue_id,
             new_store=shared.new_store,
+            metrics=shared.metrics,
         )
         shared.sessions.add(self)
         self.task = asyncio.get_running_loop().create_task(self._run())

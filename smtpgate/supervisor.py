@@ -52,6 +52,7 @@ from smtpgate.config.service import pid_file_of as _pid_file
 from smtpgate.errors import ConfigError
 from smtpgate.generation import Generation, load_generation
 from smtpgate.logs import MailLog
+from smtpgate.metrics import SupervisorMetrics, prepare_directory, remove_directory
 from smtpgate.server import (
     WORKER_SIGNALS,
     Server,
@@ -147,8 +148,13 @@ class Supervisor:
         overrides: Sequence[str] = (),
         control: str | None = None,
         spool: str = "",
+        metrics_socket: socket.socket | None = None,
+        metrics: SupervisorMetrics | None = None,
     ) -> None:
         self.socket_sets = [list(s) for s in socket_sets]
+        self.metrics_socket = metrics_socket
+        """The metrics listener (smtpgate_metrics_listen), served by the worker of slot 0."""
+        self.metrics = metrics
         self.generation = generation
         self.maillog = maillog
         self.user = user
@@ -235,7 +241,16 @@ class Supervisor:
                 self._become_worker(slot)
                 sockets = self.socket_sets[slot]
                 run_worker(
-                    slot, generation, sockets, theirs, anvil, self.user, self.maillog, self.spool
+                    slot,
+                    generation,
+                    sockets,
+                    theirs,
+                    anvil,
+                    self.user,
+                    self.maillog,
+                    self.spool,
+                    metrics=self.metrics is not None,
+                    metrics_socket=self.metrics_socket if slot == 0 else None,
                 )
                 status = 0
             except BaseException as exc:  # the worker must never return to the caller
@@ -271,6 +286,8 @@ class Supervisor:
             if number != slot:  # this child's copies only: the parent keeps its own
                 for sock in slot_sockets:
                     sock.close()
+        if slot != 0 and self.metrics_socket is not None:
+            self.metrics_socket.close()
 
     def _on_status(self, worker: _Worker) -> None:
         try:
@@ -309,6 +326,8 @@ class Supervisor:
             with contextlib.suppress(KeyError, ValueError):
                 self.selector.unregister(worker.status)
             worker.status.close()
+            if self.metrics is not None:
+                self.metrics.worker_gone(pid, died=not (self._stopping or worker.retiring))
             if self._stopping or worker.retiring:
                 continue
             if os.WIFSIGNALED(status):
@@ -411,11 +430,13 @@ class Supervisor:
             errors = sum(1 for d in diagnostics if d.severity == "error")
             why = f"{errors} error(s) in the configuration"
             self.maillog.error(f"reload failed ({why}), keeping the running configuration")
+            if self.metrics is not None:
+                self.metrics.reloaded(None)
             if waiter is not None:
                 _answer(waiter, [*lines, f"failed: {why}; the running configuration is kept"])
             return
-        if generation.config.listen != self.generation.config.listen:
-            warning = "reload: listen changed; restart smtpgate to rebind"
+        for changed in _needs_restart(self.generation, generation):
+            warning = f"reload: {changed} changed; restart smtpgate to rebind"
             self.maillog.warning(warning)
             lines.append(f"diagnostic: warning: {warning}")
         self._reload = _Reload(generation, lines=lines)
@@ -446,6 +467,8 @@ class Supervisor:
                 if late and not all(w.closed for w in old):
                     self.maillog.warning("reload: an old worker is slow to stop accepting")
                 self.generation = pending.generation
+                if self.metrics is not None:
+                    self.metrics.reloaded(self.generation.number)
                 self.maillog.info(f"reloaded {self.config_path}")
                 self._finish_reload(True, [*pending.lines, f"ok: reloaded {self.config_path}"])
 
@@ -457,6 +480,8 @@ class Supervisor:
             worker.retiring = True  # no replacement for these
         self._signal(new, signal.SIGTERM)
         self.maillog.error(f"reload failed ({why}), keeping the running configuration")
+        if self.metrics is not None:
+            self.metrics.reloaded(None)
         self._finish_reload(
             False, [*pending.lines, f"failed: {why}; the running configuration is kept"]
         )
@@ -466,6 +491,16 @@ class Supervisor:
         self._reload = None
         for waiter in pending.waiters if pending else ():
             _answer(waiter, lines)
+
+
+def _needs_restart(old: Generation, new: Generation) -> list[str]:
+    """The parameters a reload cannot apply (the supervisor bound their sockets)."""
+    out = []
+    if new.config.listen != old.config.listen:
+        out.append("listen")
+    if new.config.metrics_listen != old.config.metrics_listen:
+        out.append("smtpgate_metrics_listen")
+    return out
 
 
 def _record(signum: int, frame: object) -> None:
@@ -487,16 +522,22 @@ def run_worker(
     user: str,
     maillog: MailLog,
     spool: str = "",
+    *,
+    metrics: bool = False,
+    metrics_socket: socket.socket | None = None,
 ) -> None:
     """A worker's life: drop privileges, serve ``sockets`` with ``generation``, exit.
 
     ``status`` tells the supervisor when the worker listens and when it stopped
-    accepting; ``anvil`` is this worker's line to the supervisor's AnvilService."""
+    accepting; ``anvil`` is this worker's line to the supervisor's AnvilService.
+    ``metrics``: count for Prometheus; ``metrics_socket``: answer its HTTP too."""
     import asyncio
 
+    from smtpgate.metrics import ServerMetrics
     from smtpgate.server import run_fast
 
     drop_privileges(user)
+    counts = ServerMetrics() if metrics else None
 
     def report(what: bytes) -> None:
         with contextlib.suppress(OSError):
@@ -504,8 +545,12 @@ def run_worker(
 
     async def work() -> None:
         loop = asyncio.get_running_loop()
-        server = Server(generation, maillog, anvil=RemoteAnvil(anvil), spool_directory=spool)
+        server = Server(
+            generation, maillog, anvil=RemoteAnvil(anvil), spool_directory=spool, metrics=counts
+        )
         await server.start(sockets)
+        if metrics_socket is not None:
+            await server.serve_metrics(metrics_socket)
         loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(server.stop()))
         loop.add_signal_handler(signal.SIGINT, lambda: asyncio.ensure_future(server.stop()))
         loop.add_signal_handler(signal.SIGUSR1, lambda: asyncio.ensure_future(server.retire()))
@@ -540,6 +585,21 @@ def serve(config: str, overrides: Sequence[str], generation: Generation, maillog
     if service.spool_directory:
         prepare_spool(service.spool_directory, user)
     spool = private_spool(user)
+    metrics_socket: socket.socket | None = None
+    metrics: SupervisorMetrics | None = None
+    directory, temporary = "", False
+    try:
+        if service.metrics_listen is not None:
+            metrics_socket = bind_listeners([service.metrics_listen])[0][0]
+            directory, temporary = prepare_directory(
+                service.metrics_directory, unprivileged_user(user)
+            )
+            metrics = SupervisorMetrics(directory, generation.number)
+    except BaseException:
+        for sockets in socket_sets:
+            for sock in sockets:
+                sock.close()
+        raise
     pid_file = service.pid_file
     supervisor = Supervisor(
         socket_sets=socket_sets,
@@ -550,6 +610,8 @@ def serve(config: str, overrides: Sequence[str], generation: Generation, maillog
         overrides=overrides,
         control=control_address(pid_file, config),
         spool=spool,
+        metrics_socket=metrics_socket,
+        metrics=metrics,
     )
     wrote_pid = False
     try:
@@ -559,6 +621,10 @@ def serve(config: str, overrides: Sequence[str], generation: Generation, maillog
         for sockets in socket_sets:
             for sock in sockets:
                 sock.close()
+        if metrics_socket is not None:
+            metrics_socket.close()
+        if temporary:
+            remove_directory(directory)
         if wrote_pid:
             with contextlib.suppress(OSError):
                 os.unlink(pid_file)

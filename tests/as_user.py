@@ -8,6 +8,7 @@ own account -- on machines (this one, CI) where the interpreter lives under /roo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import sys
@@ -20,6 +21,15 @@ def main() -> None:
     from smtpgate.server import preload_modules
 
     preload_modules()
+    # The codec of serve's pid file: Python imports it on first use, which the user cannot
+    # do here (a real non-root deployment reads its standard library, so serve does not).
+    import encodings.ascii  # noqa: F401
+
+    # The same for the metrics listener's library (smtpgate_metrics_listen), when installed.
+    with contextlib.suppress(ImportError):
+        import prometheus_client
+        import prometheus_client.multiprocess  # noqa: F401
+
     entry = pwd.getpwnam(user)
     os.setgroups([])
     os.setgid(entry.pw_gid)

@@ -22,6 +22,18 @@ def test_aiosmtpd_keeps_its_stream_reader_as_reader() -> None:
     assert "self._reader = reader" in inspect.getsource(SMTP._cb_client_connected)
 
 
+def test_prometheus_client_histogram_keeps_one_value_per_bucket() -> None:
+    # smtpgate.metrics flushes histogram observations kept in memory by adding to these
+    from prometheus_client import Histogram
+
+    child = Histogram("contract_seconds", "x", ["a"], registry=None, buckets=(1.0, 2.0)).labels("b")
+    child._buckets[1].inc(3)
+    child._sum.inc(4.5)
+    samples = {(s.name, s.labels.get("le")): s.value for s in child._samples()}
+    assert samples[("_bucket", "1.0")] == 0 and samples[("_bucket", "2.0")] == 3
+    assert samples[("_bucket", "+Inf")] == 3 and samples[("_sum", None)] == 4.5
+
+
 def test_smtpgate_itself_imports_neither_aiosmtplib_nor_aiosmtpd_in_the_front_end() -> None:
     import smtpgate.relay.client as client
     import smtpgate.smtpd as smtpd

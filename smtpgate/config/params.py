@@ -1002,6 +1002,35 @@ _SPECS = [
         "smtpgate only; the counterpart of Postfix's mail_owner.",
     ),
     ParamSpec(
+        "smtpgate_metrics_listen",
+        "",
+        "str",
+        "Where serve answers HTTP for Prometheus and health checks: host:port or "
+        "[ipv6]:port; /metrics (Prometheus text, every worker counted), /healthz (alive), "
+        "/readyz (configuration loaded and the backend reachable). Empty: off. A change "
+        "needs a restart. See docs/metrics.md.",
+        "smtpgate only (Postfix has no metrics; postfix_exporter reads its log).",
+    ),
+    ParamSpec(
+        "smtpgate_metrics_directory",
+        "",
+        "str",
+        "The folder where the worker processes keep their metric files (prometheus_client's "
+        "multiprocess mode): made by serve at start, owned by smtpgate_user, emptied of "
+        "metric files at start; best on a tmpfs. Empty: a new private folder under $TMPDIR "
+        "(or /tmp), removed when serve stops.",
+        "smtpgate only.",
+    ),
+    ParamSpec(
+        "smtpgate_readyz_backend_age",
+        "60s",
+        "time",
+        "/readyz answers ready while the backend (relayhost) accepted a connection within "
+        "this time and has not failed since; otherwise it connects to relayhost itself "
+        "(at most smtp_connect_timeout, 5s) before it answers.",
+        "smtpgate only.",
+    ),
+    ParamSpec(
         "pid_file",
         "/run/smtpgate/smtpgate.pid",
         "str",

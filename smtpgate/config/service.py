@@ -108,6 +108,19 @@ def parse_listen(entries: Sequence[str]) -> list[ListenAddress]:
     return out
 
 
+def parse_metrics_listen(text: str) -> ListenAddress | None:
+    """``smtpgate_metrics_listen``: one ``host:port`` or ``[ipv6]:port``; empty: None."""
+    words = text.replace(",", " ").split()
+    if not words:
+        return None
+    if len(words) > 1:
+        raise ConfigError(f"smtpgate_metrics_listen = {text}: give one address (host:port)")
+    try:
+        return parse_listen(words)[0]
+    except ConfigError as exc:
+        raise ConfigError(exc.message.replace("listen:", "smtpgate_metrics_listen:", 1)) from None
+
+
 def parse_workers(text: str) -> int:
     """``smtpgate_workers``: ``auto`` (one per CPU core) or a whole number, at least 1."""
     text = text.strip().lower()
@@ -236,6 +249,11 @@ class ServiceConfig:
     dns_tries: int = 2
     dns_concurrency_limit: int = 100
     dns_cache_size: int = 10000
+    metrics_listen: ListenAddress | None = None
+    """smtpgate_metrics_listen; None: no metrics listener."""
+    metrics_directory: str = ""
+    """smtpgate_metrics_directory; empty: a private temporary folder."""
+    readyz_backend_age: float = 60.0
     shared_state: str = ""
     """smtpgate_shared_state, checked (redis:// or rediss://); empty: counted here alone."""
     shared_state_lease: float = 30.0
@@ -357,6 +375,11 @@ def service_config(settings: Settings) -> tuple[ServiceConfig | None, list[Diagn
     )
     nowhere: tuple[ListenAddress, ...] = ()
     listen = r.opened("listen", lambda: tuple(parse_listen(r.words("listen"))), nowhere)
+    metrics_listen = r.opened(
+        "smtpgate_metrics_listen",
+        lambda: parse_metrics_listen(r.text("smtpgate_metrics_listen")),
+        None,
+    )
     workers = r.opened("smtpgate_workers", lambda: parse_workers(r.text("smtpgate_workers")), 1)
     shared_state = r.opened(
         "smtpgate_shared_state", lambda: parse_shared_state(r.text("smtpgate_shared_state")), ""
@@ -424,6 +447,9 @@ def service_config(settings: Settings) -> tuple[ServiceConfig | None, list[Diagn
         dns_tries=r.number("dns_tries"),
         dns_concurrency_limit=r.number("dns_concurrency_limit"),
         dns_cache_size=r.number("dns_cache_size"),
+        metrics_listen=metrics_listen,
+        metrics_directory=r.text("smtpgate_metrics_directory").strip(),
+        readyz_backend_age=r.seconds("smtpgate_readyz_backend_age"),
         shared_state=shared_state,
         shared_state_lease=lease,
     )

@@ -47,6 +47,7 @@ import errno
 import itertools
 import logging
 import os
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -76,6 +77,7 @@ from smtpgate.milter.protocol import (
     Tempfail,
 )
 from smtpgate.reply import Reply
+from smtpgate.smtp.ports import NO_METRICS, Metrics
 from smtpgate.smtp.store import Message
 
 
@@ -790,6 +792,7 @@ class MilterSession:
         self.config = config
         self.log = log
         self.milters = [_Milter(spec, self) for spec in config.milters]
+        self.metrics: Metrics = NO_METRICS
         self._macros: Mapping[str, str] = {}
         self._overrides: dict[str, str] = {}
         self.queue_id = ""
@@ -881,7 +884,10 @@ class MilterSession:
             return milter.def_reply
         if milter.state == State.ACCEPT_MSG and event != protocol.SMFIC_HELO:
             return milter.def_reply
-        return await milter.event(event, skip_flag, no_reply_flag, stage, payload)
+        start = time.monotonic()
+        verdict = await milter.event(event, skip_flag, no_reply_flag, stage, payload)
+        self.metrics.milter_reply(milter.name, stage, time.monotonic() - start)
+        return verdict
 
     # -- the API -------------------------------------------------------------------------
 
@@ -913,6 +919,7 @@ class MilterSession:
             number = 0
         payload = protocol.connect(name, smfia, number, address or "")
         for milter in self.milters:
+            start = time.monotonic()  # the connect event's time includes opening the milter
             if milter.state == State.CLOSED:
                 await milter.open()
             if milter.state == State.READY:
@@ -924,6 +931,7 @@ class MilterSession:
                     "connect",
                     payload,
                 )
+                self.metrics.milter_reply(milter.name, "connect", time.monotonic() - start)
             else:
                 verdict = milter.def_reply
             if verdict is not None:
@@ -1059,7 +1067,9 @@ class MilterSession:
             if milter.state in _STOPPED or milter.state == State.ACCEPT_MSG:
                 verdict = milter.def_reply
             elif milter.state == State.ENVELOPE:
+                start = time.monotonic()
                 verdict = await milter.message(work)
+                self.metrics.milter_reply(milter.name, "eom", time.monotonic() - start)
             if verdict is not None:
                 break
         return MessageResult(
@@ -1097,9 +1107,13 @@ class Milters:
     def __init__(self, config: MilterConfig | None = None, log: WarningLog | None = None) -> None:
         self.config = config or MilterConfig()
         self.log: WarningLog = log or logging.getLogger("smtpgate.milter")
+        self.metrics: Metrics = NO_METRICS
+        """Told how long each milter took per event (set in a worker)."""
 
     def session(self, log: WarningLog | None = None) -> MilterSession:
-        return MilterSession(self.config, log or self.log)
+        session = MilterSession(self.config, log or self.log)
+        session.metrics = self.metrics
+        return session
 
     def __bool__(self) -> bool:
         return bool(self.config.milters)

@@ -24,7 +24,7 @@ Rules kept from Postfix, in the order a reader meets them:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from smtpgate.errors import TableLookupError, TableUnavailableError
 from smtpgate.policy import delegation, model, restrictions  # noqa: F401  (registers restrictions)
@@ -50,6 +50,11 @@ from smtpgate.tables import Table
 MAX_RECURSION = 100
 CONFIG_ERROR_TEXT = "Server configuration error"
 
+Hits = Callable[[str, str, str], None]
+"""Told (stage, restriction, result) when a restriction list ends on a restriction: the
+innermost item that did not answer DUNNO; result is permit, reject, defer (a 4xx) or
+error (a configuration or lookup error)."""
+
 
 class _Abort(Exception):
     """Postfix's longjmp out of a stage: the reply is already made."""
@@ -64,11 +69,14 @@ class Checker:
         state: SessionState,
         resolver: Resolver | None = None,
         trace: bool = True,
+        hits: Hits | None = None,
     ) -> None:
         self.plan = plan
         self.state = state
         self.resolver = resolver
         self.trace = trace  # keep the trail (explain); serve only needs replies and logs
+        self.hits = hits
+        self.decided = ""  # the label of the item that ended the list being run
         self.found = False
         self.stage = Stage.CONNECT
         self.steps: list[Step] = []
@@ -248,9 +256,7 @@ class Checker:
             trace = self.trace
             for item in items:
                 if item.name == "warn_if_reject":  # names are normalised by the plan
-                    if st.warn_if_reject == 0:
-                        st.warn_if_reject = st.recursion
-                    self.note(item.label, "", "next reject becomes a warning")
+                    self._warn_if_reject(item)
                     continue
                 if item.class_name is not None:
                     status = await self._run_class(item, reply_name, reply_class)
@@ -267,17 +273,27 @@ class Checker:
                         status = result if result.__class__ is Status else Status(result)
                     except _Nested as nested:
                         status = await self._nested(item, nested, reply_name, reply_class)
+                    except _Abort:
+                        self.decided = self.decided or item.label
+                        raise
                     if trace:
                         self._close_step(slot, item, "", status)
                 if st.warn_if_reject >= st.recursion:
                     st.warn_if_reject = 0
                 if status is not DUNNO:
+                    self.decided = self.decided or item.label  # the innermost item decides
                     break
                 if st.defer_if_permit.active and st.defer_if_reject.active:
                     break
         finally:
             st.recursion = saved
         return status
+
+    def _warn_if_reject(self, item: Compiled) -> None:
+        st = self.state
+        if st.warn_if_reject == 0:
+            st.warn_if_reject = st.recursion
+        self.note(item.label, "", "next reject becomes a warning")
 
     def _open_step(self, item: Compiled, detail: str) -> int:
         """Note an item as started in the trail; its slot, for :meth:`_close_step`."""
@@ -307,6 +323,7 @@ class Checker:
         result = await self.generic_checks(nested.items, reply_name, reply_class)
         if result is OK and nested.suspicious:
             self.note(item.label, "", "OK ignored: source-routed recipient")
+            self.decided = ""
             return DUNNO
         return result
 
@@ -320,10 +337,21 @@ class Checker:
         st.defer_if_reject.active = False
         if not items:
             return DUNNO
+        self.decided = ""
         try:
-            return await self.generic_checks(items, reply_name, reply_class)
+            status = await self.generic_checks(items, reply_name, reply_class)
         except _Abort:
+            if self.hits is not None:
+                self.hits(self.stage.value, self.decided or "(configuration error)", "error")
             return REJECT
+        if status is not DUNNO and self.hits is not None:
+            error = st.error
+            if status is OK:
+                result = "permit"
+            else:
+                result = "defer" if error is not None and error.code < 500 else "reject"
+            self.hits(self.stage.value, self.decided, result)
+        return status
 
 
 class _Nested(Exception):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from smtpgate.policy.address import header_safe
 from smtpgate.policy.delegation import new_instance
-from smtpgate.policy.engine import Checker
+from smtpgate.policy.engine import Checker, Hits
 from smtpgate.policy.model import (
     CLIENT,
     DATA,
@@ -45,16 +45,18 @@ class PolicySession:
         resolver: Resolver | None = None,
         *,
         trace: bool = True,
+        hits: Hits | None = None,
     ) -> None:
         self.plan = plan
         self.state = SessionState(client=client)
         self.resolver = resolver
         self.trace = trace  # decisions carry the trail of steps (explain); serve needs none
+        self.hits = hits  # told which restriction ended each list (metrics)
 
     # -- helpers ---------------------------------------------------------------------
 
     def _checker(self, stage: Stage) -> Checker:
-        checker = Checker(self.plan, self.state, self.resolver, self.trace)
+        checker = Checker(self.plan, self.state, self.resolver, self.trace, self.hits)
         checker.stage = stage
         self.state.where = _WHERE[stage]
         self.state.error = None

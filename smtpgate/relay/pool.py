@@ -42,6 +42,7 @@ from smtpgate.relay.client import (
 )
 from smtpgate.relay.tls import TLSPolicy, peer_name_matches
 from smtpgate.relay.wire import printable, reply_from_backend
+from smtpgate.smtp.ports import NO_METRICS, Metrics
 
 logger = logging.getLogger("smtpgate.relay")
 
@@ -66,6 +67,7 @@ class Pool:
         self._closed = closed  # after close(): check-ins close instead of keeping
         self.connections_opened = 0
         """How many backend connections were opened (for tests and statistics)."""
+        self.metrics: Metrics = NO_METRICS
 
     @property
     def idle_connections(self) -> int:
@@ -80,7 +82,13 @@ class Pool:
                 conn.reused = True
                 return conn
             conn.close()
-        conn = await self._connect()
+        start = time.monotonic()
+        try:
+            conn = await self._connect()
+        except Fault:
+            self.metrics.backend_connect(False, time.monotonic() - start)
+            raise
+        self.metrics.backend_connect(True, time.monotonic() - start)
         conn.reused = False
         return conn
 

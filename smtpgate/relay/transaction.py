@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -69,6 +70,7 @@ from smtpgate.relay.wire import (
     xforward_commands,
 )
 from smtpgate.reply import Reply
+from smtpgate.smtp.ports import NO_METRICS, Metrics
 
 logger = logging.getLogger("smtpgate.relay")
 
@@ -93,6 +95,8 @@ class Relay:
         self._pools: dict[Relayhost, Pool] = {}
         self._next_hops: NextHops | None = None
         self._closed = False
+        self.metrics: Metrics = NO_METRICS
+        """Told of backend connections, replies and faults (set before the first use)."""
 
     @classmethod
     def from_config(cls, config: RelayConfig) -> Relay:
@@ -130,6 +134,7 @@ class Relay:
         if pool is None:
             pool = self._pools[hop] = Pool(hop, self.config, self.tls, closed=self._closed)
             pool.next_hops = self._next_hops
+            pool.metrics = self.metrics
         return pool
 
     @property
@@ -250,6 +255,7 @@ class Transaction:
         if self._dot_sent and not fault.definite:
             self.outcome_unknown = True
         self.fault = fault.detail
+        self.relay.metrics.backend_error(verb)
         logger.warning(
             "%s from %s[%s]: backend %s: %s%s",
             verb,
@@ -288,6 +294,7 @@ class Transaction:
             logger.warning("refusing recipient %r %r: control characters", recipient, params)
             return R501_BAD_RECIPIENT
         rcpt_params = [o for o in options if o]
+        start = time.monotonic()
         try:
             if self._conn is None:
                 first = await self._first_rcpt(address, rcpt_params)
@@ -305,6 +312,7 @@ class Transaction:
             raise
         if reply.is_success:
             self._accepted += 1
+        self.relay.metrics.backend_reply("RCPT", reply.code, time.monotonic() - start)
         return self._record("RCPT", reply)
 
     async def _first_rcpt(self, address: bytes, rcpt_params: list[bytes]) -> Reply | None:
@@ -456,6 +464,7 @@ class Transaction:
         if conn is None or self._accepted == 0:
             await self._give_back(rset=True)
             return R554_NO_RECIPIENTS
+        began = time.monotonic()
         try:
             if conn.chunking:
                 verb, reply = await self._send_bdat(conn, message)
@@ -480,6 +489,7 @@ class Transaction:
                 self.outcome_unknown = True
             self._drop()
             raise
+        self.relay.metrics.backend_reply("END-OF-DATA", reply.code, time.monotonic() - began)
         await self._give_back(rset=False)
         return self._record("END-OF-DATA", reply)
 

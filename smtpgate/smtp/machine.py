@@ -66,12 +66,14 @@ from smtpgate.smtp.macros import MacroContext, SessionMacros, macro_value
 from smtpgate.smtp.ports import (
     CLOSE,
     FLUSH,
+    NO_METRICS,
     START_TLS,
     Anvil,
     Backend,
     BackendTransaction,
     Effect,
     LogSink,
+    Metrics,
     Milters,
     MilterVerdict,
     Observer,
@@ -154,6 +156,7 @@ class SmtpMachine:
         milters: Milters | None = None,
         server: tuple[str, int] | None = None,
         new_store: Callable[[], MessageStore] = MessageStore,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self.plan = plan
         self.config = config
@@ -172,6 +175,7 @@ class SmtpMachine:
         self.milters = milters
         self.server = server  # the listener's address and port ({daemon_addr})
         self.new_store = new_store  # where a message's content waits (memory, spool file)
+        self.metrics = metrics
         self.connections = 0  # this client's concurrent sessions ({client_connections})
         self.macros = SessionMacros(self._macro)
         self._milter_sender: str | None = None  # the address MAIL is checking
@@ -274,10 +278,13 @@ class SmtpMachine:
         for record in found.logs:
             self.log.warning(record.text)
         self.client = found.client
-        self.policy = PolicySession(self.plan, self.client, self.resolver, trace=self.trace)
+        self.policy = PolicySession(
+            self.plan, self.client, self.resolver, trace=self.trace, hits=self.metrics.restriction
+        )
         if self.server is not None:  # policy servers are told server_address and _port
             self.policy.state.server_address, self.policy.state.server_port = self.server
         self.log.info(f"connect from {self.namaddr}")
+        self.metrics.connect()
         if not await self._admit():
             return self.take()
         decision = await self.policy.connect()
@@ -331,6 +338,7 @@ class SmtpMachine:
                 self.busy = self.mode is not Mode.COMMAND
         if self._eof and not self._stop and not self.closing:
             self.closing = True  # the client is gone; nothing more will come
+            self.metrics.lost(self.where)
         return self.take()
 
     async def _abandon(self) -> None:
@@ -366,6 +374,7 @@ class SmtpMachine:
         """The STARTTLS handshake completed: the session starts over (RFC 3207)."""
         self.tls_active = True
         self.esmtp = False
+        self.metrics.tls(tls)
         if self.policy is not None:
             self.policy.state.helo_name = None
             self.policy.state.tls = tls
@@ -396,6 +405,7 @@ class SmtpMachine:
             await asyncio.shield(milters.close())
         if self.policy is not None:
             self._log_disconnect()
+            self.metrics.disconnect()
 
     # -- replies -------------------------------------------------------------------------
 
@@ -446,6 +456,9 @@ class SmtpMachine:
                 self.log.info(record.text)
         if self.observer is not None:
             self.observer.decision(decision)
+        if decision.reply is not None:
+            queued = self.policy is not None and self.policy.state.queue_id is not None
+            self.metrics.reject(self.where, decision.reply.code, queued)
 
     # -- admission -----------------------------------------------------------------------
 
@@ -471,12 +484,16 @@ class SmtpMachine:
         self.connections = count
         if cfg.connection_limit and total > cfg.connection_limit:
             what = f"Connection limit exceeded: {total} (smtpgate_connection_limit)"
+            limit = "connections"
         elif cfg.connection_count_limit and count > cfg.connection_count_limit:
             what = f"Connection concurrency limit exceeded: {count}"
+            limit = "connection_count"
         elif cfg.connection_rate_limit and rate > cfg.connection_rate_limit:
             what = f"Connection rate limit exceeded: {rate}"
+            limit = "connection_rate"
         else:
             return True
+        self.metrics.refused(limit)
         self.log.warning(f"{what} from {self.namaddr} for service {self.service}")
         text = f"{cfg.hostname} Error: too many connections from {client.address}"
         self._reply(Reply(421, "4.7.0", text, disconnect=True))
@@ -496,6 +513,7 @@ class SmtpMachine:
             what, text = "Recipient address", f"Error: too many recipients from {address}"
         if rate <= limit:
             return False
+        self.metrics.refused("message_rate" if event == "mail" else "recipient_rate")
         self.log.warning(
             f"{what} rate limit exceeded: {rate} from {self.namaddr} for service {self.service}"
         )
@@ -519,6 +537,7 @@ class SmtpMachine:
         assert self.policy is not None
         st = self.policy.state
         action = verdict.action
+        self.metrics.milter_verdict(self.where, action)
         reply: Reply | None = None
         if action == "quarantine":
             if any(verb == "HOLD" for verb, _ in st.queue_actions):
@@ -986,6 +1005,7 @@ class SmtpMachine:
         if st.queue_id is None:
             st.queue_id = self.new_queue_id()
             self.log.info(f"{st.queue_id}: client={self.namaddr}")
+            self.metrics.queued()
         return st.queue_id
 
     def _facts(self) -> ClientFacts:
@@ -1074,6 +1094,7 @@ class SmtpMachine:
         if limit:
             reserved = await self.anvil.reserve(min(DATA_RESERVE, limit), limit)
             if not reserved.granted:
+                self.metrics.refused("data_memory")
                 self.log.warning(
                     f"smtpgate_data_memory_limit reached ({reserved.in_flight} bytes in "
                     f"flight): DATA from {self.namaddr} deferred"
@@ -1234,7 +1255,7 @@ class SmtpMachine:
             if chunk.last or self._reset_after_chunk:
                 self._reset_after_chunk = False
                 await self._end_transaction()
-            self._content_done("bdat", problem, message_done=False)
+            self._content_done("bdat", problem, message_done=chunk.last)
             return True
         assert txn is not None and txn.chunks is not None
         if not chunk.last:
@@ -1251,6 +1272,8 @@ class SmtpMachine:
 
     def _content_done(self, name: str, reply: Reply, message_done: bool) -> None:
         ok = reply.code // 100 == 2
+        if message_done:
+            self.metrics.message(reply.code)
         if ok and message_done:
             # Postfix forgives earlier errors once a message was received.
             self.error_count = self.junk_cmds = 0
@@ -1268,6 +1291,7 @@ class SmtpMachine:
         if not limit:
             return True
         if size > self.data_held and not await self._hold(size):
+            self.metrics.refused("data_memory")
             self.log.warning(
                 f"smtpgate_data_memory_limit reached: message from {self.namaddr} "
                 "is read and discarded"

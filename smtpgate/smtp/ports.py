@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from smtpgate.facts import ClientFacts
-from smtpgate.policy.model import Decision
+from smtpgate.policy.model import Decision, TlsInfo
 from smtpgate.reply import Reply
 from smtpgate.smtp import syntax as s
 from smtpgate.smtp.store import Message
@@ -144,6 +144,115 @@ class Observer(Protocol):
     def decision(self, decision: Decision) -> None: ...
 
     def reply(self, reply: Reply) -> None: ...
+
+
+class Metrics(Protocol):
+    """What the server counts for Prometheus (``smtpgate.metrics``; docs/metrics.md).
+
+    The machine calls the first group at the points Postfix logs them, the relay, the
+    policy delegation client and the milters the rest.  Each call must be cheap (it is
+    made on every session): an implementation adds to counters in memory and writes
+    them out elsewhere.  :data:`NO_METRICS` does nothing.
+    """
+
+    def connect(self) -> None:
+        """A client connected (Postfix's ``connect from``)."""
+
+    def disconnect(self) -> None:
+        """A session ended (``disconnect from``)."""
+
+    def lost(self, where: str) -> None:
+        """The client went away without QUIT while the session was at ``where``."""
+
+    def reject(self, where: str, code: int, queued: bool) -> None:
+        """The restrictions refused a command at ``where`` with ``code``; ``queued``: the
+        transaction had a queue id already (Postfix's ``NOQUEUE`` lines are not)."""
+
+    def queued(self) -> None:
+        """A transaction got its queue id (Postfix's ``client=`` line)."""
+
+    def message(self, code: int) -> None:
+        """The reply to the end of a message (the backend's, or smtpgate's own)."""
+
+    def tls(self, info: TlsInfo | None) -> None:
+        """A STARTTLS handshake completed."""
+
+    def refused(self, limit: str) -> None:
+        """A limit of the anvil refused a connection or a command."""
+
+    def restriction(self, stage: str, restriction: str, result: str) -> None:
+        """A restriction list ended on ``restriction`` (permit, reject, defer, error)."""
+
+    def milter_verdict(self, where: str, action: str) -> None:
+        """What the milters together decided at ``where``."""
+
+    def milter_reply(self, milter: str, event: str, seconds: float) -> None:
+        """One milter answered one event (connect, helo, mail, rcpt, data, unknown,
+        eom: the whole message) after ``seconds``."""
+
+    def policy_reply(self, service: str, action: str, seconds: float) -> None:
+        """A policy server answered (``action`` its first word) or did not (``error``)."""
+
+    def backend_connect(self, ok: bool, seconds: float) -> None:
+        """A new backend connection was opened (greeting, EHLO, TLS done), or failed."""
+
+    def backend_reply(self, command: str, code: int, seconds: float) -> None:
+        """The backend answered RCPT or the end of data after ``seconds``."""
+
+    def backend_error(self, command: str) -> None:
+        """A backend fault (timeout, lost connection, garbled reply) at ``command``."""
+
+
+class _NoMetrics:
+    """Counts nothing (``explain``, tests, serve without smtpgate_metrics_listen)."""
+
+    def connect(self) -> None:
+        pass
+
+    def disconnect(self) -> None:
+        pass
+
+    def lost(self, where: str) -> None:
+        pass
+
+    def reject(self, where: str, code: int, queued: bool) -> None:
+        pass
+
+    def queued(self) -> None:
+        pass
+
+    def message(self, code: int) -> None:
+        pass
+
+    def tls(self, info: TlsInfo | None) -> None:
+        pass
+
+    def refused(self, limit: str) -> None:
+        pass
+
+    def restriction(self, stage: str, restriction: str, result: str) -> None:
+        pass
+
+    def milter_verdict(self, where: str, action: str) -> None:
+        pass
+
+    def milter_reply(self, milter: str, event: str, seconds: float) -> None:
+        pass
+
+    def policy_reply(self, service: str, action: str, seconds: float) -> None:
+        pass
+
+    def backend_connect(self, ok: bool, seconds: float) -> None:
+        pass
+
+    def backend_reply(self, command: str, code: int, seconds: float) -> None:
+        pass
+
+    def backend_error(self, command: str) -> None:
+        pass
+
+
+NO_METRICS: Metrics = _NoMetrics()
 
 
 class FixedTransaction:

@@ -262,3 +262,26 @@ async def test_the_retry_pause_is_real_by_default() -> None:
         answer = await client.ask(service(server.endpoint), ATTRS)
         assert answer.action == "OK" and loop.time() - start >= 1.0
     await client.close()
+
+
+class Recorded:
+    """The metrics port's policy_reply calls (the rest of the port is not called here)."""
+
+    def __init__(self) -> None:
+        self.replies: list[tuple[str, str]] = []
+        self.seconds: list[float] = []
+
+    def policy_reply(self, service: str, action: str, seconds: float) -> None:
+        self.replies.append((service, action))
+        self.seconds.append(seconds)
+
+
+async def test_each_answer_and_each_failure_is_counted(client: DelegationClient) -> None:
+    recorded = Recorded()
+    client.metrics = recorded  # type: ignore[assignment]
+    async with FakePolicyServer("450 4.7.1 try later") as server:
+        svc = service(server.endpoint)
+        await client.ask(svc, ATTRS)
+    await client.ask(svc, ATTRS)  # the server is gone: no answer after the tries
+    assert recorded.replies == [(svc.name, "450"), (svc.name, "error")]
+    assert all(0 <= s < 10 for s in recorded.seconds)

@@ -822,3 +822,31 @@ async def test_macros_are_looked_up_by_name_only() -> None:
         {"i": "QID1", "{mail_addr}": "a@example.org"}
     ]
     assert "{auth_type}" in macros.asked and "{client_addr}" not in macros.asked
+
+
+class Timings:
+    """The metrics port's milter_reply calls (smtpgate_milter_reply_seconds)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+        self.seconds: list[float] = []
+
+    def milter_reply(self, milter: str, event: str, seconds: float) -> None:
+        self.events.append((milter, event))
+        self.seconds.append(seconds)
+
+
+async def test_each_event_of_each_milter_is_timed() -> None:
+    timings = Timings()
+    async with FakeMilter() as fake:
+        base = MilterConfig(milters=(spec(fake.name),), daemon_name="mx", v="Postfix 3.7.11")
+        milters = Milters(base, Log())
+        milters.metrics = timings  # type: ignore[assignment]
+        s = milters.session()
+        await envelope(s)
+        await s.message(MACROS, MESSAGE)
+        await s.close()
+    assert timings.events == [
+        (fake.name, event) for event in ("connect", "helo", "mail", "rcpt", "data", "eom")
+    ]
+    assert all(0 <= seconds < 10 for seconds in timings.seconds)
