@@ -37,6 +37,7 @@ FORBIDDEN_VERBS = frozenset({"CONNECT", "GET", "POST"})
 _HEADER_LIKE = re.compile(r"^[\x21-\x39\x3b-\x7e]+:")
 _TABLE_SPEC = re.compile(r"^[A-Za-z0-9_]+:.")
 BARE_NEWLINE_MODES = ("normalize", "reject", "no")
+UPSTREAM_PROXY_PROTOCOLS = ("", "haproxy")
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,11 @@ class ServiceConfig:
     dns_tries: int = 2
     dns_concurrency_limit: int = 100
     dns_cache_size: int = 10000
+    upstream_proxy: str = ""
+    """smtpd_upstream_proxy_protocol: "" (none) or "haproxy" (a PROXY header, v1 or v2)."""
+    upstream_proxy_timeout: float = 5.0
+    upstream_proxy_networks: AddressList | None = None
+    """smtpgate_upstream_proxy_networks; None (empty): any peer may send the header."""
 
     @property
     def tls_offered(self) -> bool:
@@ -311,6 +317,16 @@ def service_config(settings: Settings) -> tuple[ServiceConfig | None, list[Diagn
             "smtpd_tls_security_level",
             f"smtpd_tls_security_level = {tls_level} needs smtpd_tls_cert_file",
         )
+    upstream_proxy = r.text("smtpd_upstream_proxy_protocol").strip()
+    if upstream_proxy not in UPSTREAM_PROXY_PROTOCOLS:
+        r.error(
+            "smtpd_upstream_proxy_protocol",
+            f"unsupported smtpd_upstream_proxy_protocol value: {upstream_proxy} "
+            "(use haproxy, or leave it empty)",
+        )
+    proxy_networks = None
+    if r.words("smtpgate_upstream_proxy_networks"):
+        proxy_networks = address_list("smtpgate_upstream_proxy_networks")
     config = ServiceConfig(
         hostname=r.text("myhostname"),
         banner=r.text("smtpd_banner"),
@@ -358,6 +374,9 @@ def service_config(settings: Settings) -> tuple[ServiceConfig | None, list[Diagn
         dns_tries=r.number("dns_tries"),
         dns_concurrency_limit=r.number("dns_concurrency_limit"),
         dns_cache_size=r.number("dns_cache_size"),
+        upstream_proxy=upstream_proxy,
+        upstream_proxy_timeout=r.seconds("smtpd_upstream_proxy_timeout"),
+        upstream_proxy_networks=proxy_networks,
     )
     if any(d.severity == "error" for d in r.diagnostics):
         return None, r.diagnostics
