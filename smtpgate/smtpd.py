@@ -193,7 +193,6 @@ class GateProtocol(asyncio.Protocol):
             resolver=shared.resolver,
             starttls=shared.tls_context is not None,
             queue_ids=new_queue_id,
-            known_client=ClientInfo(address="unknown") if hangup else None,
             proxy_local=proxy_local,
             hangup=hangup,
         )
@@ -262,7 +261,7 @@ class GateProtocol(asyncio.Protocol):
                 f"haproxy: refusing connection from {peer.namaddr}: "
                 "not in smtpgate_upstream_proxy_networks"
             )
-            self._proxy_failed()
+            self._proxy_failed(peer)
             return
         self._proxy_input = bytearray()
         self._proxy_peer = peer
@@ -280,7 +279,7 @@ class GateProtocol(asyncio.Protocol):
             header = proxyproto.parse(pending, eof=self._eof)
         except proxyproto.ProxyHeaderError as exc:
             self.shared.maillog.warning(f"haproxy read: {exc}")
-            self._proxy_failed()
+            self._proxy_failed(self._proxy_peer)
             return
         if header is None:
             return
@@ -305,13 +304,15 @@ class GateProtocol(asyncio.Protocol):
     def _proxy_timed_out(self) -> None:
         if self._proxy_input is not None:
             self.shared.maillog.warning("haproxy read: timeout error")
-            self._proxy_failed()
+            self._proxy_failed(self._proxy_peer)
 
-    def _proxy_failed(self) -> None:
-        """Postfix's fall-back-and-hang-up: unknown[unknown] gets 421 and is closed."""
+    def _proxy_failed(self, peer: ClientInfo) -> None:
+        """What Postfix 3.7 does when the handshake fails: a session with the balancer
+        as the client that answers 421 4.3.0 Server local error and hangs up."""
         self._proxy_done()
-        if self.transport is not None and not self.transport.is_closing():
-            self._open_session("unknown", None, None, hangup=True)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            self._open_session(peer.address, peer.port, _server(transport), hangup=True)
 
     def _proxy_done(self) -> None:
         self._proxy_input = None
