@@ -218,6 +218,7 @@ class GateProtocol(asyncio.Protocol):
             self.machine.receive_eof()
         elif self._proxy_input is not None:
             self._proxy_received(b"")
+            return True  # keep the transport: the session answers (Postfix's 421) and closes
         self._wake()
         return None
 
