@@ -17,6 +17,12 @@ which ``explain`` drives too.  What is left here:
   API); input that arrived in plaintext behind the command is dropped.
 * **The peer.**  The client address is read once, when the connection is made (with
   Linux's SO_PEERNAME when ``getpeername`` fails for a client that already reset).
+  With ``smtpd_upstream_proxy_protocol = haproxy`` a load balancer's PROXY header comes
+  first (:mod:`smtpgate.proxyproto` parses it): the machine is built only once it is
+  read, with the client it names; a v2 LOCAL header (a health check) makes the balancer
+  the client, flagged ``proxy_local``; a bad or late header, or a peer outside
+  ``smtpgate_upstream_proxy_networks``, gets Postfix 3.7's hang-up (a session that
+  answers 421 4.3.0 Server local error).
 
 The listener is asyncio's own server; aiosmtpd is not used here (it only serves the
 ``smtpgate sink`` backend).
