@@ -10,7 +10,10 @@ transaction sends the RSET probe in the same write as its first commands (one ro
 instead of two), and closes the connection and checks out another when the probe fails.
 Connections are dropped after a 421, a timeout, any error, ``max_transactions``
 transactions or ``max_age`` seconds, and when idle longer than ``idle_timeout``; at most
-``max_idle`` idle connections are kept.
+``max_idle`` idle connections are kept.  With ``smtpgate_backend_proxy_protocol`` no
+connection is reused: each begins with a PROXY header naming the client it was opened
+for (before the greeting, and before the TLS handshake in wrapper mode), so it serves
+that transaction only.
 
 Opening: connect (``smtp_connect_timeout``, which also bounds the greeting), greeting,
 EHLO ``$smtpd_proxy_ehlo``, STARTTLS per :mod:`smtpgate.relay.tls`, EHLO again. An
