@@ -98,7 +98,9 @@ async def session_lines(read_log, offset: int, peer: str) -> list[str]:  # type:
             lines = [
                 line
                 for line in SMTPD_LINE.findall(read_log()[offset:])
-                if not line.startswith(NOISE) and "smtpgate" not in line
+                if not line.startswith(NOISE)
+                and "smtpgate" not in line
+                and "[127.0.0.1]" not in line  # the start-up probe's session, logged late
             ]
             if any(line.startswith(f"disconnect from unknown[{peer}]") for line in lines):
                 return lines
