@@ -145,6 +145,7 @@ async def test_no_header_in_time_and_no_header_at_all(
         await gate.wait_log("warning: haproxy read: timeout error")
         gone = await proxied(gate, b"", source="127.0.0.3")
         gone.writer.write_eof()
+        assert await gone.reply() == LOCAL_ERROR  # as Postfix: the 421 still goes out
         assert await gone.closed()
         log = await gate.wait_log("disconnect from unknown[127.0.0.3] commands=0/0")
     assert "warning: haproxy read: EOF" in log
