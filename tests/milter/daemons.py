@@ -29,6 +29,7 @@ that does not come up raises ``RuntimeError`` with the tail of its log.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
 import shutil
@@ -242,9 +243,40 @@ def start_rspamd(
             folder / "stdout.log",
         )
     )
-    # The main process binds the port before its proxy worker runs: wait for an answer.
-    daemon.wait_ready(lambda: milter_answers(port), deadline)
+    # The main process binds the port before its proxy worker runs: wait for an answer,
+    # then for a whole scan (on a fresh machine rspamd is still compiling its expressions,
+    # and its proxy answers "tempfail" to a message until its scanner is up).
+    daemon.wait_ready(lambda: milter_answers(port) and rspamd_scans(daemon.endpoint), deadline)
     return daemon
+
+
+def rspamd_scans(endpoint: str) -> bool:
+    """rspamd answers a whole milter session and rejects GTUBE (its scanner works)."""
+    from smtpgate.config.milterconf import MilterConfig, MilterSpec
+    from smtpgate.milter.client import Milters
+
+    async def probe() -> bool:
+        host, port = endpoint.removeprefix("inet:").rsplit(":", 1)
+        spec = MilterSpec(name=endpoint, transport="inet", host=host, port=int(port))
+        session = Milters(MilterConfig(milters=(spec,))).session()
+        try:
+            macros = {"j": "probe.test", "{client_addr}": "192.0.2.1", "i": "PROBE"}
+            for verdict in (
+                await session.connect(macros, "probe.test", "192.0.2.1", 4711, "inet"),
+                await session.helo(macros, "probe.test"),
+                await session.mail(macros, "probe@example.org", []),
+                await session.rcpt(macros, "probe@example.net", []),
+                await session.data(macros),
+            ):
+                if verdict.action != "continue":
+                    return False
+            content = f"Subject: probe\r\n\r\n{gtube('reject')}\r\n".encode()
+            result = await session.message(macros, content)
+            return result.verdict.code == 554
+        finally:
+            await session.close()
+
+    return asyncio.run(probe())
 
 
 # --- ClamAV --------------------------------------------------------------------------
