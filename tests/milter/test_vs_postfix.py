@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -123,6 +124,12 @@ def test_a_clean_session_sends_what_postfix_sends() -> None:
         verdicts = asyncio.run(smtpgate(ours.name, log))
         assert {v.action for v in verdicts} == {"continue"}
         pf_conn, our_conn = theirs.connections[-1], ours.connections[-1]
+        # the fakes read in threads of their own: wait (bounded) until both have read to
+        # the end (the QUIT and the close), then compare
+        deadline = time.monotonic() + 10
+        while not (pf_conn.closed and our_conn.closed):
+            assert time.monotonic() < deadline, "a milter connection was not closed"
+            time.sleep(0.02)  # poll interval of a bounded wait for another thread
         assert our_conn.optneg == pf_conn.optneg == (6, 0x1FF, 0x1FFFFF)
         assert our_conn.commands() == pf_conn.commands()
         for event in (p.SMFIC_CONNECT, p.SMFIC_HELO, p.SMFIC_MAIL, p.SMFIC_RCPT):
