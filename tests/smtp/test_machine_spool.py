@@ -17,6 +17,7 @@ from smtpgate.policy.plan import build_plan
 from smtpgate.smtp.machine import SmtpMachine
 from smtpgate.smtp.ports import LocalCounters, _Granted
 from smtpgate.smtp.store import MessageStore, open_spool
+from tests.smtp.test_machine_milters import Log
 from tests.smtp.test_machine_routes import RecordingBackend
 
 BOUND = 4096
@@ -39,17 +40,6 @@ class Budget(LocalCounters):
     def release(self, nbytes: int) -> None:
         self.in_flight -= nbytes
         assert self.in_flight >= 0
-
-
-class Log:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def info(self, text: str) -> None:
-        self.lines.append(text)
-
-    def warning(self, text: str) -> None:
-        self.lines.append(f"warning: {text}")
 
 
 class Stores:
