@@ -32,6 +32,7 @@ from smtpgate.logs import MailLog, route_python_logging
 from smtpgate.metrics import HealthEndpoint, ServerMetrics
 from smtpgate.shared_state import SharedAnvil, shared_anvil
 from smtpgate.smtpd import GateProtocol, Shared
+from smtpgate.watch import WatchChannel, WatchEndpoint
 
 DRAIN_TIMEOUT = 30.0
 
@@ -258,13 +259,15 @@ class Server:
         *,
         anvil: AnvilClient | None = None,
         metrics: ServerMetrics | None = None,
+        watch: WatchChannel | None = None,
     ) -> None:
         """Serve ``generation`` (see :mod:`smtpgate.generation`); ``anvil``: the counters
         shared with the other workers (a ``RemoteAnvil`` on the supervisor's
         ``AnvilService``); by default this process's own.  With smtpgate_shared_state the
         per-client counters go to Redis, ``anvil`` keeps the rest and stands in for Redis
         while it does not answer (``smtpgate.shared_state``).  ``metrics``: what this
-        worker counts for Prometheus (None: nothing)."""
+        worker counts for Prometheus (None: nothing); ``watch``: where sessions send
+        their rows for the live view (smtpgate_watch; None: off)."""
         self.maillog = maillog
         local = anvil if anvil is not None else LocalAnvil()
         config = generation.config
@@ -277,6 +280,8 @@ class Server:
             anvil=self.shared_anvil or local,
         )
         self.metrics = metrics
+        self.watch = watch if config.watch != "off" else None
+        self.shared.watch = self.watch
         self.endpoint: HealthEndpoint | None = None
         self._probing = asyncio.Lock()
         if metrics is not None:
@@ -337,13 +342,17 @@ class Server:
     async def serve_metrics(self, sock: socket.socket) -> None:
         """Answer /metrics, /healthz and /readyz on ``sock`` (bound by the supervisor)."""
         assert self.metrics is not None
-        self.endpoint = HealthEndpoint(self.metrics, self.readiness)
+        paths = "metrics, healthz, readyz"
+        if self.watch is not None:
+            mode = self.shared.config.watch
+            self.endpoint = WatchEndpoint(self.metrics, self.readiness, self.watch, mode)
+            paths += ", watch" + (" for loopback clients" if mode == "loopback" else "")
+        else:
+            self.endpoint = HealthEndpoint(self.metrics, self.readiness)
         await self.endpoint.start(sock)
         host, port = sock.getsockname()[:2]
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.maillog.info(
-            f"metrics and health checks on http://{where}/ (metrics, healthz, readyz)"
-        )
+        self.maillog.info(f"metrics and health checks on http://{where}/ ({paths})")
 
     async def readiness(self) -> tuple[bool, str]:
         """/readyz: serving a configuration (it is loaded before a worker starts), not

@@ -54,11 +54,13 @@ from smtpgate.smtp.ports import (
     FLUSH,
     NO_METRICS,
     START_TLS,
+    Backend,
     BackendTransaction,
     Effect,
     FixedTransaction,
     Metrics,
 )
+from smtpgate.watch import SessionWatch, WatchChannel
 
 log = logging.getLogger("smtpgate.smtpd")
 
@@ -83,6 +85,8 @@ class Shared:
     same anvil."""
     metrics: Metrics = NO_METRICS
     """What the sessions count for Prometheus (smtpgate_metrics_listen)."""
+    watch: WatchChannel | None = None
+    """Where a session sends its row while someone watches (smtpgate_watch)."""
 
     @property
     def plan(self) -> Plan:
@@ -169,10 +173,15 @@ class GateProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # a stream transport
         shared = self.shared
         peer = _client_info(_peername(transport))
+        backend: Backend = RelayBackend(shared.relay, shared.maillog)
+        metrics, watch = shared.metrics, None
+        if shared.watch is not None and shared.watch.watched:  # one byte read: cheap
+            watch = SessionWatch(shared.watch, metrics, peer.address, peer.port)
+            metrics, backend = watch, watch.backend(backend)
         self.machine = SmtpMachine(
             plan=shared.plan,
             config=self.config,
-            backend=RelayBackend(shared.relay, shared.maillog),
+            backend=backend,
             anvil=shared.anvil,
             log=shared.maillog,
             address=peer.address,
@@ -183,8 +192,11 @@ class GateProtocol(asyncio.Protocol):
             resolver=shared.resolver,
             starttls=shared.tls_context is not None,
             queue_ids=new_queue_id,
-            metrics=shared.metrics,
+            metrics=metrics,
+            observer=watch,
         )
+        if watch is not None:
+            watch.attach(self.machine)
         shared.sessions.add(self)
         self.task = asyncio.get_running_loop().create_task(self._run())
 
