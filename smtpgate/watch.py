@@ -162,6 +162,7 @@ class SessionWatch:
         self._rejected = 0  # 5xx refusals by the restrictions, milters or backend
         self._deferred = 0
         self._discarded = False
+        self._decided_against = False  # "decided" names a refusal: a permit does not hide it
         self._machine: Any = None
 
     def attach(self, machine: Any) -> None:
@@ -208,8 +209,9 @@ class SessionWatch:
         row, line = self.row, self._command
         self._command = ""
         text = _reply_text(reply)
-        row["reply"] = text
         upper = line[:10].upper()
+        if not upper.startswith("QUIT"):
+            row["reply"] = text  # the last that said something (not QUIT's Bye)
         if self._in_data or upper.startswith("BDAT") and "LAST" in line.upper():
             self._in_data = False
             if reply.code != 354:
@@ -270,14 +272,16 @@ class SessionWatch:
     def refused(self, limit: str) -> None:
         self.inner.refused(limit)
         self.row["decided"] = f"limit {limit}"
+        self._decided_against = True
 
     def restriction(self, stage: str, restriction: str, result: str) -> None:
         self.inner.restriction(stage, restriction, result)
         hits = self.row["hits"]
         if len(hits) < MAX_HITS:
             hits.append({"stage": stage, "rule": _cut(restriction), "result": result})
-        if result != "permit":
+        if result != "permit" or not self._decided_against:
             self.row["decided"] = _cut(f"{restriction} ({stage} {result})")
+            self._decided_against = result != "permit"
 
     def milter_verdict(self, where: str, action: str) -> None:
         self.inner.milter_verdict(where, action)
@@ -286,6 +290,7 @@ class SessionWatch:
             if len(milters) < MAX_HITS:
                 milters.append({"stage": where, "action": action})
             self.row["decided"] = f"milter {action} ({where})"
+            self._decided_against = True
             if action == "discard":
                 self._discarded = True
 
@@ -457,13 +462,13 @@ class WatchEndpoint(HealthEndpoint):
         return 200, "text/html; charset=utf-8", page()
 
     async def stream(self, writer: asyncio.StreamWriter) -> None:
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-            b"Cache-Control: no-store\r\nConnection: close\r\n\r\n"
-            b"retry: 2000\n\nevent: hello\ndata: {}\n\n"
-        )
-        queue = self.watchers.open()
+        queue = self.watchers.open()  # before "hello": a session after it is shown
         try:
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Cache-Control: no-store\r\nConnection: close\r\n\r\n"
+                b"retry: 2000\n\nevent: hello\ndata: {}\n\n"
+            )
             await writer.drain()
             while not writer.is_closing():
                 try:
