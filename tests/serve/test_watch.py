@@ -264,3 +264,28 @@ async def test_page_in_headless_chromium(tmp_path: Path, backend: RecordingBacke
     assert seen["counters"].get((rule, "reject")) == 1, seen["counters"]
     data = screenshot.read_bytes()
     assert len(data) > 1000 and data.startswith(b"\x89PNG\r\n\x1a\n"), len(data)
+
+
+def test_a_bad_value_names_file_and_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    config = tmp_path / "main.cf"
+    config.write_text("myhostname = mx.example.org\nsmtpgate_watch = maybe\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "smtpgate", "check", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2, done
+    expected = f"{config}, line 2: error: smtpgate_watch = maybe: give off, loopback or on"
+    assert expected in done.stdout + done.stderr, done
+    config.write_text("myhostname = mx.example.org\nsmtpgate_watch = ON\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "smtpgate", "check", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done
