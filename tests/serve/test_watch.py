@@ -281,7 +281,9 @@ def test_a_bad_value_names_file_and_line(tmp_path: Path) -> None:
     assert done.returncode == 2, done
     expected = f"{config}, line 2: error: smtpgate_watch = maybe: give off, loopback or on"
     assert expected in done.stdout + done.stderr, done
-    config.write_text("myhostname = mx.example.org\nsmtpgate_watch = ON\n")
+    config.write_text(
+        "myhostname = mx.example.org\nrelayhost = [10.0.0.25]:25\nsmtpgate_watch = ON\n"
+    )
     done = subprocess.run(
         [sys.executable, "-m", "smtpgate", "check", "-c", str(config)],
         capture_output=True,
