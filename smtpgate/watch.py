@@ -15,12 +15,13 @@ Theory of operation:
    without blocking; the first worker (slot 0), which answers HTTP, reads the other end
    while at least one page is open.  The kernel's socket buffer bounds the memory: when it
    is full (nobody reads, or the reader is slow) a row is dropped, never waited for.
-3. **Nothing when nobody watches.**  Slot 0 raises the flag while it has a watcher;
-   a new session reads that byte once and, when it is down, gets the plain ports: no
-   row, no datagram.  Sessions that began before the page opened are not shown.
+3. **Nothing when nobody watches.**  The flag counts the open pages (slot 0 adds one per
+   page, takes it off when the page goes); a new session reads that byte once and, when
+   it is 0, gets the plain ports: no row, no datagram.  Sessions that began before the
+   page opened are not shown.
 4. **Slow watchers lose rows, not memory.**  Each page has a queue of at most
-   :data:`QUEUE_ROWS` rows; when it is full, rows for that page are dropped (counted, and
-   said in the stream) until it catches up.
+   :data:`QUEUE_ROWS` rows; when it is full, rows for that page are dropped until it
+   catches up.
 """
 
 from __future__ import annotations
@@ -88,7 +89,11 @@ class WatchChannel:
         return self.flag[0] != 0
 
     def set_watched(self, on: bool) -> None:
-        self.flag[0] = 1 if on else 0
+        """A page opened (or closed) in a slot 0.  The byte counts them (at most 255), so
+        that during a reload the old slot 0 closing its pages does not hide the new
+        one's; only slot 0 workers change it, each on its own event loop."""
+        count = self.flag[0]
+        self.flag[0] = min(count + 1, 255) if on else max(count - 1, 0)
 
     def send(self, row: dict[str, Any]) -> None:
         """Hand a row to slot 0; never blocks (a full buffer drops the row)."""
@@ -416,17 +421,19 @@ class Watchers:
         for row in self.recent:
             queue.put_nowait(row)
         self.queues.add(queue)
+        self.channel.set_watched(True)
         if not self._reading:
             self.channel.receive(10**6)  # rows from an earlier watcher's time: stale
             asyncio.get_running_loop().add_reader(self.channel.receiver.fileno(), self._read)
             self._reading = True
-        self.channel.set_watched(True)
         return queue
 
     def close(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        if queue not in self.queues:
+            return
         self.queues.discard(queue)
+        self.channel.set_watched(False)
         if not self.queues:
-            self.channel.set_watched(False)
             if self._reading:
                 with contextlib.suppress(Exception):
                     asyncio.get_running_loop().remove_reader(self.channel.receiver.fileno())

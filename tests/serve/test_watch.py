@@ -106,8 +106,21 @@ async def test_events_stream_the_sessions(tmp_path: Path, backend: RecordingBack
             assert await stream.next() == ("hello", "{}")
             await send_two_sessions(gate)
             rows = await finished_rows(stream, 2)
-        finally:
+            # the rows come from every worker, not only the one that answers HTTP
+            pids = {row["pid"] for row in rows.values()}
+            for _ in range(60):
+                if len(pids) >= 2:
+                    break
+                await dialogue(gate, "EHLO more.example")
+                pids |= {row["pid"] for row in (await finished_rows(stream, 1)).values()}
+            assert len(pids) == 2, pids
+            # the page is still open when serve stops: it does not hold the stop up
+        except BaseException:
             stream.close()
+            raise
+    ended = await asyncio.wait_for(stream.reader.read(), LOG_DEADLINE)  # the end of stream
+    assert b"event: hello" not in ended, ended
+    stream.close()
     refused, relayed = rows["refused.example"], rows["relayed.example"]
     assert refused["outcome"] == "rejected", refused
     assert refused["client"].endswith("[127.0.0.2]") or "[127.0.0.2]" in refused["client"]
@@ -175,7 +188,14 @@ def test_nobody_watches_nothing_is_sent() -> None:
     try:
         assert not channel.watched
         channel.set_watched(True)
+        channel.set_watched(True)  # two pages (a reload: the old slot 0 and the new)
+        channel.set_watched(False)
         assert channel.watched
+        channel.set_watched(False)
+        assert not channel.watched
+        channel.set_watched(False)
+        assert not channel.watched and channel.flag[0] == 0
+        channel.set_watched(True)
         sent = 0
         start = time.monotonic()
         while channel.dropped == 0:  # fill the kernel's buffer: the sender never waits
