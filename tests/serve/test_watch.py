@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from smtpgate.watch import WatchChannel, WatchEndpoint, loopback
+from smtpgate.watch import SessionWatch, WatchChannel, WatchEndpoint, loopback
 from tests.serve.backend import RecordingBackend
 from tests.serve.conftest import LOG_DEADLINE, SEED_MAIN_CF, SEED_TABLES, Gate, running_gate
 from tests.serve.test_metrics import METRICS_ON, dialogue, http_get, metrics_port
@@ -311,3 +311,60 @@ def test_a_bad_value_names_file_and_line(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, done
+
+
+def _session(channel: WatchChannel) -> SessionWatch:
+    from smtpgate.smtp.ports import NO_METRICS
+
+    return SessionWatch(channel, NO_METRICS, "192.0.2.1", 4000)
+
+
+def _last_row(channel: WatchChannel) -> dict[str, Any]:
+    rows = channel.receive(10**6)
+    assert rows
+    return rows[-1]
+
+
+def test_outcomes_of_a_row() -> None:
+    """The outcome a row is coloured by, from the replies and verdicts the session saw."""
+    from smtpgate.reply import Reply
+
+    channel = WatchChannel()
+    try:
+        deferred = _session(channel)
+        deferred.reply(Reply(220, "", "mx.example.org ESMTP"))
+        assert _last_row(channel)["outcome"] == "open"
+        deferred.command("HELO client.example")
+        deferred.reply(Reply(250, "", "mx.example.org"))
+        deferred.command("MAIL FROM:<a@example.com> SIZE=10")
+        deferred.reply(Reply(250, "2.1.0", "Ok"))
+        deferred.command("RCPT TO:<b@example.net>")
+        deferred.restriction("RCPT", "check_policy_service inet:127.0.0.1:10023", "defer")
+        deferred.reply(Reply(450, "4.2.0", "<b@example.net>: Recipient address rejected"))
+        deferred.disconnect()
+        row = _last_row(channel)
+        assert row["outcome"] == "deferred" and row["done"], row
+        assert row["sender"] == "a@example.com" and row["helo"] == "client.example", row
+        assert row["decided"] == "check_policy_service inet:127.0.0.1:10023 (RCPT defer)"
+        assert row["client"] == "unknown[192.0.2.1]:4000", row
+
+        discarded = _session(channel)
+        discarded.command("EHLO client.example")
+        discarded.reply(Reply(250, "", "mx.example.org"))
+        discarded.command("DATA")
+        discarded.reply(Reply(354, "", "End data with <CR><LF>.<CR><LF>"))
+        discarded.milter_verdict("END-OF-MESSAGE", "discard")
+        discarded.reply(Reply(250, "2.0.0", "Ok: queued as ABC"))
+        assert _last_row(channel)["outcome"] == "discarded"
+
+        many = _session(channel)
+        for index in range(30):
+            many.command(f"RCPT TO:<r{index}@example.net>")
+            many.reply(Reply(250, "2.1.5", "Ok"))
+        many.command("BDAT 10 LAST")
+        many.reply(Reply(554, "5.7.1", "no"))
+        row = _last_row(channel)
+        assert len(row["recipients"]) == 20 and row["more_recipients"] == 10, row
+        assert row["outcome"] == "rejected" and row["messages"][0]["result"] == "rejected"
+    finally:
+        channel.close()
