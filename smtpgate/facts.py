@@ -21,3 +21,6 @@ class ClientFacts:
     """Log correlation id (XFORWARD IDENT, Postfix sends its queue id); None: unavailable."""
     source: str = "REMOTE"
     """XFORWARD SOURCE: "LOCAL" or "REMOTE" (Postfix: LOCAL for local_header_rewrite_clients)."""
+    server: tuple[str, int] | None = None
+    """The address and port the client connected to (a PROXY header to the backend names
+    it); None: unknown."""

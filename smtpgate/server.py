@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from smtpgate import proxyproto
 from smtpgate.anvil import AnvilClient, LocalAnvil
 from smtpgate.config.service import ListenAddress
 from smtpgate.errors import ConfigError
@@ -420,6 +421,14 @@ class Server:
                 errno_ = exc.errno or 0
                 why = os.strerror(errno_) if errno_ > 0 else exc.strerror or str(exc)
                 continue
+            version = relay.config.proxy_protocol
+            if version:  # a backend that reads PROXY: this connection is smtpgate's own
+                own = writer.get_extra_info("sockname")
+                writer.write(
+                    proxyproto.encode_local()
+                    if version == 2
+                    else proxyproto.encode(1, own[:2], (host, port))
+                )
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()

@@ -17,6 +17,12 @@ which ``explain`` drives too.  What is left here:
   API); input that arrived in plaintext behind the command is dropped.
 * **The peer.**  The client address is read once, when the connection is made (with
   Linux's SO_PEERNAME when ``getpeername`` fails for a client that already reset).
+  With ``smtpd_upstream_proxy_protocol = haproxy`` a load balancer's PROXY header comes
+  first (:mod:`smtpgate.proxyproto` parses it): the machine is built only once it is
+  read, with the client it names; a v2 LOCAL header (a health check) makes the balancer
+  the client, flagged ``proxy_local``; a bad or late header, or a peer outside
+  ``smtpgate_upstream_proxy_networks``, gets Postfix 3.7's hang-up (a session that
+  answers 421 4.3.0 Server local error).
 
 The listener is asyncio's own server; aiosmtpd is not used here (it only serves the
 ``smtpgate sink`` backend).
@@ -36,9 +42,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from smtpgate import proxyproto
 from smtpgate.anvil import AnvilClient, LocalAnvil
 from smtpgate.config.service import ServiceConfig
-from smtpgate.errors import FilterDestinationError
+from smtpgate.errors import FilterDestinationError, TableLookupError
 from smtpgate.facts import ClientFacts
 from smtpgate.generation import Generation
 from smtpgate.logs import MailLog, new_queue_id
@@ -164,6 +171,9 @@ class GateProtocol(asyncio.Protocol):
         self._reading_paused = False
         self._eof = False
         self._arrivals = 0  # data_received calls so far (the wait for input counts them)
+        self._proxy_input: bytearray | None = None  # the PROXY header so far
+        self._proxy_timer: asyncio.TimerHandle | None = None
+        self._proxy_peer = ClientInfo(address="unknown")  # who sent the header
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -171,12 +181,29 @@ class GateProtocol(asyncio.Protocol):
         if self.machine is not None:
             return  # loop.start_tls hands the protocol its new transport itself
         self.transport = transport  # type: ignore[assignment]  # a stream transport
-        shared = self.shared
         peer = _client_info(_peername(transport))
+        if self.config.upstream_proxy:
+            self._await_proxy_header(peer)
+        else:
+            self._open_session(peer.address, peer.port, _server(transport))
+
+    def _open_session(
+        self,
+        address: str,
+        port: int | None,
+        server: tuple[str, int] | None,
+        *,
+        proxy_local: bool = False,
+        hangup: bool = False,
+    ) -> None:
+        """Build the machine for the client at *address* and start the session."""
+        shared, transport = self.shared, self.transport
+        assert transport is not None
         backend: Backend = RelayBackend(shared.relay, shared.maillog)
         metrics, watch = shared.metrics, None
-        if shared.watch is not None and shared.watch.watched:  # one byte read: cheap
-            watch = SessionWatch(shared.watch, metrics, peer.address, peer.port)
+        # one byte read when nobody watches; a balancer's health check is not shown
+        if shared.watch is not None and shared.watch.watched and not proxy_local:
+            watch = SessionWatch(shared.watch, metrics, address, port)
             metrics, backend = watch, watch.backend(backend)
         self.machine = SmtpMachine(
             plan=shared.plan,
@@ -184,16 +211,18 @@ class GateProtocol(asyncio.Protocol):
             backend=backend,
             anvil=shared.anvil,
             log=shared.maillog,
-            address=peer.address,
-            port=peer.port,
+            address=address,
+            port=port,
             service=_service(transport),
-            server=_server(transport),
+            server=server,
             milters=shared.milters.session(shared.maillog) if shared.milters else None,
             resolver=shared.resolver,
             starttls=shared.tls_context is not None,
             queue_ids=new_queue_id,
             metrics=metrics,
             observer=watch,
+            proxy_local=proxy_local,
+            hangup=hangup,
         )
         if watch is not None:
             watch.attach(self.machine)
@@ -203,7 +232,9 @@ class GateProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_input = time.monotonic()
         machine = self.machine
-        assert machine is not None
+        if machine is None:
+            self._proxy_received(data)
+            return
         machine.receive(data)
         self._arrivals += 1
         if machine.buffered > READ_BACKLOG and self.transport is not None:
@@ -215,10 +246,15 @@ class GateProtocol(asyncio.Protocol):
         self._eof = True
         if self.machine is not None:
             self.machine.receive_eof()
+        elif self._proxy_input is not None:
+            self._proxy_received(b"")
+            return True  # keep the transport: the session answers (Postfix's 421) and closes
         self._wake()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.machine is None:
+            self._proxy_done()  # gone before its PROXY header: no session
         self.eof_received()
         waiter = self._write_paused
         if waiter is not None and not waiter.done():
@@ -237,6 +273,83 @@ class GateProtocol(asyncio.Protocol):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    # -- the PROXY header (smtpd_upstream_proxy_protocol = haproxy) -------------------------
+
+    def _await_proxy_header(self, peer: ClientInfo) -> None:
+        """Read the load balancer's PROXY header before the session starts: the client it
+        names is the client.  A peer outside smtpgate_upstream_proxy_networks is refused."""
+        networks = self.config.upstream_proxy_networks
+        allowed = True
+        if networks is not None:
+            try:
+                allowed = networks.match(peer.address)
+            except TableLookupError as exc:
+                self.shared.maillog.warning(f"smtpgate_upstream_proxy_networks: {exc}")
+                allowed = False
+        if not allowed:
+            self.shared.maillog.warning(
+                f"haproxy: refusing connection from {peer.namaddr}: "
+                "not in smtpgate_upstream_proxy_networks"
+            )
+            self._proxy_failed(peer)
+            return
+        self._proxy_input = bytearray()
+        self._proxy_peer = peer
+        self._proxy_timer = asyncio.get_running_loop().call_later(
+            self.config.upstream_proxy_timeout, self._proxy_timed_out
+        )
+
+    def _proxy_received(self, data: bytes) -> None:
+        """Header bytes (b"" at end of input); starts the session once it is complete."""
+        pending = self._proxy_input
+        if pending is None:
+            return
+        pending += data
+        try:
+            header = proxyproto.parse(pending, eof=self._eof)
+        except proxyproto.ProxyHeaderError as exc:
+            self.shared.maillog.warning(f"haproxy read: {exc}")
+            self._proxy_failed(self._proxy_peer)
+            return
+        if header is None:
+            return
+        self._proxy_done()
+        rest = bytes(pending[header.length :])
+        transport = self.transport
+        assert transport is not None
+        if header.client is None:  # LOCAL: the balancer itself
+            peer = self._proxy_peer
+            self._open_session(peer.address, peer.port, _server(transport), proxy_local=True)
+        else:
+            address, port = header.client
+            self._open_session(address, port, header.server)
+        machine = self.machine
+        assert machine is not None
+        if rest:
+            machine.receive(rest)
+            self._arrivals += 1
+        if self._eof:
+            machine.receive_eof()
+
+    def _proxy_timed_out(self) -> None:
+        if self._proxy_input is not None:
+            self.shared.maillog.warning("haproxy read: timeout error")
+            self._proxy_failed(self._proxy_peer)
+
+    def _proxy_failed(self, peer: ClientInfo) -> None:
+        """What Postfix 3.7 does when the handshake fails: a session with the balancer
+        as the client that answers 421 4.3.0 Server local error and hangs up."""
+        self._proxy_done()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            self._open_session(peer.address, peer.port, _server(transport), hangup=True)
+
+    def _proxy_done(self) -> None:
+        self._proxy_input = None
+        if self._proxy_timer is not None:
+            self._proxy_timer.cancel()
+            self._proxy_timer = None
 
     # -- the connection --------------------------------------------------------------------
 

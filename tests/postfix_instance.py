@@ -377,6 +377,7 @@ class PostfixInstance:
         compatibility_level: str = "3.6",
         port: int | None = None,
         keep: bool = False,
+        preamble: bytes = b"",
     ) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="smtpgate-postfix-"))
         # smtpd and friends run as the postfix user and must traverse the tree.
@@ -389,6 +390,9 @@ class PostfixInstance:
         _copy_template_tree(self.spool, self.data)
         self.port = port or free_port()
         self.keep = keep
+        self.preamble = preamble
+        """Written first by the start-up probe (a PROXY header, for an instance with
+        smtpd_upstream_proxy_protocol = haproxy)."""
         self.running = False
         self._main_cf = main_cf
         self._tables = dict(tables or {})
@@ -503,6 +507,7 @@ class PostfixInstance:
                 with socket.create_connection(
                     ("127.0.0.1", self.port), timeout=min(remaining, 1.0)
                 ) as s:
+                    s.sendall(self.preamble)
                     if s.recv(512):
                         s.sendall(b"QUIT\r\n")
                         return

@@ -247,3 +247,35 @@ def test_explain_uses_dns_only_when_asked(tmp_path: Path):
         assert offline.stdout.rstrip().splitlines()[-1].startswith("450 4.7.1 ")
     finally:
         dns.stop()
+
+
+def test_check_names_bad_proxy_protocol_settings(tmp_path: Path):
+    cf = _config(
+        tmp_path,
+        "myhostname = mx.example.org\n"
+        "relayhost = [127.0.0.1]:2526\n"
+        "smtpd_upstream_proxy_protocol = proxy\n"
+        "smtpgate_upstream_proxy_networks = 10.0.0.300/32\n"
+        "smtpgate_backend_proxy_protocol = v3\n",
+    )
+    result = run("check", "-c", str(cf))
+    assert result.exit_code == 2
+    assert (
+        f"{cf}, line 3: error: unsupported smtpd_upstream_proxy_protocol value: proxy "
+        "(use haproxy, or leave it empty)"
+    ) in result.stderr
+    assert f"{cf}, line 4: error: smtpgate_upstream_proxy_networks:" in result.stderr
+    assert (
+        f"error: {cf}, line 5: smtpgate_backend_proxy_protocol: unsupported value: v3 "
+        "(use v1, v2, or leave it empty)"
+    ) in result.stderr  # the relay's configuration errors read this way
+    good = _config(
+        tmp_path,
+        "myhostname = mx.example.org\n"
+        "relayhost = [127.0.0.1]:2526\n"
+        "smtpd_upstream_proxy_protocol = haproxy\n"
+        "smtpd_upstream_proxy_timeout = 10s\n"
+        "smtpgate_upstream_proxy_networks = 10.0.0.0/24, [fd00::]/64\n"
+        "smtpgate_backend_proxy_protocol = v1\n",
+    )
+    assert run("check", "-c", str(good)).stdout.endswith("ok, 0 warning(s)\n")

@@ -648,6 +648,40 @@ _SPECS = [
         "int",
         "Longest command line read; longer DATA lines are relayed intact, never rejected.",
     ),
+    # -- the PROXY protocol: from a load balancer in front, to the backend behind --
+    _p(
+        "smtpd_upstream_proxy_protocol",
+        "",
+        "str",
+        "The protocol a load balancer in front speaks before SMTP: empty (none) or haproxy "
+        "(a PROXY header, version 1 or 2, whose client address is the client for "
+        "everything: restrictions, limits, logs, XFORWARD, milters, policy services).",
+    ),
+    _p(
+        "smtpd_upstream_proxy_timeout",
+        "5s",
+        "time",
+        "How long to wait for the PROXY header (smtpd_upstream_proxy_protocol = haproxy).",
+    ),
+    ParamSpec(
+        "smtpgate_upstream_proxy_networks",
+        "",
+        "list",
+        "The load balancers that may send a PROXY header, in mynetworks syntax (net/prefix, "
+        "[ipv6]/prefix, type:table); a connection from elsewhere is logged and refused "
+        "(421 4.3.0 Server local error). Empty: any client may (Postfix's behaviour: let "
+        "only the balancers reach the port).",
+        "smtpgate only (Postfix trusts whoever reaches the port).",
+    ),
+    ParamSpec(
+        "smtpgate_backend_proxy_protocol",
+        "",
+        "str",
+        "Send the backend MTA a PROXY header naming the real client before its greeting: "
+        "v1, v2, or empty (none; XFORWARD only). Each transaction then gets a backend "
+        "connection of its own (no reuse across clients).",
+        "smtpgate only (Postfix's smtp client does not send PROXY headers).",
+    ),
     _p(
         "smtpd_proxy_timeout",
         "100s",
@@ -1057,7 +1091,6 @@ NOT_YET_FEATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("milter header checks", ("milter_header_checks",)),
     ("before-queue content filter", ("smtpd_proxy_filter",)),
     ("after-queue content filter", ("content_filter",)),
-    ("PROXY protocol", ("smtpd_upstream_proxy_protocol",)),
     ("SASL (SMTP AUTH)", ("smtpd_sasl_auth_enable",)),
     ("address verification", ("address_verify_*", "unverified_*")),
     ("postscreen", ("postscreen_*",)),

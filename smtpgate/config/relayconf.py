@@ -160,6 +160,9 @@ class RelayConfig:
     """Seconds an idle pooled connection is kept (backends drop idle clients themselves)."""
     chunk_size: int = 1 << 20
     """Largest BDAT chunk; a message up to this size is one ``BDAT n LAST``."""
+    proxy_protocol: int = 0
+    """``smtpgate_backend_proxy_protocol``: 1 or 2 (send a PROXY header of that version
+    before the greeting, one connection per transaction), 0: none."""
     path: str | None = None
     locations: dict[str, Location] = field(default_factory=dict, compare=False)
     """Where the file parameters were set, for errors about their files."""
@@ -185,9 +188,13 @@ _FILE_PARAMETERS = (
 )
 
 
+BACKEND_PROXY_PROTOCOLS = {"": 0, "v1": 1, "v2": 2}
+
+
 def relay_config(settings: Settings) -> RelayConfig:
     """Read ``relayhost``, ``smtpgate_hold_relayhost``, ``smtpd_proxy_ehlo``,
-    ``smtp_connect_timeout``, ``smtpd_proxy_timeout`` and ``smtp_tls_*``."""
+    ``smtp_connect_timeout``, ``smtpd_proxy_timeout``, ``smtpgate_backend_proxy_protocol``
+    and ``smtp_tls_*``."""
 
     def bad(name: str, message: str) -> ConfigError:
         return config_error(name, message, settings.location(name), settings.path)
@@ -201,8 +208,15 @@ def relay_config(settings: Settings) -> RelayConfig:
     ehlo = settings["smtpd_proxy_ehlo"].strip()
     if not ehlo or any(c.isspace() for c in ehlo) or _CONTROL.search(ehlo):
         raise bad("smtpd_proxy_ehlo", f"bad EHLO name: {ehlo!r}")
+    proxy = settings["smtpgate_backend_proxy_protocol"].strip().lower()
+    if proxy not in BACKEND_PROXY_PROTOCOLS:
+        raise bad(
+            "smtpgate_backend_proxy_protocol",
+            f"unsupported value: {proxy} (use v1, v2, or leave it empty)",
+        )
     return RelayConfig(
         relayhost=hops["relayhost"],
+        proxy_protocol=BACKEND_PROXY_PROTOCOLS[proxy],
         hold_relayhost=hops["smtpgate_hold_relayhost"],
         ehlo_name=ehlo,
         connect_timeout=settings.as_time("smtp_connect_timeout"),

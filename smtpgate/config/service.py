@@ -38,6 +38,7 @@ FORBIDDEN_VERBS = frozenset({"CONNECT", "GET", "POST"})
 _HEADER_LIKE = re.compile(r"^[\x21-\x39\x3b-\x7e]+:")
 _TABLE_SPEC = re.compile(r"^[A-Za-z0-9_]+:.")
 BARE_NEWLINE_MODES = ("normalize", "reject", "no")
+UPSTREAM_PROXY_PROTOCOLS = ("", "haproxy")
 
 
 @dataclass(frozen=True)
@@ -266,6 +267,11 @@ class ServiceConfig:
     shared_state: str = ""
     """smtpgate_shared_state, checked (redis:// or rediss://); empty: counted here alone."""
     shared_state_lease: float = 30.0
+    upstream_proxy: str = ""
+    """smtpd_upstream_proxy_protocol: "" (none) or "haproxy" (a PROXY header, v1 or v2)."""
+    upstream_proxy_timeout: float = 5.0
+    upstream_proxy_networks: AddressList | None = None
+    """smtpgate_upstream_proxy_networks; None (empty): any peer may send the header."""
 
     @property
     def tls_offered(self) -> bool:
@@ -407,6 +413,16 @@ def service_config(settings: Settings) -> tuple[ServiceConfig | None, list[Diagn
             "smtpd_tls_security_level",
             f"smtpd_tls_security_level = {tls_level} needs smtpd_tls_cert_file",
         )
+    upstream_proxy = r.text("smtpd_upstream_proxy_protocol").strip()
+    if upstream_proxy not in UPSTREAM_PROXY_PROTOCOLS:
+        r.error(
+            "smtpd_upstream_proxy_protocol",
+            f"unsupported smtpd_upstream_proxy_protocol value: {upstream_proxy} "
+            "(use haproxy, or leave it empty)",
+        )
+    proxy_networks = None
+    if r.words("smtpgate_upstream_proxy_networks"):
+        proxy_networks = address_list("smtpgate_upstream_proxy_networks")
     config = ServiceConfig(
         hostname=r.text("myhostname"),
         banner=r.text("smtpd_banner"),
@@ -460,6 +476,9 @@ def service_config(settings: Settings) -> tuple[ServiceConfig | None, list[Diagn
         watch=r.opened("smtpgate_watch", lambda: parse_watch(r.text("smtpgate_watch")), "off"),
         shared_state=shared_state,
         shared_state_lease=lease,
+        upstream_proxy=upstream_proxy,
+        upstream_proxy_timeout=r.seconds("smtpd_upstream_proxy_timeout"),
+        upstream_proxy_networks=proxy_networks,
     )
     if any(d.severity == "error" for d in r.diagnostics):
         return None, r.diagnostics

@@ -279,10 +279,24 @@ async def open_protocol(
     timeout: float,
     tls: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
+    preamble: bytes = b"",
 ) -> BackendProtocol:
-    """Connect (TLS from the first byte when *tls* is given); the greeting is not read."""
+    """Connect (TLS from the first byte when *tls* is given); the greeting is not read.
+
+    *preamble* (a PROXY header) is written first, in plaintext, before any TLS handshake.
+    """
     loop = asyncio.get_running_loop()
     protocol = BackendProtocol(loop)
+    if preamble:
+        await asyncio.wait_for(loop.create_connection(lambda: protocol, host, port), timeout)
+        protocol.write(preamble)
+        if tls is not None:
+            try:
+                await start_tls(protocol, tls, server_hostname, timeout)
+            except BaseException:
+                protocol.close()
+                raise
+        return protocol
     if tls is None:
         connecting = loop.create_connection(lambda: protocol, host, port)
     else:

@@ -10,7 +10,10 @@ transaction sends the RSET probe in the same write as its first commands (one ro
 instead of two), and closes the connection and checks out another when the probe fails.
 Connections are dropped after a 421, a timeout, any error, ``max_transactions``
 transactions or ``max_age`` seconds, and when idle longer than ``idle_timeout``; at most
-``max_idle`` idle connections are kept.
+``max_idle`` idle connections are kept.  With ``smtpgate_backend_proxy_protocol`` no
+connection is reused: each begins with a PROXY header naming the client it was opened
+for (before the greeting, and before the TLS handshake in wrapper mode), so it serves
+that transaction only.
 
 Opening: connect (``smtp_connect_timeout``, which also bounds the greeting), greeting,
 EHLO ``$smtpd_proxy_ehlo``, STARTTLS per :mod:`smtpgate.relay.tls`, EHLO again. An
@@ -28,7 +31,9 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 
+from smtpgate import proxyproto
 from smtpgate.config.relayconf import RelayConfig, Relayhost
+from smtpgate.facts import ClientFacts
 from smtpgate.relay.client import (
     BackendProtocol,
     Connection,
@@ -73,9 +78,18 @@ class Pool:
     def idle_connections(self) -> int:
         return len(self._idle)
 
-    async def checkout(self) -> Connection:
+    async def checkout(self, client: ClientFacts | None = None) -> Connection:
         """An idle connection (``reused``: probe it before use) or a new one; a Fault
-        when no connection can be opened."""
+        when no connection can be opened.
+
+        With ``smtpgate_backend_proxy_protocol`` the connection is always new and begins
+        with a PROXY header naming *client*; it is never pooled (it speaks for that
+        client only), so check-in closes it.
+        """
+        if self.config.proxy_protocol:
+            conn = await self._connect(self._proxy_header(client))
+            conn.reused = False
+            return conn
         while self._idle:
             conn = self._idle.pop()
             if self._reusable(conn):
@@ -117,7 +131,8 @@ class Pool:
         now = time.monotonic()
         cfg = self.config
         return (
-            conn.alive
+            not cfg.proxy_protocol
+            and conn.alive
             and now - conn.created < cfg.max_age
             and now - conn.last_used < cfg.idle_timeout
             and conn.transactions < cfg.max_transactions
@@ -134,11 +149,19 @@ class Pool:
 
     # -- opening ---------------------------------------------------------------------------
 
-    async def _connect(self) -> Connection:
-        """Connect to the next hop, or to its MX hosts in preference order."""
+    def _proxy_header(self, client: ClientFacts | None) -> bytes:
+        if client is None:
+            return proxyproto.encode(self.config.proxy_protocol, None, None)
+        return proxyproto.encode(
+            self.config.proxy_protocol, (client.addr, client.port), client.server
+        )
+
+    async def _connect(self, preamble: bytes = b"") -> Connection:
+        """Connect to the next hop, or to its MX hosts in preference order; *preamble*
+        (a PROXY header) is the first thing written."""
         hop = self.hop
         if not hop.mx_lookup or self.next_hops is None:
-            return await self._connect_to(hop.host, hop.port)
+            return await self._connect_to(hop.host, hop.port, preamble)
         try:
             hops = await self.next_hops(hop.host, hop.port)
         except Exception as exc:  # the resolver's DnsLookupError, whatever its kind
@@ -146,7 +169,7 @@ class Pool:
         last: Fault | None = None
         for address, port in hops:
             try:
-                return await self._connect_to(address, port)
+                return await self._connect_to(address, port, preamble)
             except Fault as fault:
                 if fault.definite:
                     raise
@@ -154,21 +177,22 @@ class Pool:
                 last = fault
         raise last or Fault(f"next hop {hop}: no address to connect to")
 
-    async def _connect_to(self, host: str, port: int) -> Connection:
+    async def _connect_to(self, host: str, port: int, preamble: bytes) -> Connection:
         if self.tls.level != "may":
-            return await self._session(host, port, use_tls=self.tls.level != "none")
+            return await self._session(host, port, self.tls.level != "none", preamble)
         try:
-            return await self._session(host, port, use_tls=True)
+            return await self._session(host, port, True, preamble)
         except TLSHandshakeFault as fault:
             logger.warning(
                 "%s; retrying in plaintext (smtp_tls_security_level = may)", fault.detail
             )
-            return await self._session(host, port, use_tls=False)
+            return await self._session(host, port, False, preamble)
 
-    async def _session(self, host: str, port: int, use_tls: bool) -> Connection:
-        """One new SMTP session: connect, greeting, EHLO, STARTTLS and EHLO when asked."""
+    async def _session(self, host: str, port: int, use_tls: bool, preamble: bytes) -> Connection:
+        """One new SMTP session: connect (and the preamble), greeting, EHLO, STARTTLS and
+        EHLO when asked."""
         wrapped = use_tls and self.tls.wrappermode
-        protocol = await self._dial(host, port, wrapped)
+        protocol = await self._dial(host, port, wrapped, preamble)
         try:
             conn = Connection(protocol, self.hop, _describe_peer(protocol, self.hop))
             await self._greeting(conn)
@@ -184,12 +208,12 @@ class Pool:
             protocol.close()
             raise
 
-    async def _dial(self, host: str, port: int, wrapped: bool) -> BackendProtocol:
+    async def _dial(self, host: str, port: int, wrapped: bool, preamble: bytes) -> BackendProtocol:
         timeout = self.config.connect_timeout
         context = self.tls.context if wrapped else None
         try:
             return await open_protocol(
-                host, port, timeout, context, self.tls.server_name(self.hop.host)
+                host, port, timeout, context, self.tls.server_name(self.hop.host), preamble
             )
         except TimeoutError:
             raise Fault(f"timeout connecting to backend {self.hop} ({timeout:g}s)") from None

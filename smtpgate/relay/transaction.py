@@ -327,7 +327,7 @@ class Transaction:
         pool = self.relay.pool(self.next_hop)
         timeout = self.relay.command_timeout
         while True:
-            conn = await pool.checkout()
+            conn = await pool.checkout(self.client)
             self._conn = conn
             self._peer = conn.peer
             self._tls = conn.tls

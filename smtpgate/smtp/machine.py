@@ -156,6 +156,8 @@ class SmtpMachine:
         milters: Milters | None = None,
         server: tuple[str, int] | None = None,
         metrics: Metrics = NO_METRICS,
+        proxy_local: bool = False,
+        hangup: bool = False,
     ) -> None:
         self.plan = plan
         self.config = config
@@ -173,7 +175,12 @@ class SmtpMachine:
         self.known_client = known_client  # found already: no lookup at connect
         self.milters = milters
         self.server = server  # the listener's address and port ({daemon_addr})
-        self.metrics = metrics
+        self.proxy_local = proxy_local
+        # a balancer's health check is no client: it counts in no client metric
+        self.metrics = NO_METRICS if proxy_local else metrics
+        """A load balancer's own connection (PROXY v2 LOCAL: its health check): a normal
+        session that counts toward no client's limits (nor client metrics)."""
+        self.hangup = hangup  # the PROXY handshake failed: 421 instead of a greeting
         self.connections = 0  # this client's concurrent sessions ({client_connections})
         self.macros = SessionMacros(self._macro)
         self._milter_sender: str | None = None  # the address MAIL is checking
@@ -282,6 +289,9 @@ class SmtpMachine:
             self.policy.state.server_address, self.policy.state.server_port = self.server
         self.log.info(f"connect from {self.namaddr}")
         self.metrics.connect()
+        if self.hangup:  # Postfix's SMTPD_FLAG_HANGUP: no rights known, no service
+            self._reply(Reply(421, "4.3.0", f"{self.config.hostname} Server local error", True))
+            return self.take()
         if not await self._admit():
             return self.take()
         decision = await self.policy.connect()
@@ -466,7 +476,9 @@ class SmtpMachine:
         cfg, client = self.config, self.client
         try:
             exceptions = cfg.limit_exceptions
-            self.excepted = exceptions is not None and exceptions.match(client.address)
+            self.excepted = self.proxy_local or (
+                exceptions is not None and exceptions.match(client.address)
+            )
         except TableLookupError as exc:
             self.log.warning(f"smtpd_client_event_limit_exceptions: {exc}")
         self.anvil_counted = True  # before the await: a cancelled session still gives back
@@ -1010,6 +1022,7 @@ class SmtpMachine:
             # XFORWARD IDENT: a Postfix backend logs it as orig_queue_id=, which joins
             # its log lines to smtpgate's.
             ident=st.queue_id,
+            server=self.server,
         )
 
     def _route(self, txn: Transaction) -> Route:

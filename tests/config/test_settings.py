@@ -287,7 +287,6 @@ def test_bad_reply_code_is_an_error_diagnostic() -> None:
         "smtpd_milter_maps = cidr:/etc/postfix/smtpd_milter_map",
         "milter_header_checks = pcre:/etc/postfix/milter_header_checks",
         "smtpd_sasl_auth_enable = yes",
-        "smtpd_upstream_proxy_protocol = haproxy",
         "smtpd_proxy_filter = 127.0.0.1:10025",
         "address_verify_map = lmdb:/var/lib/postfix/verify",
         "postscreen_dnsbl_sites = zen.spamhaus.org*3",
