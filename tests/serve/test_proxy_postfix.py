@@ -77,7 +77,10 @@ async def until_closed(host: str, port: int, data: bytes, eof: bool) -> bytes:
         if data:
             await client.send_raw(data)
         if eof:
-            client.writer.write_eof()
+            # Postfix may have read the header, refused it and closed already (an idle
+            # smtpd process answers at once): then there is no input left to end
+            with contextlib.suppress(OSError):
+                client.writer.write_eof()
         received = b""
         async with asyncio.timeout(10):
             try:
