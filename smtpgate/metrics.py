@@ -571,8 +571,8 @@ class SupervisorMetrics:
 Readiness = Callable[[], Awaitable[tuple[bool, str]]]
 """Whether the server is ready, and why (or why not), in a line of text."""
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            503: "Service Unavailable"}  # fmt: skip
+_REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+            405: "Method Not Allowed", 503: "Service Unavailable"}  # fmt: skip
 
 
 class HealthEndpoint:
@@ -595,7 +595,11 @@ class HealthEndpoint:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
-                status, content_type, body, head = await self._answer(reader)
+                status, content_type, body, head = await self._answer(reader, writer)
+            if status == 0 and not head:  # a stream (route() said so): its own answer
+                await self.stream(writer)
+                return
+            status = status or 200
             writer.write(
                 (
                     f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
@@ -612,7 +616,17 @@ class HealthEndpoint:
         finally:
             writer.close()
 
-    async def _answer(self, reader: asyncio.StreamReader) -> tuple[int, str, bytes, bool]:
+    async def route(self, path: str, peer: Any) -> tuple[int, str, bytes] | None:
+        """Another path's (status, content type, body), or None: not found.  Status 0:
+        answer with :meth:`stream` (no time limit).  ``peer``: the client's address."""
+        return None
+
+    async def stream(self, writer: asyncio.StreamWriter) -> None:
+        """Write a streamed answer (see :meth:`route`)."""
+
+    async def _answer(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> tuple[int, str, bytes, bool]:
         text = "text/plain; charset=utf-8"
         words = (await reader.readline()).decode("latin-1").split()
         for _ in range(MAX_HEADER_LINES):
@@ -637,4 +651,7 @@ class HealthEndpoint:
         if path == "/readyz":
             ready, why = await self.ready()
             return (200 if ready else 503), text, f"{why}\n".encode(), head
+        other = await self.route(path, writer.get_extra_info("peername"))
+        if other is not None:
+            return *other, head
         return 404, text, b"not found (try /metrics, /healthz, /readyz)\n", head

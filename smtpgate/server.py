@@ -35,6 +35,7 @@ from smtpgate.logs import MailLog, route_python_logging
 from smtpgate.metrics import HealthEndpoint, ServerMetrics
 from smtpgate.shared_state import SharedAnvil, shared_anvil
 from smtpgate.smtpd import GateProtocol, Shared
+from smtpgate.watch import WatchChannel, WatchEndpoint
 
 DRAIN_TIMEOUT = 30.0
 
@@ -285,6 +286,7 @@ class Server:
         anvil: AnvilClient | None = None,
         spool_directory: str | None = None,
         metrics: ServerMetrics | None = None,
+        watch: WatchChannel | None = None,
     ) -> None:
         """Serve ``generation`` (see :mod:`smtpgate.generation`); ``anvil``: the counters
         shared with the other workers (a ``RemoteAnvil`` on the supervisor's
@@ -293,7 +295,8 @@ class Server:
         while it does not answer (``smtpgate.shared_state``).  ``spool_directory``: where
         messages are spooled when smtpgate_spool_directory is empty (the supervisor's
         private directory); without it the server makes its own and removes it at stop.
-        ``metrics``: what this worker counts for Prometheus (None: nothing)."""
+        ``metrics``: what this worker counts for Prometheus (None: nothing); ``watch``:
+        where sessions send their rows for the live view (smtpgate_watch; None: off)."""
         self.maillog = maillog
         self._own_spool: str | None = None
         if spool_directory is None:
@@ -310,6 +313,8 @@ class Server:
             spool_directory=spool_directory,
         )
         self.metrics = metrics
+        self.watch = watch if config.watch != "off" else None
+        self.shared.watch = self.watch
         self.endpoint: HealthEndpoint | None = None
         self._probing = asyncio.Lock()
         if metrics is not None:
@@ -370,13 +375,17 @@ class Server:
     async def serve_metrics(self, sock: socket.socket) -> None:
         """Answer /metrics, /healthz and /readyz on ``sock`` (bound by the supervisor)."""
         assert self.metrics is not None
-        self.endpoint = HealthEndpoint(self.metrics, self.readiness)
+        paths = "metrics, healthz, readyz"
+        if self.watch is not None:
+            mode = self.shared.config.watch
+            self.endpoint = WatchEndpoint(self.metrics, self.readiness, self.watch, mode)
+            paths += ", watch" + (" for loopback clients" if mode == "loopback" else "")
+        else:
+            self.endpoint = HealthEndpoint(self.metrics, self.readiness)
         await self.endpoint.start(sock)
         host, port = sock.getsockname()[:2]
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.maillog.info(
-            f"metrics and health checks on http://{where}/ (metrics, healthz, readyz)"
-        )
+        self.maillog.info(f"metrics and health checks on http://{where}/ ({paths})")
 
     async def readiness(self) -> tuple[bool, str]:
         """/readyz: serving a configuration (it is loaded before a worker starts), not

@@ -61,12 +61,14 @@ from smtpgate.smtp.ports import (
     FLUSH,
     NO_METRICS,
     START_TLS,
+    Backend,
     BackendTransaction,
     Effect,
     FixedTransaction,
     Metrics,
 )
 from smtpgate.smtp.store import MessageStore, open_spool
+from smtpgate.watch import SessionWatch, WatchChannel
 
 log = logging.getLogger("smtpgate.smtpd")
 
@@ -93,6 +95,8 @@ class Shared:
     """The server's own spool directory, used when smtpgate_spool_directory is empty."""
     metrics: Metrics = NO_METRICS
     """What the sessions count for Prometheus (smtpgate_metrics_listen)."""
+    watch: WatchChannel | None = None
+    """Where a session sends its row while someone watches (smtpgate_watch)."""
 
     def new_store(self) -> MessageStore:
         """Where one message waits: memory up to smtpgate_message_memory_limit, then an
@@ -206,10 +210,16 @@ class GateProtocol(asyncio.Protocol):
         """Build the machine for the client at *address* and start the session."""
         shared, transport = self.shared, self.transport
         assert transport is not None
+        backend: Backend = RelayBackend(shared.relay, shared.maillog)
+        metrics, watch = shared.metrics, None
+        # one byte read when nobody watches; a balancer's health check is not shown
+        if shared.watch is not None and shared.watch.watched and not proxy_local:
+            watch = SessionWatch(shared.watch, metrics, address, port)
+            metrics, backend = watch, watch.backend(backend)
         self.machine = SmtpMachine(
             plan=shared.plan,
             config=self.config,
-            backend=RelayBackend(shared.relay, shared.maillog),
+            backend=backend,
             anvil=shared.anvil,
             log=shared.maillog,
             address=address,
@@ -221,10 +231,13 @@ class GateProtocol(asyncio.Protocol):
             starttls=shared.tls_context is not None,
             queue_ids=new_queue_id,
             new_store=shared.new_store,
-            metrics=shared.metrics,
+            metrics=metrics,
+            observer=watch,
             proxy_local=proxy_local,
             hangup=hangup,
         )
+        if watch is not None:
+            watch.attach(self.machine)
         shared.sessions.add(self)
         self.task = asyncio.get_running_loop().create_task(self._run())
 

@@ -63,6 +63,7 @@ from smtpgate.server import (
     worker_ready,
     write_pid_file,
 )
+from smtpgate.watch import WatchChannel
 
 RESTART_LIMIT = 5
 """A worker that dies this many times within RESTART_WINDOW seconds stops the service."""
@@ -150,8 +151,11 @@ class Supervisor:
         spool: str = "",
         metrics_socket: socket.socket | None = None,
         metrics: SupervisorMetrics | None = None,
+        watch: WatchChannel | None = None,
     ) -> None:
         self.socket_sets = [list(s) for s in socket_sets]
+        self.watch = watch
+        """The live view's channel (smtpgate_watch), inherited by every worker."""
         self.metrics_socket = metrics_socket
         """The metrics listener (smtpgate_metrics_listen), served by the worker of slot 0."""
         self.metrics = metrics
@@ -251,6 +255,7 @@ class Supervisor:
                     self.spool,
                     metrics=self.metrics is not None,
                     metrics_socket=self.metrics_socket if slot == 0 else None,
+                    watch=self.watch,
                 )
                 status = 0
             except BaseException as exc:  # the worker must never return to the caller
@@ -500,6 +505,8 @@ def _needs_restart(old: Generation, new: Generation) -> list[str]:
         out.append("listen")
     if new.config.metrics_listen != old.config.metrics_listen:
         out.append("smtpgate_metrics_listen")
+    if (new.config.watch == "off") != (old.config.watch == "off"):
+        out.append("smtpgate_watch")
     return out
 
 
@@ -525,12 +532,14 @@ def run_worker(
     *,
     metrics: bool = False,
     metrics_socket: socket.socket | None = None,
+    watch: WatchChannel | None = None,
 ) -> None:
     """A worker's life: drop privileges, serve ``sockets`` with ``generation``, exit.
 
     ``status`` tells the supervisor when the worker listens and when it stopped
     accepting; ``anvil`` is this worker's line to the supervisor's AnvilService.
-    ``metrics``: count for Prometheus; ``metrics_socket``: answer its HTTP too."""
+    ``metrics``: count for Prometheus; ``metrics_socket``: answer its HTTP too;
+    ``watch``: the live view's channel (smtpgate_watch)."""
     import asyncio
 
     from smtpgate.metrics import ServerMetrics
@@ -546,7 +555,12 @@ def run_worker(
     async def work() -> None:
         loop = asyncio.get_running_loop()
         server = Server(
-            generation, maillog, anvil=RemoteAnvil(anvil), spool_directory=spool, metrics=counts
+            generation,
+            maillog,
+            anvil=RemoteAnvil(anvil),
+            spool_directory=spool,
+            metrics=counts,
+            watch=watch,
         )
         await server.start(sockets)
         if metrics_socket is not None:
@@ -587,6 +601,7 @@ def serve(config: str, overrides: Sequence[str], generation: Generation, maillog
     spool = private_spool(user)
     metrics_socket: socket.socket | None = None
     metrics: SupervisorMetrics | None = None
+    watch: WatchChannel | None = None
     directory, temporary = "", False
     try:
         if service.metrics_listen is not None:
@@ -595,6 +610,8 @@ def serve(config: str, overrides: Sequence[str], generation: Generation, maillog
                 service.metrics_directory, unprivileged_user(user)
             )
             metrics = SupervisorMetrics(directory, generation.number)
+            if service.watch != "off":
+                watch = WatchChannel()
     except BaseException:
         for sockets in socket_sets:
             for sock in sockets:
@@ -612,6 +629,7 @@ def serve(config: str, overrides: Sequence[str], generation: Generation, maillog
         spool=spool,
         metrics_socket=metrics_socket,
         metrics=metrics,
+        watch=watch,
     )
     wrote_pid = False
     try:
@@ -623,6 +641,8 @@ def serve(config: str, overrides: Sequence[str], generation: Generation, maillog
                 sock.close()
         if metrics_socket is not None:
             metrics_socket.close()
+        if watch is not None:
+            watch.close()
         if temporary:
             remove_directory(directory)
         if wrote_pid:

@@ -1056,6 +1056,15 @@ _SPECS = [
         "smtpgate only.",
     ),
     ParamSpec(
+        "smtpgate_watch",
+        "loopback",
+        "str",
+        "The live view on the metrics listener (/watch, a page; /watch/events, server-sent "
+        "events): off; loopback (clients on a loopback address only, others get 403); on "
+        "(anyone who reaches smtpgate_metrics_listen). See docs/metrics.md.",
+        "smtpgate only.",
+    ),
+    ParamSpec(
         "smtpgate_readyz_backend_age",
         "60s",
         "time",

@@ -109,6 +109,17 @@ def parse_listen(entries: Sequence[str]) -> list[ListenAddress]:
     return out
 
 
+WATCH_MODES = ("off", "loopback", "on")
+
+
+def parse_watch(text: str) -> str:
+    """``smtpgate_watch``: off, loopback or on."""
+    value = text.strip().lower()
+    if value not in WATCH_MODES:
+        raise ConfigError(f"smtpgate_watch = {text}: give off, loopback or on")
+    return value
+
+
 def parse_metrics_listen(text: str) -> ListenAddress | None:
     """``smtpgate_metrics_listen``: one ``host:port`` or ``[ipv6]:port``; empty: None."""
     words = text.replace(",", " ").split()
@@ -255,6 +266,8 @@ class ServiceConfig:
     metrics_directory: str = ""
     """smtpgate_metrics_directory; empty: a private temporary folder."""
     readyz_backend_age: float = 60.0
+    watch: str = "loopback"
+    """smtpgate_watch: off, loopback or on (the live view on the metrics listener)."""
     shared_state: str = ""
     """smtpgate_shared_state, checked (redis:// or rediss://); empty: counted here alone."""
     shared_state_lease: float = 30.0
@@ -466,6 +479,7 @@ def service_config(settings: Settings) -> tuple[ServiceConfig | None, list[Diagn
         metrics_listen=metrics_listen,
         metrics_directory=r.text("smtpgate_metrics_directory").strip(),
         readyz_backend_age=r.seconds("smtpgate_readyz_backend_age"),
+        watch=r.opened("smtpgate_watch", lambda: parse_watch(r.text("smtpgate_watch")), "off"),
         shared_state=shared_state,
         shared_state_lease=lease,
         upstream_proxy=upstream_proxy,
