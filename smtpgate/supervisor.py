@@ -599,23 +599,10 @@ def serve(config: str, overrides: Sequence[str], generation: Generation, maillog
     if service.spool_directory:
         prepare_spool(service.spool_directory, user)
     spool = private_spool(user)
-    metrics_socket: socket.socket | None = None
-    metrics: SupervisorMetrics | None = None
-    watch: WatchChannel | None = None
-    directory, temporary = "", False
     try:
-        if service.metrics_listen is not None:
-            metrics_socket = bind_listeners([service.metrics_listen])[0][0]
-            directory, temporary = prepare_directory(
-                service.metrics_directory, unprivileged_user(user)
-            )
-            metrics = SupervisorMetrics(directory, generation.number)
-            if service.watch != "off":
-                watch = WatchChannel()
+        metrics_socket, metrics, watch, directory, temporary = _observability(generation)
     except BaseException:
-        for sockets in socket_sets:
-            for sock in sockets:
-                sock.close()
+        _close_all(socket_sets)
         raise
     pid_file = service.pid_file
     supervisor = Supervisor(
@@ -636,9 +623,7 @@ def serve(config: str, overrides: Sequence[str], generation: Generation, maillog
         wrote_pid = write_pid_file(pid_file, maillog)
         return supervisor.run()
     finally:
-        for sockets in socket_sets:
-            for sock in sockets:
-                sock.close()
+        _close_all(socket_sets)
         if metrics_socket is not None:
             metrics_socket.close()
         if watch is not None:
@@ -650,6 +635,35 @@ def serve(config: str, overrides: Sequence[str], generation: Generation, maillog
                 os.unlink(pid_file)
         with contextlib.suppress(OSError):
             shutil.rmtree(spool)
+
+
+def _observability(
+    generation: Generation,
+) -> tuple[socket.socket | None, SupervisorMetrics | None, WatchChannel | None, str, bool]:
+    """The metrics listener, its counters' folder (and whether it is a temporary one)
+    and the live view's channel; Nones when smtpgate_metrics_listen is empty."""
+    from smtpgate.server import bind_listeners
+
+    service = generation.config
+    if service.metrics_listen is None:
+        return None, None, None, "", False
+    metrics_socket = bind_listeners([service.metrics_listen])[0][0]
+    try:
+        directory, temporary = prepare_directory(
+            service.metrics_directory, unprivileged_user(service.user)
+        )
+    except BaseException:
+        metrics_socket.close()
+        raise
+    metrics = SupervisorMetrics(directory, generation.number)
+    watch = WatchChannel() if service.watch != "off" else None
+    return metrics_socket, metrics, watch, directory, temporary
+
+
+def _close_all(socket_sets: Sequence[Sequence[socket.socket]]) -> None:
+    for sockets in socket_sets:
+        for sock in sockets:
+            sock.close()
 
 
 def pid_file_of(config: str, overrides: Sequence[str]) -> str:
