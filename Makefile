@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 CONFIG ?= examples/main.cf
 
-.PHONY: install run test test-fast lint typecheck importcheck unit docs clean bench bench-profile
+.PHONY: install run system-deps test test-fast lint typecheck importcheck unit docs clean bench bench-profile
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -40,7 +40,12 @@ importcheck: install
 unit: install
 	$(BIN)/pytest
 
-test: lint typecheck importcheck unit
+# The Debian packages the tests start (Postfix, rspamd, ClamAV, OpenDKIM, postgrey,
+# postfwd, policyd-spf, Redis, HAProxy, Chromium): installed when missing.
+system-deps:
+	bash tests/system-deps.sh
+
+test: system-deps lint typecheck importcheck unit
 
 # The inner loop: pytest only (no lint), without the tests marked postfix, soak or deploy
 # (pyproject.toml lists the markers). make test stays the whole suite.
