@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from types import MappingProxyType
-from typing import Literal
+from typing import Literal, cast
 
 from smtpgate.config.maincf import split_nameval
 
@@ -609,7 +609,7 @@ _SPECS = [
         "smtpgate only (Postfix: postscreen_greet_wait, in postscreen).",
     ),
     *(
-        ParamSpec(name, default, kind, doc, difference)
+        ParamSpec(name, default, cast(Kind, kind), doc, difference)
         for name, default, kind, doc, difference in (
             (
                 "smtpgate_postscreen",
@@ -622,7 +622,7 @@ _SPECS = [
         )
     ),
     *(
-        _p(name, default, kind, doc)
+        _p(name, default, cast(Kind, kind), doc)
         for name, default, kind, doc in (
             (
                 "postscreen_access_list",
@@ -738,7 +738,12 @@ _SPECS = [
                 "str",
                 "What a client that pipelines without PIPELINING gets: ignore, enforce or drop.",
             ),
-            ("postscreen_pipelining_ttl", "30d", "time", "How long a pipelining pass is remembered."),
+            (
+                "postscreen_pipelining_ttl",
+                "30d",
+                "time",
+                "How long a pipelining pass is remembered.",
+            ),
             (
                 "postscreen_non_smtp_command_enable",
                 "no",

@@ -79,9 +79,7 @@ class MemoryPassCache:
     ) -> None:
         self.max_entries = max_entries
         self.clock = clock
-        self._entries: collections.OrderedDict[str, tuple[float, str]] = (
-            collections.OrderedDict()
-        )
+        self._entries: collections.OrderedDict[str, tuple[float, str]] = collections.OrderedDict()
 
     async def get(self, address: str) -> str | None:
         entry = self._entries.get(address)

@@ -113,7 +113,9 @@ def postscreen_config(
     base = settings.config_directory
     switch = r.text("smtpgate_postscreen").strip().lower()
     if switch not in SWITCH:
-        r.error("smtpgate_postscreen", f"bad smtpgate_postscreen value: {switch} (use auto, yes or no)")
+        r.error(
+            "smtpgate_postscreen", f"bad smtpgate_postscreen value: {switch} (use auto, yes or no)"
+        )
         return None, r.diagnostics
     if not _switched_on(settings, switch):
         return DISABLED, r.diagnostics

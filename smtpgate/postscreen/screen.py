@@ -174,9 +174,7 @@ class Screening:
 
     # -- 1. connect and the access list -------------------------------------------------
 
-    def connect(
-        self, server: tuple[str, int] | None, mynetworks: AddressMatcher
-    ) -> Outcome | None:
+    def connect(self, server: tuple[str, int] | None, mynetworks: AddressMatcher) -> Outcome | None:
         """Log CONNECT and evaluate the access list: an outcome ends the screening
         (allowlisted: go on; denylisted with drop: the reply); None: go on screening."""
         host, sport = server if server is not None else ("unknown", "unknown")
@@ -349,9 +347,7 @@ class Screening:
 
     def hangup(self, elapsed: float, phase: str) -> None:
         """The client left during the tests (postscreen's psc_hangup_event)."""
-        self.log.info(
-            f"HANGUP after {format_delta(elapsed)} from {self.addr_port} in {phase}"
-        )
+        self.log.info(f"HANGUP after {format_delta(elapsed)} from {self.addr_port} in {phase}")
         self.noforward = True
         self.conclude()
         self.log.info(f"DISCONNECT {self.addr_port}")
@@ -385,9 +381,11 @@ class Screening:
         """A command line was read; ``pending``: input behind it.  A drop reply ends
         the session; None: go on (maybe with an enforce reply set)."""
         if self.deep_todo("non_smtp") and not known and self.config.forbidden.match(verb):
+            rest = self._line.lstrip(b" \t")[len(verb.encode("utf-8", "replace")) :]
+            text = escape_text(rest.lstrip(b" \t"))
             self.log.info(
                 f"NON-SMTP COMMAND from {self.addr_port} after {self._where}: "
-                f"{_printable(verb)} {escape_text(self._line)}"
+                f"{_printable(verb)} {text}"
             )
             reply = self._deep_failed("non_smtp", self.config.non_smtp_action, R521_NON_SMTP)
             if reply is not None:
@@ -413,9 +411,8 @@ class Screening:
         """A command line ended in a bare LF."""
         if not self.deep_todo("bare_newline"):
             return None
-        self.log.info(
-            f"BARE NEWLINE from {self.addr_port} after {escape_text(line.rstrip(b'\n'))}"
-        )
+        text = escape_text(line.rstrip(b"\n"))
+        self.log.info(f"BARE NEWLINE from {self.addr_port} after {text}")
         return self._deep_failed("bare_newline", self.config.bare_newline_action, R521_PROTOCOL)
 
     def _deep_failed(self, test: str, action: str, drop: Reply) -> Reply | None:
@@ -424,7 +421,7 @@ class Screening:
         self.expiry.set(test, DISABLED)
         if action == "drop":
             self.failed.add(test)
-            return self._drop(drop)
+            return self._drop(drop).reply
         if action == "enforce":
             self.failed.add(test)
             self._enforce(R550_PROTOCOL)
