@@ -36,7 +36,9 @@ async def test_passes_are_shared_by_workers_instances_and_restarts(
         assert await first.client.cmd("QUIT") == ["221 2.0.0 Bye"]
         await gate.wait_log(f"PASS NEW {first.tag}")
         pids = set()
-        for _ in range(6):  # the two workers take turns: both know the client
+        for _ in range(40):  # until both workers took one: both know the client
+            if len(pids) == 2:
+                break
             again = await session(gate, "127.0.0.2")
             assert again.greeting == OLD
             assert await again.client.cmd("QUIT") == ["221 2.0.0 Bye"]
@@ -56,3 +58,24 @@ async def test_passes_are_shared_by_workers_instances_and_restarts(
         await restarted.wait_log(f"PASS OLD {s.tag}")
         fresh = await session(restarted, "127.0.0.3")
         assert fresh.greeting == NEW  # another client is still new
+
+
+async def test_passes_are_shared_by_the_workers_without_redis(
+    tmp_path: Path, backend: RecordingBackend
+) -> None:
+    # the supervisor's anvil keeps them for every worker
+    async with running_gate(tmp_path, MAIN_CF, backend) as gate:
+        first = await session(gate, "127.0.0.2")
+        assert first.greeting == NEW
+        assert await first.client.cmd("QUIT") == ["221 2.0.0 Bye"]
+        await gate.wait_log(f"PASS NEW {first.tag}")
+        pids = set()
+        for _ in range(40):  # until both workers took one
+            if len(pids) == 2:
+                break
+            again = await session(gate, "127.0.0.2")
+            assert again.greeting == OLD
+            await again.client.cmd("QUIT")
+            log = await gate.wait_log(f"PASS OLD {again.tag}")
+            pids |= set(re.findall(rf"postscreen\[(\d+)\]: PASS OLD {re.escape(again.tag)}", log))
+        assert len(pids) == 2, log
