@@ -427,7 +427,7 @@ class SmtpMachine:
             milters, self.milters = self.milters, None
             await asyncio.shield(milters.close())
         if self.screening is not None:
-            self.screening.closed()
+            self.screening.closed(quit=self.counts["quit"] > 0)
         if self.policy is not None:
             self._log_disconnect()
             self.metrics.disconnect()
@@ -1178,6 +1178,13 @@ class SmtpMachine:
 
     async def cmd_data(self, args: list[Token]) -> bool | None:
         txn = self.txn
+        screening = self.screening
+        if screening is not None and screening.rcpt_reply is not None:
+            # postscreen's enforce: no recipient was ever accepted; it hangs up
+            screening.log.info(f"DATA without valid RCPT from {screening.addr_port}")
+            screening.dropped = True
+            reply = s.syntax("DATA") if args else s.NEED_RCPT if txn is None else s.NO_VALID_RCPT
+            return self._fail(dataclasses.replace(reply, disconnect=True))
         if txn is None:
             return self._fail(s.NEED_RCPT)
         if not txn.recipients:
@@ -1518,6 +1525,8 @@ class SmtpMachine:
             return self._fail(s.VRFY_DISABLED)
         if not args:
             return self._fail(s.syntax("VRFY address [SMTPUTF8]"))
+        if self.screening is not None and self.screening.rcpt_reply is not None:
+            return self._fail(self.screening.rcpt_reply)  # postscreen's enforce
         if await self._rate_exceeded("rcpt"):
             return False
         refused = await self._milter_other()
