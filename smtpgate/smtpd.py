@@ -391,20 +391,8 @@ class GateProtocol(asyncio.Protocol):
         machine, shared = self.machine, self.shared
         assert machine is not None
         try:
-            screening = machine.screening
-            outcome = Outcome()
-            if screening is not None:
-                outcome = await self._screen(screening)
-                if outcome.reply is not None or self._eof:
-                    if outcome.reply is not None:
-                        self._held.append(wire(outcome.reply))
-                    machine.screening = None  # the session never reached smtpd
-                    self._close()
-                    return
-            await self._perform(await machine.open(draining=shared.draining))
-            if not machine.closing:
-                early = False if screening is not None else await self._greet_pause()
-                await self._perform(machine.greet(early, send=outcome.greet))
+            if not await self._begin(machine):
+                return
             deadline = self._deadline(time.monotonic())
             requests, mode = machine.requests, machine.in_content
             while not machine.closing:
@@ -532,6 +520,29 @@ class GateProtocol(asyncio.Protocol):
         if lists.cancelled() or lists.exception() is not None:
             return score(config.sites, {}, config.dnsbl_min_ttl, config.dnsbl_max_ttl)
         return score(config.sites, lists.result(), config.dnsbl_min_ttl, config.dnsbl_max_ttl)
+
+    async def _begin(self, machine: SmtpMachine) -> bool:
+        """postscreen's tests (when it runs), then smtpd's greeting, or postscreen's
+        dummy engine for a client it enforces; False: the session ended already."""
+        screening = machine.screening
+        outcome = Outcome()
+        if screening is not None:
+            outcome = await self._screen(screening)
+            if outcome.reply is not None or self._eof:
+                if outcome.reply is not None:
+                    self._held.append(wire(outcome.reply))
+                machine.screening = None  # the session never reached smtpd
+                self._close()
+                return False
+            if screening.rcpt_reply is not None:
+                # enforced: postscreen's dummy engine has the session, smtpd never sees it
+                await self._perform(machine.start_dummy(send=outcome.greet))
+                return True
+        await self._perform(await machine.open(draining=self.shared.draining))
+        if not machine.closing:
+            early = False if screening is not None else await self._greet_pause()
+            await self._perform(machine.greet(early, send=outcome.greet))
+        return True
 
     async def _greet_pause(self) -> bool:
         """Wait out smtpgate_greet_pause (input ends it); whether the client spoke first."""
