@@ -470,10 +470,11 @@ class GateProtocol(asyncio.Protocol):
             self.transport.write(teaser)
         loop = asyncio.get_running_loop()
         lists: asyncio.Task[dict[str, Any]] | None = None
+        answers: dict[str, Any] = {}  # filled as the lists answer
         if "dnsbl" in screening.todo:
             timeout = min(config.dnsbl_timeout, config.greet_wait)
             lists = loop.create_task(
-                query_sites(shared.resolver, config.sites, screening.address, timeout)
+                query_sites(shared.resolver, config.sites, screening.address, timeout, answers)
             )
         result: Score | None = None
         watching = "pregreet" in screening.todo
@@ -489,7 +490,7 @@ class GateProtocol(asyncio.Protocol):
                     screening.hangup(now - start, "tests before SMTP handshake")
                     return Outcome(greet=False)
                 if lists is not None and lists.done() and result is None:
-                    result = self._score(config, lists)
+                    result = self._score(config, answers)
                     if result.complete and screening.dnsbl_allows(result):
                         break  # allowlisted: the pregreet test is skipped, no more wait
                 if not watching and (lists is None or lists.done()):
@@ -500,8 +501,8 @@ class GateProtocol(asyncio.Protocol):
         finally:
             if lists is not None and not lists.done():
                 lists.cancel()
-        if result is None and lists is not None and lists.done() and not lists.cancelled():
-            result = self._score(config, lists)
+        if result is None and lists is not None:
+            result = self._score(config, answers)  # partial: the lists that answered
         return screening.after_wait(result)
 
     async def _input_or(self, task: asyncio.Future[Any] | None, timeout: float) -> None:
@@ -516,10 +517,8 @@ class GateProtocol(asyncio.Protocol):
             self._waiter = None
 
     @staticmethod
-    def _score(config: PostscreenConfig, lists: asyncio.Task[dict[str, Any]]) -> Score:
-        if lists.cancelled() or lists.exception() is not None:
-            return score(config.sites, {}, config.dnsbl_min_ttl, config.dnsbl_max_ttl)
-        return score(config.sites, lists.result(), config.dnsbl_min_ttl, config.dnsbl_max_ttl)
+    def _score(config: PostscreenConfig, answers: dict[str, Any]) -> Score:
+        return score(config.sites, answers, config.dnsbl_min_ttl, config.dnsbl_max_ttl)
 
     async def _begin(self, machine: SmtpMachine) -> bool:
         """postscreen's tests (when it runs), then smtpd's greeting, or postscreen's

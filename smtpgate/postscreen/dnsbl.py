@@ -119,14 +119,20 @@ def score(
 
 
 async def query_sites(
-    resolver: Resolver, sites: Sequence[Site], address: str, timeout: float
+    resolver: Resolver,
+    sites: Sequence[Site],
+    address: str,
+    timeout: float,
+    answers: dict[str, DnsAnswer | None] | None = None,
 ) -> dict[str, DnsAnswer | None]:
     """Ask every list about ``address`` at once; wait at most ``timeout`` for them all.
 
-    A domain missing from the result, or None, did not answer in time (or is not
-    asked: the address is not an IP address).  Lookups still running at the deadline
-    are cancelled.
+    Each answer goes into ``answers`` (domain -> answer) as it arrives, so a caller that
+    stops waiting earlier still has those that came.  A domain that did not answer in
+    time (or whose lookup failed) is None at the end; lookups still running at the
+    deadline are cancelled.  Nothing is asked when the address is not an IP address.
     """
+    found: dict[str, DnsAnswer | None] = {} if answers is None else answers
     names: dict[str, str] = {}
     for site in sites:
         if site.domain not in names:
@@ -134,18 +140,21 @@ async def query_sites(
             if query is not None:
                 names[site.domain] = query
     if not names:
-        return {}
-    tasks = {
-        domain: asyncio.ensure_future(resolver.lookup(query, "A"))
-        for domain, query in names.items()
-    }
-    done, pending = await asyncio.wait(tasks.values(), timeout=max(timeout, 0.0))
-    for task in pending:
-        task.cancel()
-    result: dict[str, DnsAnswer | None] = {}
-    for domain, task in tasks.items():
-        if task in done and not task.cancelled() and task.exception() is None:
-            result[domain] = task.result()
-        else:
-            result[domain] = None
-    return result
+        return found
+
+    async def ask(domain: str, name: str) -> None:
+        try:
+            found[domain] = await resolver.lookup(name, "A")
+        except Exception:  # an adapter that raises: no answer from this list
+            found[domain] = None
+
+    tasks = [asyncio.ensure_future(ask(domain, name)) for domain, name in names.items()]
+    try:
+        await asyncio.wait(tasks, timeout=max(timeout, 0.0))
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+    for domain in names:
+        found.setdefault(domain, None)
+    return found

@@ -293,3 +293,23 @@ async def test_behind_a_proxy_the_proxied_client_is_screened(
         assert "CONNECT from [192.0.2.66]:40001 to [198.51.100.25]:25" in log
         assert "DNSBL rank 3 for [192.0.2.66]:40001" in log
         assert "127.0.0.2" not in log
+
+
+async def test_the_lists_that_answered_count_when_one_never_does(
+    tmp_path: Path, dns: FakeDns, backend: RecordingBackend
+) -> None:
+    listed(dns, "127.0.0.11", "black.test")
+    listed(dns, "127.0.0.11", "grey.test")
+    dns.drop.add("11.0.0.127.codes.test")  # never answers
+    text = cf("drop") + "postscreen_dnsbl_timeout = 5s\n"
+    async with running_gate(
+        tmp_path, text, backend, overrides=dns_overrides(dns), in_process=REASON
+    ) as gate:
+        s = await session(gate, "127.0.0.11")
+        assert s.greeting == [
+            "220-mx.example.org ESMTP Postfix",
+            "521 5.7.1 Service unavailable; client [127.0.0.11] blocked using black.test",
+        ]
+        assert s.seconds < 1.8  # at the end of greet_wait, not dnsbl_timeout
+        log = await gate.wait_log(f"DISCONNECT {s.tag}")
+        assert f"DNSBL rank 3 for {s.tag}" in log
