@@ -55,7 +55,7 @@ from smtpgate.policy.plan import Plan
 from smtpgate.policy.ports import Resolver
 from smtpgate.postscreen.cache import MemoryPassCache, PassCache
 from smtpgate.postscreen.config import PostscreenConfig
-from smtpgate.postscreen.dnsbl import Score, query_sites, score
+from smtpgate.postscreen.dnsbl import Score, dnsblog_lines, query_sites, score
 from smtpgate.postscreen.screen import Outcome, Screening
 from smtpgate.relay import Relay, parse_filter_destination
 from smtpgate.reply import Reply
@@ -460,7 +460,7 @@ class GateProtocol(asyncio.Protocol):
         """The teaser, the DNS lists (in parallel) and the greet wait, which ends early
         once every early test is done (a pregreet seen and the lists answered, or an
         allow list)."""
-        shared, machine = self.shared, self.machine
+        machine = self.machine
         assert machine is not None
         config = screening.config
         start = time.monotonic()
@@ -468,14 +468,8 @@ class GateProtocol(asyncio.Protocol):
         teaser = screening.teaser
         if teaser is not None and self.transport is not None:
             self.transport.write(teaser)
-        loop = asyncio.get_running_loop()
-        lists: asyncio.Task[dict[str, Any]] | None = None
         answers: dict[str, Any] = {}  # filled as the lists answer
-        if "dnsbl" in screening.todo:
-            timeout = min(config.dnsbl_timeout, config.greet_wait)
-            lists = loop.create_task(
-                query_sites(shared.resolver, config.sites, screening.address, timeout, answers)
-            )
+        lists = self._ask_lists(screening, answers) if "dnsbl" in screening.todo else None
         result: Score | None = None
         watching = "pregreet" in screening.todo
         try:
@@ -504,6 +498,22 @@ class GateProtocol(asyncio.Protocol):
         if result is None and lists is not None:
             result = self._score(config, answers)  # partial: the lists that answered
         return screening.after_wait(result)
+
+    def _ask_lists(
+        self, screening: Screening, answers: dict[str, Any]
+    ) -> asyncio.Task[dict[str, Any]]:
+        """Ask every DNS list at once (dnsblog's lines logged as answers come)."""
+        shared, config = self.shared, screening.config
+        timeout = min(config.dnsbl_timeout, config.greet_wait)
+        dnsblog = shared.maillog.program("dnsblog")
+
+        def logged(domain: str, answer: Any) -> None:
+            for line in dnsblog_lines(screening.address, domain, answer):
+                dnsblog.info(line)
+
+        return asyncio.get_running_loop().create_task(
+            query_sites(shared.resolver, config.sites, screening.address, timeout, answers, logged)
+        )
 
     async def _input_or(self, task: asyncio.Future[Any] | None, timeout: float) -> None:
         """Wait until input (or EOF) arrives, ``task`` is done or ``timeout`` passed."""
