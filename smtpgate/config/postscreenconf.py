@@ -127,6 +127,18 @@ def _access_tables(
     return tables
 
 
+def _respectful_logging(settings: Settings) -> str:
+    """respectful_logging; Postfix's default: yes from compatibility_level 3.6 on."""
+    respectful = (settings.get("respectful_logging") or "").strip().lower()
+    if respectful:
+        return respectful
+    try:
+        level = compat_level(settings["compatibility_level"])
+    except (ExpansionError, KeyError, ValueError):
+        level = (3, 6, 0)
+    return "yes" if level >= (3, 6, 0) else "no"
+
+
 def postscreen_settings(
     settings: Settings, *, strict_tables: bool = False
 ) -> tuple[PostscreenSettings | None, list[Diagnostic]]:
@@ -177,13 +189,7 @@ def postscreen_settings(
         ),
         Forbidden(FORBIDDEN_VERBS),
     )
-    respectful = (settings.get("respectful_logging") or "").strip().lower()
-    if not respectful:  # Postfix's default: yes from compatibility_level 3.6 on
-        try:
-            level = compat_level(settings["compatibility_level"])
-        except (ExpansionError, KeyError, ValueError):
-            level = (3, 6, 0)
-        respectful = "yes" if level >= (3, 6, 0) else "no"
+    respectful = _respectful_logging(settings)
     config = PostscreenSettings(
         enabled=True,
         access_list=access,
