@@ -335,3 +335,21 @@ async def test_a_client_that_hangs_up_before_the_greeting(
             rf"HANGUP after [0-9.]+ from {re.escape(tag)} in tests before SMTP handshake\n", log
         )
         assert "error" not in log
+
+
+async def test_the_reply_map_names_the_list(
+    tmp_path: Path, dns: FakeDns, backend: RecordingBackend
+) -> None:
+    listed(dns, "127.0.0.12", "black.test")
+    listed(dns, "127.0.0.12", "codes.test", "127.0.0.4")
+    text = cf("drop") + "postscreen_dnsbl_reply_map = texthash:@DIR@/dnsbl_reply\n".replace(
+        "@DIR@", str(tmp_path)
+    )
+    tables = {"dnsbl_reply": "black.test    a well-known list\n"}
+    async with running_gate(
+        tmp_path, text, backend, tables=tables, overrides=dns_overrides(dns), in_process=REASON
+    ) as gate:
+        s = await session(gate, "127.0.0.12")
+        assert s.greeting[-1] == (
+            "521 5.7.1 Service unavailable; client [127.0.0.12] blocked using a well-known list"
+        )
