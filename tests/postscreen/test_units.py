@@ -139,9 +139,14 @@ def test_what_smtpgate_lacks_is_still_refused_and_tuning_is_a_warning() -> None:
     assert any(t.startswith("main.cf, line 3: warning:") for t in text), text
 
 
-def test_greet_pause_is_not_used_while_postscreen_runs() -> None:
+def test_greet_pause_is_postscreens_greet_wait_unless_that_is_set() -> None:
     config, problems = load("smtpgate_greet_pause = 2s\npostscreen_greet_action = drop\n")
-    assert config is not None
+    assert config is not None and problems == []
+    assert config.greet_wait == 2  # the old name of the wait
+    config, problems = load(
+        "smtpgate_greet_pause = 2s\npostscreen_greet_wait = 3s\npostscreen_greet_action = drop\n"
+    )
+    assert config is not None and config.greet_wait == 3
     assert problems == [
         "main.cf, line 1: warning: smtpgate_greet_pause is not used while postscreen runs: "
         "its pregreet test waits postscreen_greet_wait instead"
