@@ -477,14 +477,17 @@ class SmtpMachine:
 
         Clients in smtpd_client_event_limit_exceptions are not limited (Postfix's
         hogger_list): they count in the total only, and do not wait for the anvil's
-        answer.  The others are counted per address as anvil(8) does: one question to the
-        anvil of the whole server answers all three limits.
+        answer; so does every client when no limit is set.  The others are counted per
+        address as anvil(8) does: one question to the anvil of the whole server answers
+        all three limits.
         """
         cfg, client = self.config, self.client
         try:
             exceptions = cfg.limit_exceptions
-            self.excepted = self.proxy_local or (
-                exceptions is not None and exceptions.match(client.address)
+            self.excepted = (
+                self.proxy_local
+                or not cfg.counts_clients
+                or (exceptions is not None and exceptions.match(client.address))
             )
         except TableLookupError as exc:
             self.log.warning(f"smtpd_client_event_limit_exceptions: {exc}")
