@@ -39,8 +39,9 @@ datagram).  Requests (worker to service)::
     P id address        postscreen pass  ->  id record, or id - (none)
     Q ttl address record  remember a postscreen pass (no reply)
 
-Round trips: one per connection (none for an excepted client), one per MAIL or RCPT only
-when that rate limit is set, one per DATA reservation grain (see ``smtpd.py``).  A worker
+Round trips: one per connection (none for an excepted client, whose comings and goings
+are sent netted, with the next request or within ``TALLY_DELAY``), one per MAIL or RCPT
+only when that rate limit is set, one per DATA reservation grain (see ``smtpd.py``).  A worker
 never stops mail for the service: a request that gets no answer within
 :data:`ANSWER_TIMEOUT` (the parent stalls while it loads a new configuration, or is gone)
 is answered from the worker's own counters, which :class:`RemoteAnvil` keeps alongside
@@ -305,6 +306,8 @@ class LocalAnvil:
 
 MAX_MESSAGE = 8192
 """Longest datagram either side accepts (several requests or answers, one a line)."""
+TALLY_DELAY = 0.05
+"""Seconds an excepted client's connect or disconnect may wait to be sent (netted)."""
 MAX_LINE = 320
 """Longest request (most are under 40 bytes)."""
 MAX_ADDRESS = 255
@@ -657,6 +660,8 @@ class RemoteAnvil:
         self._ids = 0
         self._pending: dict[int, _Pending] = {}
         self._batch: list[bytes] = []  # requests of this turn of the event loop
+        self._tally = 0  # excepted connections opened less closed, not yet sent
+        self._tally_timer: asyncio.TimerHandle | None = None
         self._outbox: collections.deque[bytes] = collections.deque()  # while the socket is full
         self._watchdog: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -669,7 +674,7 @@ class RemoteAnvil:
     async def connect(self, address: str | None, unit: float) -> Counts:
         if address is None:
             self.counts.connect_excepted()
-            self._post(b"E")
+            self._tally_change(1)
             return _NO_COUNTS
         count, rate = self.counts.connect(address, unit)
         if _sendable(address):
@@ -682,7 +687,7 @@ class RemoteAnvil:
     def disconnect(self, address: str | None) -> None:
         self.counts.disconnect(address)
         if address is None:
-            self._post(b"X")
+            self._tally_change(-1)
         elif _sendable(address):
             self._post(b"D " + address.encode())
 
@@ -803,8 +808,25 @@ class RemoteAnvil:
         if len(self._batch) == 1:
             self._start().call_soon(self._flush_batch)
 
+    def _tally_change(self, delta: int) -> None:
+        """An excepted client came or went.  Such changes only move the total, which
+        only a later ``connect`` of a limited client reads: they go with the next
+        request, or after TALLY_DELAY, netted (a session that came and went within it
+        costs no datagram; the total another worker reads may be that much late)."""
+        self._tally += delta
+        if self._tally_timer is None and not self.gone:
+            self._tally_timer = self._start().call_later(TALLY_DELAY, self._send_tally)
+
+    def _send_tally(self) -> None:
+        self._tally_timer = None
+        if self._tally and not self._batch:
+            self._flush_batch()
+
     def _flush_batch(self) -> None:
         lines, self._batch = self._batch, []
+        if self._tally:
+            lines[:0] = [b"E" if self._tally > 0 else b"X"] * abs(self._tally)
+            self._tally = 0
         for datagram in _pack(lines) if lines and not self.gone else ():
             self._send(datagram)
 

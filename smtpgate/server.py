@@ -36,6 +36,7 @@ from smtpgate.metrics import HealthEndpoint, ServerMetrics
 from smtpgate.shared_state import SharedAnvil, StorePassCache, shared_anvil
 from smtpgate.smtpd import GateProtocol, Shared
 from smtpgate.watch import WatchChannel, WatchEndpoint
+from smtpgate.workdirs import worker_directory
 
 DRAIN_TIMEOUT = 30.0
 
@@ -241,26 +242,14 @@ def unprivileged_user(user: str) -> tuple[int, int] | None:
 
 
 def prepare_spool(directory: str, user: str) -> None:
-    """Make ``directory`` (mode 0700, owned by ``user`` when root) unless it exists."""
-    try:
-        os.makedirs(directory, mode=0o700)
-    except FileExistsError:
-        return
-    except OSError as exc:
-        raise ConfigError(f"smtpgate_spool_directory = {directory}: {exc.strerror}") from None
-    ids = unprivileged_user(user)
-    if ids is not None:
-        os.chown(directory, *ids)
+    """Make ``directory`` (mode 0700, owned by ``user`` when root)."""
+    worker_directory("smtpgate_spool_directory", directory, unprivileged_user(user), "")
 
 
 def private_spool(user: str) -> str:
     """A new private spool directory in the system's temporary directory: mode 0700,
     owned by ``user`` when root (the workers write there once they dropped root)."""
-    directory = tempfile.mkdtemp(prefix="smtpgate-spool.")
-    ids = unprivileged_user(user)
-    if ids is not None:
-        os.chown(directory, *ids)
-    return directory
+    return worker_directory("", "", unprivileged_user(user), "smtpgate-spool.")[0]
 
 
 def drop_privileges(user: str) -> None:

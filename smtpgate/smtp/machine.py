@@ -509,7 +509,7 @@ class SmtpMachine:
             self._out_size += len(out[-1])  # type: ignore[arg-type]
             if self._out_size > OUTPUT_BACKLOG:
                 self._stop = True  # let the driver write (and wait for a slow reader)
-        if reply.disconnect:
+        if reply.disconnect or reply.code in (421, 521):  # smtpd_chat_reply() hangs up
             out += (FLUSH, CLOSE)
             self.closing = True
             self._stop = True
@@ -546,14 +546,17 @@ class SmtpMachine:
 
         Clients in smtpd_client_event_limit_exceptions are not limited (Postfix's
         hogger_list): they count in the total only, and do not wait for the anvil's
-        answer.  The others are counted per address as anvil(8) does: one question to the
-        anvil of the whole server answers all three limits.
+        answer; so does every client when no limit is set.  The others are counted per
+        address as anvil(8) does: one question to the anvil of the whole server answers
+        all three limits.
         """
         cfg, client = self.config, self.client
         try:
             exceptions = cfg.limit_exceptions
-            self.excepted = self.proxy_local or (
-                exceptions is not None and exceptions.match(client.address)
+            self.excepted = (
+                self.proxy_local
+                or not cfg.counts_clients
+                or (exceptions is not None and exceptions.match(client.address))
             )
         except TableLookupError as exc:
             self.log.warning(f"smtpd_client_event_limit_exceptions: {exc}")
@@ -632,8 +635,7 @@ class SmtpMachine:
             st.discard = True
             whatsup, text = "milter-discard", "milter triggers DISCARD action"
         elif action in ("reject", "tempfail") and verdict.code is not None:
-            code = verdict.code
-            reply = Reply(code, verdict.enhanced or "", verdict.text or "", code == 421)
+            reply = _verdict_reply(verdict)
             whatsup, text = "milter-reject", " ".join(reply.lines())
             if cleanup:  # cleanup logs the reply without its code
                 text = text[4:]
@@ -736,7 +738,7 @@ class SmtpMachine:
             return None
         verdict = self.milters.other()
         if verdict.code is not None and verdict.code // 100 in (4, 5):
-            return Reply(verdict.code, verdict.enhanced or "", verdict.text or "")
+            return _verdict_reply(verdict)
         return None
 
     async def _milter_unknown(self, raw: bytes) -> Reply | None:
@@ -748,7 +750,7 @@ class SmtpMachine:
         command = raw.decode("utf-8", "replace").rstrip("\r\n")
         verdict = await self.milters.unknown(self.macros, command)
         if verdict.action == "tempfail" and verdict.code is not None:
-            return Reply(verdict.code, verdict.enhanced or "", verdict.text or "")
+            return _verdict_reply(verdict)
         if verdict.action not in ("continue", "accept", "reject", "discard", "quarantine"):
             self.log.warning(f"unexpected SMFIC_UNKNOWN response: {verdict.action}")
         return None
@@ -1742,6 +1744,12 @@ def _in_memory(store: MessageStore, total: int) -> int:
     if store.spooled or (store.spoolable and total > store.memory_limit):
         return 0
     return total
+
+
+def _verdict_reply(verdict: MilterVerdict) -> Reply:
+    """The reply a milter's reject or tempfail gives the client."""
+    assert verdict.code is not None
+    return Reply(verdict.code, verdict.enhanced or "", verdict.text or "")
 
 
 def _bare(address: str) -> str:
