@@ -218,8 +218,12 @@ def raw_session(
     steps: Sequence[RawStep | bytes | str],
     *,
     timeout: float = IO_TIMEOUT,
+    pregreet: bytes = b"",
 ) -> RawDialogue:
     """Run a scripted byte-level session against any SMTP server (blocking socket I/O).
+
+    ``pregreet`` is written right after the connection is made, before the greeting is read
+    (a client that talks first, as postscreen's pregreet test looks for).
 
     Each step is written in one piece, then its replies are read. The server closing the
     connection is learned from an event, never a timer: end of file while a step's replies
@@ -231,6 +235,8 @@ def raw_session(
         s.settimeout(timeout)
         s.bind((client, 0))
         s.connect((host, port))
+        if pregreet:
+            s.sendall(pregreet)
         reader = _ReplyReader(s)
         greeting = reader.reply()
         d = RawDialogue(client=client, greeting=greeting, greeting_closed=not greeting)
@@ -369,6 +375,10 @@ class PostfixInstance:
             d = pf.dialogue("127.0.0.2", "me.example", "a@qq.com", ["foo@bar.org"])
     """
 
+    master_cf = MASTER_CF
+    """master.cf; ``{listen}`` is the loopback address:port (a subclass puts postscreen
+    there, see tests/postscreen_instance.py)."""
+
     def __init__(
         self,
         main_cf: str = "",
@@ -425,7 +435,7 @@ class PostfixInstance:
                 value = value.format(compatibility_level=compatibility_level)
                 plumbing += f"{name} = {value}\n"
         (self.etc / "main.cf").write_text(plumbing + "# --- case ---\n" + main_text + "\n")
-        (self.etc / "master.cf").write_text(MASTER_CF.format(listen=f"127.0.0.1:{self.port}"))
+        (self.etc / "master.cf").write_text(self.master_cf.format(listen=f"127.0.0.1:{self.port}"))
         table_texts = []
         for name, text in tables.items():
             path = self.etc / name
@@ -491,6 +501,10 @@ class PostfixInstance:
         """Run ``postfix check``; return its warnings (raise on a fatal error)."""
         return self._run([POSTFIX, "-c", str(self.etc), "check"], what="postfix check")
 
+    def start_argv(self) -> list[str]:
+        """The command that starts the master (a subclass may wrap it, e.g. in unshare)."""
+        return [POSTFIX, "-c", str(self.etc), "start"]
+
     def start(self) -> None:
         """Start the master and wait until the SMTP port greets."""
         if self.running:
@@ -498,7 +512,7 @@ class PostfixInstance:
         warnings = self.check().replace(str(self.etc), DIR_PLACEHOLDER)
         # `postfix check` just ran; tell `postfix start` not to repeat its (slow) checks.
         (self.spool / "quick-start").touch()
-        self._run([POSTFIX, "-c", str(self.etc), "start"], what="postfix start")
+        self._run(self.start_argv(), what="postfix start")
         self.running = True
         self.check_warnings = warnings
         last_error: Exception | None = None
