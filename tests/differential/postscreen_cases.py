@@ -146,6 +146,14 @@ ALLOWLIST_EARLY = ScreenConfig(
     "postscreen_dnsbl_whitelist_threshold = -1\n",
     listed={"127.0.0.2": {"dnswl.test": ["127.0.5.2"]}, "127.0.0.3": ZEN},
 )
+NO_BANNER = ScreenConfig(
+    "no-teaser-banner",
+    "postscreen_greet_banner =\n"
+    "postscreen_dnsbl_sites = zen.test*2\n"
+    "postscreen_dnsbl_threshold = 2\n"
+    "postscreen_dnsbl_action = enforce\n",
+    listed={"127.0.0.2": ZEN},
+)
 ACCESS_TABLE = {"psacl": "127.0.0.2/32 permit\n127.0.0.3/32 reject\n127.0.0.4/32 dunno\n"}
 ACCESS_ENFORCE = ScreenConfig(
     "access-enforce",
@@ -256,6 +264,11 @@ def _scenarios() -> list[Scenario]:
     add("allowlisted-pass-old", c, "127.0.0.2", EHLO, QUIT)
     add("under-threshold-waits", c, "127.0.0.3", *MAIL_RCPT)
     add("unlisted-waits", c, "127.0.0.4", EHLO, QUIT)
+
+    c = NO_BANNER
+    add("listed", c, "127.0.0.2", *MAIL_RCPT)
+    add("unlisted", c, "127.0.0.3", *MAIL_RCPT)
+    add("pregreet-not-tested", c, "127.0.0.4", QUIT, pregreet=b"EHLO bot.example\r\n")
 
     for c in (ACCESS_ENFORCE, ACCESS_DROP, ACCESS_IGNORE):
         add("permit", c, "127.0.0.2", EHLO, QUIT)
