@@ -33,7 +33,7 @@ from smtpgate.errors import ConfigError
 from smtpgate.generation import Generation
 from smtpgate.logs import MailLog, route_python_logging
 from smtpgate.metrics import HealthEndpoint, ServerMetrics
-from smtpgate.shared_state import SharedAnvil, shared_anvil
+from smtpgate.shared_state import SharedAnvil, StorePassCache, shared_anvil
 from smtpgate.smtpd import GateProtocol, Shared
 from smtpgate.watch import WatchChannel, WatchEndpoint
 
@@ -312,6 +312,8 @@ class Server:
             anvil=self.shared_anvil or local,
             spool_directory=spool_directory,
         )
+        if self.shared_anvil is not None:
+            self.shared.pass_cache = StorePassCache(self.shared_anvil.store, self.shared.pass_cache)
         self.metrics = metrics
         self.watch = watch if config.watch != "off" else None
         self.shared.watch = self.watch

@@ -54,6 +54,7 @@ from smtpgate.policy.peer import PeerLookup, lookup_client
 from smtpgate.policy.plan import Plan
 from smtpgate.policy.ports import Resolver
 from smtpgate.policy.session import PolicySession
+from smtpgate.postscreen.screen import Screening
 from smtpgate.reply import R451_LOCAL_ERROR, Reply
 from smtpgate.smtp import syntax as s
 from smtpgate.smtp.data import (
@@ -159,6 +160,7 @@ class SmtpMachine:
         metrics: Metrics = NO_METRICS,
         proxy_local: bool = False,
         hangup: bool = False,
+        screening: Screening | None = None,
     ) -> None:
         self.plan = plan
         self.config = config
@@ -183,6 +185,8 @@ class SmtpMachine:
         """A load balancer's own connection (PROXY v2 LOCAL: its health check): a normal
         session that counts toward no client's limits (nor client metrics)."""
         self.hangup = hangup  # the PROXY handshake failed: 421 instead of a greeting
+        self.screening = screening
+        """postscreen's state of this client (the deep tests, the enforce reply)."""
         self.connections = 0  # this client's concurrent sessions ({client_connections})
         self.macros = SessionMacros(self._macro)
         self._milter_sender: str | None = None  # the address MAIL is checking
@@ -238,6 +242,11 @@ class SmtpMachine:
     def buffered(self) -> int:
         """Input received and not yet worked through."""
         return len(self._in)
+
+    def peek(self, limit: int = 1024) -> bytes:
+        """Input received and not worked through, without taking it (postscreen's
+        PREGREET peek)."""
+        return bytes(self._in[:limit])
 
     @property
     def in_content(self) -> bool:
@@ -309,11 +318,15 @@ class SmtpMachine:
             self._greeting = await self._milter_connect() or Reply(220, "", self.config.banner)
         return self.take()
 
-    def greet(self, early_input: bool = False) -> list[Effect]:
+    def greet(self, early_input: bool = False, send: bool = True) -> list[Effect]:
         """Send the greeting; ``early_input``: the client spoke first (input the driver
-        knows of but has not handed over, e.g. bytes still in the kernel)."""
+        knows of but has not handed over, e.g. bytes still in the kernel).  ``send``
+        False: no greeting at all (postscreen's enforce for a client that pregreeted:
+        what it sent is read as its commands)."""
         greeting, self._greeting = self._greeting, None
         if greeting is None or self.closing:
+            return self.take()
+        if not send:
             return self.take()
         if (self._in or early_input) and not self.ill_pipelining:
             self._improper_pipelining("CONNECT", self._in)
@@ -413,6 +426,8 @@ class SmtpMachine:
         if self.milters is not None:
             milters, self.milters = self.milters, None
             await asyncio.shield(milters.close())
+        if self.screening is not None:
+            self.screening.closed()
         if self.policy is not None:
             self._log_disconnect()
             self.metrics.disconnect()
@@ -778,6 +793,11 @@ class SmtpMachine:
         line = raw.rstrip(b"\n")
         bare_lf = raw.endswith(b"\n") and not line.endswith(b"\r")
         line = line.rstrip(b"\r")
+        if bare_lf and self.screening is not None:
+            dropped = self.screening.bare_newline(raw)
+            if dropped is not None:
+                self._reply(dropped)
+                return None
         if bare_lf and self._bare_newline_rejected():
             # Postfix refuses the line before it is a command: not counted, the log line
             # names the stage before it, and the connection closes.
@@ -812,6 +832,15 @@ class SmtpMachine:
         verb = tokens[0].text
         upper = verb.upper()
         handler = _COMMANDS.get(upper)
+        screening = self.screening
+        if screening is not None and screening.running_deep_tests:
+            screening.before_command(self.where, raw.rstrip(b"\r\n"))
+            pending = b"" if upper in ("DATA", "BDAT") else self.peek(100)
+            dropped = screening.command_line(verb, handler is not None, pending)
+            if dropped is not None:
+                self.requests += 1
+                self._reply(dropped)
+                return
         if handler is None:
             self.where = "UNKNOWN"
             self.requests += 1
@@ -907,6 +936,8 @@ class SmtpMachine:
     def _extensions(self) -> list[str]:
         cfg = self.config
         out = ["PIPELINING", f"SIZE {cfg.size_limit}" if cfg.size_limit else "SIZE"]
+        if self.screening is not None and self.screening.deep_todo("pipelining"):
+            out.pop(0)  # postscreen's pipelining test: not announced until passed
         if not cfg.disable_vrfy:
             out.append("VRFY")
         out.append("ETRN")
@@ -978,6 +1009,11 @@ class SmtpMachine:
         address = parse_address(args[1].text, allow_empty=False)
         if address is None or not acceptable_address(address):
             return self._fail(s.BAD_RECIPIENT)
+        screening = self.screening
+        if screening is not None:
+            screening.rcpt_seen()
+            if screening.rcpt_reply is not None:
+                return self._fail(self._screened_rcpt(screening, address))
         if len(txn.recipients) >= self.config.recipient_limit:
             # The first smtpd_recipient_overshoot_limit of these are not errors.
             self._reply(s.TOO_MANY_RECIPIENTS)
@@ -1010,6 +1046,22 @@ class SmtpMachine:
             self.policy.confirm_rcpt(address)
         self._reply(reply)
         return ok
+
+    def _screened_rcpt(self, screening: Screening, address: str) -> Reply:
+        """postscreen's enforce: its reply to every RCPT, with its NOQUEUE line."""
+        reply = given = screening.rcpt_reply
+        assert reply is not None and given is not None
+        assert self.policy is not None and self.txn is not None
+        if self.plan.soft_bounce and reply.code >= 500:
+            dsn = "4" + reply.dsn[1:] if reply.dsn.startswith("5") else reply.dsn
+            reply = dataclasses.replace(reply, code=reply.code - 100, dsn=dsn)
+        st = self.policy.state
+        screening.log.info(
+            f"NOQUEUE: reject: RCPT from {screening.addr_port}: {reply.code} {reply.dsn} "
+            f"{reply.text}; from=<{self.txn.sender}>, to=<{address}>, "
+            f"proto={st.protocol}, helo=<{st.helo_name or ''}>"
+        )
+        return given  # _reply softens what the client gets itself
 
     def _queue_id(self) -> str:
         assert self.policy is not None
