@@ -209,7 +209,6 @@ class RawDialogue:
     greeting_closed: bool
     exchanges: list[RawExchange] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
-    greeting_seconds: float = 0.0  # from connect() until the greeting was read
 
 
 def raw_session(
@@ -219,15 +218,8 @@ def raw_session(
     steps: Sequence[RawStep | bytes | str],
     *,
     timeout: float = IO_TIMEOUT,
-    pregreet: bytes = b"",
-    probe: bool = True,
 ) -> RawDialogue:
     """Run a scripted byte-level session against any SMTP server (blocking socket I/O).
-
-    ``pregreet`` is written right after the connection is made, before the greeting is read
-    (a client that talks first, as postscreen's pregreet test looks for). Without ``probe``
-    the client just closes after its last step (a client that hangs up): whether the server
-    had closed first is then not known.
 
     Each step is written in one piece, then its replies are read. The server closing the
     connection is learned from an event, never a timer: end of file while a step's replies
@@ -239,13 +231,9 @@ def raw_session(
         s.settimeout(timeout)
         s.bind((client, 0))
         s.connect((host, port))
-        start = time.monotonic()
-        if pregreet:
-            s.sendall(pregreet)
         reader = _ReplyReader(s)
         greeting = reader.reply()
         d = RawDialogue(client=client, greeting=greeting, greeting_closed=not greeting)
-        d.greeting_seconds = time.monotonic() - start
         closed = not greeting
         for step in map(RawStep.of, steps):
             if closed:
@@ -255,7 +243,7 @@ def raw_session(
                 _mark_closed(d)
                 break
             d.exchanges.append(RawExchange(step.data, replies, closed))
-        if not closed and probe:
+        if not closed:
             replies, closed = _send_and_read(s, reader, b"NOOP\r\n", 1)
             if not replies:
                 _mark_closed(d)

@@ -16,8 +16,9 @@ the master starts (postscreen, dnsblog, smtpd) inherits the namespace. The test'
 root, as running Postfix does: CI runs as root). smtpgate is pointed at the same server with
 ``dns_servers``.
 
-:meth:`PostscreenInstance.session` runs a :func:`~tests.postfix_instance.raw_session` from a
-127.0.0.N source address and then waits for the session's last log line (postscreen's
+:meth:`PostscreenInstance.session` runs a :func:`screened_session` (a scripted raw session
+that may write before the greeting and records the greeting's delay) from a 127.0.0.N source
+address and then waits for the session's last log line (postscreen's
 ``DISCONNECT``, or the ``disconnect from`` of the smtpd the client was passed to), returning
 every postscreen, dnsblog and smtpd line naming that client (:func:`client_lines`). Give each
 scenario a client address of its own: postscreen remembers clients in its cache.
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,8 +43,8 @@ from tests.postfix_instance import (
     PostfixError,
     PostfixInstance,
     RawDialogue,
+    RawExchange,
     RawStep,
-    raw_session,
 )
 
 #: master.cf: postscreen on the listener, smtpd behind it (see postscreen(8), "CONFIGURATION").
@@ -104,11 +106,48 @@ def normalise(lines: Sequence[str]) -> list[str]:
 
 @dataclass
 class ScreenedSession:
-    """A raw session through postscreen and its log lines (``program: message``)."""
+    """A session through postscreen: what was said, how long the greeting took, the log.
+
+    ``dialogue`` is a :class:`~tests.postfix_instance.RawDialogue`; ``stalled`` says that the
+    server said nothing more for the client's whole timeout while a reply was awaited (the
+    replies read until then are kept). ``log`` holds ``program: message`` lines.
+    """
 
     dialogue: RawDialogue
+    seconds: float = 0.0  # from the connection until the greeting was read
+    stalled: bool = False
     log: list[str] = field(default_factory=list)
-    seconds: float = 0.0  # from connect until the greeting was read
+
+
+class _Replies:
+    """Reads complete (possibly multi-line) replies; a timeout keeps what was read."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+        self.lines: list[str] = []
+
+    def reply(self) -> tuple[list[str], bool]:
+        """(lines of one reply, server closed). Raises TimeoutError; ``lines`` keeps the
+        lines of the unfinished reply."""
+        self.lines = []
+        while True:
+            while b"\r\n" not in self.buf:
+                try:
+                    chunk = self.sock.recv(4096)
+                except (ConnectionResetError, BrokenPipeError):
+                    chunk = b""
+                if not chunk:
+                    if self.buf:
+                        self.lines.append(self.buf.decode(errors="replace"))
+                        self.buf = b""
+                    return self.lines, True
+                self.buf += chunk
+            raw, self.buf = self.buf.split(b"\r\n", 1)
+            line = raw.decode(errors="replace")
+            self.lines.append(line)
+            if len(line) < 4 or line[3] != "-":
+                return self.lines, False
 
 
 def screened_session(
@@ -119,11 +158,90 @@ def screened_session(
     *,
     pregreet: bytes = b"",
     probe: bool = True,
-    timeout: float = 15.0,
+    timeout: float = 5.0,
 ) -> ScreenedSession:
-    """:func:`raw_session` from ``client``, its greeting timed (``seconds``)."""
-    d = raw_session(host, port, client, steps, timeout=timeout, pregreet=pregreet, probe=probe)
-    return ScreenedSession(d, seconds=d.greeting_seconds)
+    """A scripted session from ``client`` (127.0.0.N), as
+    :func:`~tests.postfix_instance.raw_session` runs one, and:
+
+    - ``pregreet`` is written at once after connecting, before the greeting is read (a
+      client that talks first);
+    - the time until the greeting was read is recorded;
+    - a server that says nothing for ``timeout`` seconds while a reply is awaited ends the
+      session (``stalled``), the replies read so far kept;
+    - without ``probe`` the client closes after its last step (it hangs up) instead of
+      sending ``NOOP`` to learn whether the server closes.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.bind((client, 0))
+        s.connect((host, port))
+        start = time.monotonic()
+        if pregreet:
+            s.sendall(pregreet)
+        reader = _Replies(s)
+        d = RawDialogue(client=client, greeting=[], greeting_closed=False)
+        out = ScreenedSession(d)
+        try:
+            d.greeting, closed = reader.reply()
+            out.seconds = time.monotonic() - start
+            d.greeting_closed = closed
+            for step in map(RawStep.of, steps):
+                if closed:
+                    break
+                closed = _exchange(s, reader, step, d)
+            if not closed and probe:
+                _probe(s, reader, d)
+        except TimeoutError:
+            out.stalled = True
+            if not d.greeting:
+                d.greeting = reader.lines
+                out.seconds = time.monotonic() - start
+    return out
+
+
+def _exchange(s: socket.socket, reader: _Replies, step: RawStep, d: RawDialogue) -> bool:
+    """Write one step, read its replies into ``d``; True if the server has closed.
+
+    On a timeout the replies read so far are recorded before the TimeoutError goes on."""
+    replies: list[list[str]] = []
+    closed = False
+    try:
+        s.sendall(step.data)
+    except OSError:
+        closed = True
+    while not closed and len(replies) < step.replies:
+        try:
+            reply, closed = reader.reply()
+        except TimeoutError:
+            d.exchanges.append(RawExchange(step.data, [*replies, reader.lines], False))
+            raise
+        if reply:
+            replies.append(reply)
+    if not replies:
+        _closed_before(d)
+        return True
+    d.exchanges.append(RawExchange(step.data, replies, closed))
+    return closed
+
+
+def _probe(s: socket.socket, reader: _Replies, d: RawDialogue) -> None:
+    """``NOOP`` (not recorded): no reply means the server had closed after the last step."""
+    try:
+        s.sendall(b"NOOP\r\n")
+        reply, _ = reader.reply()
+    except OSError:
+        reply = []
+    if not reply:
+        _closed_before(d)
+
+
+def _closed_before(d: RawDialogue) -> None:
+    """The server had closed before the last write: mark the previous exchange closed."""
+    if d.exchanges:
+        last = d.exchanges.pop()
+        d.exchanges.append(RawExchange(last.sent, last.replies, True))
+    else:
+        d.greeting_closed = True
 
 
 class PostscreenInstance(PostfixInstance):
@@ -174,7 +292,7 @@ class PostscreenInstance(PostfixInstance):
         *,
         pregreet: bytes = b"",
         probe: bool = True,
-        timeout: float = 15.0,
+        timeout: float = 5.0,
     ) -> ScreenedSession:
         """A session from ``client`` and the log lines naming it, once it has ended."""
         if not self.running:

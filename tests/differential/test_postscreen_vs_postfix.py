@@ -12,7 +12,8 @@ by side, each side in a thread of its own, and every test picks its scenario's r
 Compared, for each scenario (:func:`observed`):
 
 - the transcript: every reply line and where the server closed the connection (the greeting
-  whole: postscreen's ``220-`` teaser and the ``220`` line; queue ids normalised);
+  whole: postscreen's ``220-`` teaser and the ``220`` line; queue ids normalised), and a
+  server that stopped answering (5 s) while a reply was due;
 - when the greeting came: at once (before half of postscreen_greet_wait) or after the wait;
 - the postscreen log lines naming the client, in order (``postscreen: CONNECT from ...``,
   ``PASS NEW``, ``DNSBL rank 3 for``, ``NOQUEUE: reject: RCPT from ...``, ``DISCONNECT``...),
@@ -90,8 +91,11 @@ _SMTPD_KEPT = re.compile(r"^smtpd: (?:connect from |disconnect from |NOQUEUE: re
 def observed(session: ScreenedSession) -> dict[str, Any]:
     """What is compared of a session (see the module docstring)."""
     lines = normalise(session.log)
+    said = transcript(session.dialogue)
+    if session.stalled:
+        said.append("[no reply within the client's timeout]")
     return {
-        "transcript": transcript(session.dialogue),
+        "transcript": said,
         "greeting": "after the wait" if session.seconds >= GREET_WAIT / 2 else "at once",
         "postscreen": [line for line in lines if line.startswith("postscreen: ")],
         "dnsblog": sorted(line for line in lines if line.startswith("dnsblog: ")),
@@ -169,7 +173,6 @@ async def _smtpgate_sessions(
                     s.steps,
                     pregreet=s.pregreet,
                     probe=s.probe,
-                    timeout=10.0,
                 )
                 session.log = await _session_log(gate, before, s.client)
                 out[s.name] = session
