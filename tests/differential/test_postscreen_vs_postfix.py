@@ -220,6 +220,13 @@ class Runs:
                 self.get(side, CONFIGS[name], tmp_factory)
 
 
+def _resolv_conf_state() -> tuple[str, list[str]]:
+    """The machine's /etc/resolv.conf as this process sees it, and what is mounted on it."""
+    mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+    return Path("/etc/resolv.conf").read_text(), [m for m in mounts if " /etc/resolv.conf " in m]
+
+
+_RESOLV_BEFORE = _resolv_conf_state()
 _ZONES = Zones()
 _RUNS = Runs()
 _BY_CONFIG: dict[str, list[Scenario]] = {}
@@ -248,3 +255,12 @@ def test_postscreen_matches_postfix(
         assert expected != own, f"stale KNOWN_DIFFERENCES entry ({reason}): Postfix agrees now"
         return
     assert got == expected
+
+
+def test_machine_resolv_conf_untouched(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The instances' resolv.conf lived in their own mount namespaces only (runs last)."""
+    _RUNS.start_all(tmp_path_factory)
+    for side in ("postfix", "smtpgate"):
+        for config in CONFIGS.values():
+            _RUNS.get(side, config, tmp_path_factory).exception(RESULT_TIMEOUT)
+    assert _resolv_conf_state() == _RESOLV_BEFORE
