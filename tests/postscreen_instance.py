@@ -158,6 +158,7 @@ def screened_session(
     *,
     pregreet: bytes = b"",
     probe: bool = True,
+    greet: bool = True,
     timeout: float = 5.0,
 ) -> ScreenedSession:
     """A scripted session from ``client`` (127.0.0.N), as
@@ -169,7 +170,9 @@ def screened_session(
     - a server that says nothing for ``timeout`` seconds while a reply is awaited ends the
       session (``stalled``), the replies read so far kept;
     - without ``probe`` the client closes after its last step (it hangs up) instead of
-      sending ``NOOP`` to learn whether the server closes.
+      sending ``NOOP`` to learn whether the server closes;
+    - without ``greet`` it closes at once after connecting (and its pregreet), before the
+      greeting (postscreen's "HANGUP ... in tests before SMTP handshake").
     """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
@@ -178,6 +181,8 @@ def screened_session(
         start = time.monotonic()
         if pregreet:
             s.sendall(pregreet)
+        if not greet:
+            return ScreenedSession(RawDialogue(client, [], False))
         reader = _Replies(s)
         d = RawDialogue(client=client, greeting=[], greeting_closed=False)
         out = ScreenedSession(d)
@@ -292,6 +297,7 @@ class PostscreenInstance(PostfixInstance):
         *,
         pregreet: bytes = b"",
         probe: bool = True,
+        greet: bool = True,
         timeout: float = 5.0,
     ) -> ScreenedSession:
         """A session from ``client`` and the log lines naming it, once it has ended."""
@@ -299,7 +305,14 @@ class PostscreenInstance(PostfixInstance):
             raise PostfixError("instance not started")
         offset = self.maillog.stat().st_size if self.maillog.exists() else 0
         s = screened_session(
-            "127.0.0.1", self.port, client, steps, pregreet=pregreet, probe=probe, timeout=timeout
+            "127.0.0.1",
+            self.port,
+            client,
+            steps,
+            pregreet=pregreet,
+            probe=probe,
+            greet=greet,
+            timeout=timeout,
         )
         s.log = self.client_log(offset, client)
         return s

@@ -7,7 +7,8 @@ what it writes before the greeting (``pregreet``), the writes after it (``steps`
 :func:`tests.postfix_instance.raw_session`), and ``probe=False`` for a client that hangs up
 after its last step. Scenarios of a config run in the order written, one after the other,
 against one server: a later scenario may rely on what postscreen remembered of an earlier one
-(PASS OLD). Each config's scenarios use their own client addresses otherwise.
+(PASS OLD). Each config's scenarios use their own client addresses otherwise. ``greet=False``
+is a client that closes right after connecting (and its pregreet), before the greeting.
 
 What Postfix does in each is written down in /work/notes/postscreen-facts.md (observed on
 Postfix 3.7.11); the test compares, it does not hard-code Postfix's answers.
@@ -60,6 +61,7 @@ class Scenario:
     steps: Sequence[str | bytes] = ()
     pregreet: bytes = b""
     probe: bool = True
+    greet: bool = True  # False: the client closes before the greeting
 
 
 EHLO = "EHLO client.example.net"
@@ -237,6 +239,8 @@ def _scenarios() -> list[Scenario]:
     add("data-without-mail", c, "127.0.0.6", EHLO, "DATA")
     add("bdat-without-mail", c, "127.0.0.7", EHLO, "BDAT 10 LAST")
     add("hangup-after-greeting", c, "127.0.0.8", probe=False)
+    # Not listed: dnsblog logs its answer whenever it comes, and this session ends at once.
+    add("hangup-before-greeting", c, "127.0.0.9", greet=False)
     add("fail-not-remembered", c, "127.0.0.2", EHLO, QUIT)
 
     c = DNSBL_DROP
@@ -285,6 +289,7 @@ def _scenarios() -> list[Scenario]:
             add("pregreet-partial", c, "127.0.0.5", QUIT, pregreet=b"EHLO")
         add("polite", c, "127.0.0.4", EHLO, QUIT)
         add("pass-old-pregreet-unnoticed", c, "127.0.0.4", QUIT, pregreet=bot)
+        add("hangup-before-greeting", c, "127.0.0.7", greet=False)
 
     for action, c in DEEP_CONFIGS.items():
         if action == "default":

@@ -141,7 +141,7 @@ def _run_postfix(config: ScreenConfig, scenarios: list[Scenario]) -> dict[str, S
     dns = _ZONES.get(config)
     with PostscreenInstance(config.text, dict(config.tables), nameserver=dns.host) as pf:
         return {
-            s.name: pf.session(s.client, s.steps, pregreet=s.pregreet, probe=s.probe)
+            s.name: pf.session(s.client, s.steps, pregreet=s.pregreet, probe=s.probe, greet=s.greet)
             for s in scenarios
         }
 
@@ -173,6 +173,7 @@ async def _smtpgate_sessions(
                     s.steps,
                     pregreet=s.pregreet,
                     probe=s.probe,
+                    greet=s.greet,
                 )
                 session.log = await _session_log(gate, before, s.client)
                 out[s.name] = session
