@@ -27,7 +27,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from smtpgate import proxyproto
-from smtpgate.anvil import AnvilClient, LocalAnvil
+from smtpgate.anvil import AnvilClient, LocalAnvil, RemoteAnvil
 from smtpgate.config.service import ListenAddress
 from smtpgate.errors import ConfigError
 from smtpgate.generation import Generation
@@ -312,6 +312,9 @@ class Server:
             anvil=self.shared_anvil or local,
             spool_directory=spool_directory,
         )
+        # postscreen's cache: the supervisor's anvil (every worker), and Redis when set
+        if isinstance(local, LocalAnvil | RemoteAnvil):
+            self.shared.pass_cache = local
         if self.shared_anvil is not None:
             self.shared.pass_cache = StorePassCache(self.shared_anvil.store, self.shared.pass_cache)
         self.metrics = metrics

@@ -60,7 +60,6 @@ from smtpgate.postscreen.screen import Outcome, Screening
 from smtpgate.relay import Relay, parse_filter_destination
 from smtpgate.reply import Reply
 from smtpgate.smtp.machine import SmtpMachine
-from smtpgate.smtp.syntax import wire
 from smtpgate.smtp.ports import (
     CLOSE,
     FLUSH,
@@ -73,6 +72,7 @@ from smtpgate.smtp.ports import (
     Metrics,
 )
 from smtpgate.smtp.store import MessageStore, open_spool
+from smtpgate.smtp.syntax import wire
 from smtpgate.watch import SessionWatch, WatchChannel
 
 log = logging.getLogger("smtpgate.smtpd")
@@ -456,7 +456,6 @@ class GateProtocol(asyncio.Protocol):
         wait, watching for a client that talks first."""
         shared, machine = self.shared, self.machine
         assert machine is not None
-        config = screening.config
         outcome = screening.connect(self._server_address, shared.plan.mynetworks)
         if outcome is not None:
             return outcome
@@ -467,6 +466,15 @@ class GateProtocol(asyncio.Protocol):
             record = None
         if screening.cached(record) or not screening.early_todo:
             return Outcome()
+        return await self._early_tests(screening)
+
+    async def _early_tests(self, screening: Screening) -> Outcome:
+        """The teaser, the DNS lists (in parallel) and the greet wait, which ends early
+        once every early test is done (a pregreet seen and the lists answered, or an
+        allow list)."""
+        shared, machine = self.shared, self.machine
+        assert machine is not None
+        config = screening.config
         start = time.monotonic()
         deadline = start + config.greet_wait
         teaser = screening.teaser
@@ -500,22 +508,24 @@ class GateProtocol(asyncio.Protocol):
                     break  # every early test is done
                 if now >= deadline:
                     break
-                waiter = self._waiter = loop.create_future()
-                waits: set[asyncio.Future[Any]] = {waiter}
-                if lists is not None and not lists.done():
-                    waits.add(lists)
-                try:
-                    await asyncio.wait(
-                        waits, timeout=deadline - now, return_when=asyncio.FIRST_COMPLETED
-                    )
-                finally:
-                    self._waiter = None
+                await self._input_or(lists, deadline - now)
         finally:
             if lists is not None and not lists.done():
                 lists.cancel()
         if result is None and lists is not None and lists.done() and not lists.cancelled():
             result = self._score(config, lists)
         return screening.after_wait(result)
+
+    async def _input_or(self, task: asyncio.Future[Any] | None, timeout: float) -> None:
+        """Wait until input (or EOF) arrives, ``task`` is done or ``timeout`` passed."""
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        waits: set[asyncio.Future[Any]] = {waiter}
+        if task is not None and not task.done():
+            waits.add(task)
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._waiter = None
 
     @staticmethod
     def _score(config: PostscreenConfig, lists: asyncio.Task[dict[str, Any]]) -> Score:

@@ -11,6 +11,7 @@ cache is in memory, or in ``smtpgate_shared_state``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from smtpgate.config.diagnostics import Diagnostic
@@ -105,6 +106,32 @@ def _switched_on(settings: Settings, switch: str) -> bool:
     )
 
 
+def _access_tables(
+    r: Reader, access: tuple[str, ...], table: Callable[[str, str], Table | None]
+) -> dict[str, Table]:
+    tables: dict[str, Table] = {}
+    for item in access:
+        if ":" in item:
+            opened = table("postscreen_access_list", item)
+            if opened is not None:
+                tables[item] = opened
+        elif item.lower() not in ACL_WORDS:
+            r.error(
+                "postscreen_access_list",
+                f'postscreen_access_list: unknown command: "{item}" (use permit_mynetworks, '
+                "permit, reject, dunno or a type:table)",
+            )
+    return tables
+
+
+def _sites(r: Reader) -> tuple[Site, ...]:
+    try:
+        return parse_sites(r.words("postscreen_dnsbl_sites"))
+    except ZoneError as exc:
+        r.error("postscreen_dnsbl_sites", f"postscreen_dnsbl_sites: {exc}")
+        return ()
+
+
 def postscreen_config(
     settings: Settings, *, strict_tables: bool = False
 ) -> tuple[PostscreenConfig | None, list[Diagnostic]]:
@@ -143,23 +170,8 @@ def postscreen_config(
             return None
 
     access = tuple(w for w in r.words("postscreen_access_list") if w)
-    tables: dict[str, Table] = {}
-    for item in access:
-        if ":" in item:
-            opened = table("postscreen_access_list", item)
-            if opened is not None:
-                tables[item] = opened
-        elif item.lower() not in ACL_WORDS:
-            r.error(
-                "postscreen_access_list",
-                f'postscreen_access_list: unknown command: "{item}" (use permit_mynetworks, '
-                "permit, reject, dunno or a type:table)",
-            )
-    try:
-        sites = parse_sites(r.words("postscreen_dnsbl_sites"))
-    except ZoneError as exc:
-        r.error("postscreen_dnsbl_sites", f"postscreen_dnsbl_sites: {exc}")
-        sites = ()
+    tables = _access_tables(r, access, table)
+    sites = _sites(r)
     reply_spec = r.text("postscreen_dnsbl_reply_map").strip()
     reply_map = table("postscreen_dnsbl_reply_map", reply_spec) if reply_spec else None
     forbidden = r.opened(

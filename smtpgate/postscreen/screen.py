@@ -157,6 +157,8 @@ class Screening:
         self.allowlisted = False
         self.pregreet_text = b""
         self.score: Score | None = None
+        self.greeted = clock()  # when the tests after the SMTP handshake began
+        self.dropped = False  # postscreen ended the session itself (DATA in enforce)
 
     # -- naming ---------------------------------------------------------------------
 
@@ -314,6 +316,7 @@ class Screening:
     def after_wait(self, result: Score | None) -> Outcome:
         """The greet wait is over: the pregreet verdict, the DNSBL score, the outcome."""
         cfg, now = self.config, int(self.clock())
+        self.greeted = self.clock()
         if "pregreet" in self.todo and "pregreet" not in self.failed:
             self.expiry.set("pregreet", now + cfg.greet_ttl)
             self.passed.add("pregreet")
@@ -483,12 +486,19 @@ class Screening:
         """How long the record is kept: until its last test expires, plus retention."""
         return max(self.expiry.last() - self.clock(), 0) + self.config.cache_retention
 
-    def closed(self) -> None:
-        """The session ended (the machine closes): log the end of a screened session."""
+    def closed(self, quit: bool = True) -> None:
+        """The session ended (the machine closes): postscreen's last lines of a session
+        it enforced (HANGUP when the client left without QUIT, then DISCONNECT)."""
         concluded = self.concluded
         if not concluded:
             self.conclude()
         if self.noforward and self.rcpt_reply is not None and not concluded:
+            if not quit and not self.dropped:
+                elapsed = self.clock() - self.greeted
+                self.log.info(
+                    f"HANGUP after {format_delta(elapsed)} from {self.addr_port} "
+                    "in tests after SMTP handshake"
+                )
             self.log.info(f"DISCONNECT {self.addr_port}")
 
 

@@ -427,7 +427,7 @@ class SmtpMachine:
             milters, self.milters = self.milters, None
             await asyncio.shield(milters.close())
         if self.screening is not None:
-            self.screening.closed()
+            self.screening.closed(quit=self.counts["quit"] > 0)
         if self.policy is not None:
             self._log_disconnect()
             self.metrics.disconnect()
@@ -1009,11 +1009,9 @@ class SmtpMachine:
         address = parse_address(args[1].text, allow_empty=False)
         if address is None or not acceptable_address(address):
             return self._fail(s.BAD_RECIPIENT)
-        screening = self.screening
-        if screening is not None:
-            screening.rcpt_seen()
-            if screening.rcpt_reply is not None:
-                return self._fail(self._screened_rcpt(screening, address))
+        screened = self._screened_rcpt(address)
+        if screened is not None:
+            return self._fail(screened)
         if len(txn.recipients) >= self.config.recipient_limit:
             # The first smtpd_recipient_overshoot_limit of these are not errors.
             self._reply(s.TOO_MANY_RECIPIENTS)
@@ -1022,10 +1020,7 @@ class SmtpMachine:
         decision = await self.policy.rcpt(address)
         self._note(decision)
         if decision.reply is not None:
-            if self._milters_listen():
-                assert self.milters is not None
-                text = " ".join(decision.reply.lines())
-                await self.milters.rcpt(self.macros, address, params, rejected=text)
+            await self._milter_rejected_rcpt(address, params, decision.reply)
             return self._fail(decision.reply)
         if self._milters_listen():
             assert self.milters is not None
@@ -1047,10 +1042,23 @@ class SmtpMachine:
         self._reply(reply)
         return ok
 
-    def _screened_rcpt(self, screening: Screening, address: str) -> Reply:
-        """postscreen's enforce: its reply to every RCPT, with its NOQUEUE line."""
+    async def _milter_rejected_rcpt(self, address: str, params: list[str], reply: Reply) -> None:
+        """The milters hear of a recipient the restrictions rejected (as Postfix tells them)."""
+        if self._milters_listen():
+            assert self.milters is not None
+            text = " ".join(reply.lines())
+            await self.milters.rcpt(self.macros, address, params, rejected=text)
+
+    def _screened_rcpt(self, address: str) -> Reply | None:
+        """postscreen at RCPT: the deep tests pass; with enforce, its reply to every
+        RCPT, with its NOQUEUE line (None: go on)."""
+        screening = self.screening
+        if screening is None:
+            return None
+        screening.rcpt_seen()
         reply = given = screening.rcpt_reply
-        assert reply is not None and given is not None
+        if reply is None or given is None:
+            return None
         assert self.policy is not None and self.txn is not None
         if self.plan.soft_bounce and reply.code >= 500:
             dsn = "4" + reply.dsn[1:] if reply.dsn.startswith("5") else reply.dsn
@@ -1170,6 +1178,13 @@ class SmtpMachine:
 
     async def cmd_data(self, args: list[Token]) -> bool | None:
         txn = self.txn
+        screening = self.screening
+        if screening is not None and screening.rcpt_reply is not None:
+            # postscreen's enforce: no recipient was ever accepted; it hangs up
+            screening.log.info(f"DATA without valid RCPT from {screening.addr_port}")
+            screening.dropped = True
+            reply = s.syntax("DATA") if args else s.NEED_RCPT if txn is None else s.NO_VALID_RCPT
+            return self._fail(dataclasses.replace(reply, disconnect=True))
         if txn is None:
             return self._fail(s.NEED_RCPT)
         if not txn.recipients:
@@ -1510,6 +1525,8 @@ class SmtpMachine:
             return self._fail(s.VRFY_DISABLED)
         if not args:
             return self._fail(s.syntax("VRFY address [SMTPUTF8]"))
+        if self.screening is not None and self.screening.rcpt_reply is not None:
+            return self._fail(self.screening.rcpt_reply)  # postscreen's enforce
         if await self._rate_exceeded("rcpt"):
             return False
         refused = await self._milter_other()

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.dns.dnsserver import FakeDns
-from tests.serve.conftest import Gate, backend  # noqa: F401  (the fixture, for these tests)
 from tests.serve.client import LineClient
+from tests.serve.conftest import Gate, backend  # noqa: F401  (the fixture, for these tests)
 from tests.shared_state.redis_server import RedisServer
 
 

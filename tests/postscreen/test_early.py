@@ -7,9 +7,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from smtpgate.proxyproto import encode
 from tests.dns.dnsserver import FakeDns
 from tests.postscreen.conftest import dns_overrides, listed, session
 from tests.serve.backend import RecordingBackend
+from tests.serve.client import LineClient
 from tests.serve.conftest import running_gate
 
 MAIN_CF = """\
@@ -55,10 +57,10 @@ async def test_two_weighted_lists_over_the_threshold_enforce(
         ]
         assert await s.client.cmd("QUIT") == ["221 2.0.0 Bye"]
         log = await gate.wait_log(f"DISCONNECT {s.tag}")
-        assert f"postfix/postscreen[" in log
-        assert (
-            f"postscreen[{log.split('postscreen[')[1].split(']')[0]}]: CONNECT from {s.tag} to [127.0.0.1]:{gate.port}"
-            in log
+        assert re.search(
+            rf"postfix/postscreen\[\d+\]: CONNECT from {re.escape(s.tag)} "
+            rf"to \[127\.0\.0\.1\]:{gate.port}\n",
+            log,
         )
         assert f"DNSBL rank 3 for {s.tag}" in log
         assert (
@@ -213,3 +215,53 @@ async def test_access_list_permit_and_reject(
         log = await gate.wait_log(f"DISCONNECT {denied.tag}")
         assert f"DENYLISTED {denied.tag}" in log
         assert not any("8.0.0.127" in q[0] for q in dns.queries)
+
+
+async def test_enforce_answers_vrfy_and_data_as_postscreen(
+    tmp_path: Path, dns: FakeDns, backend: RecordingBackend
+) -> None:
+    listed(dns, "127.0.0.3", "black.test")
+    listed(dns, "127.0.0.3", "grey.test")
+    async with running_gate(
+        tmp_path, cf("enforce"), backend, overrides=dns_overrides(dns), in_process=REASON
+    ) as gate:
+        s = await session(gate, "127.0.0.3")
+        await s.client.cmd("EHLO client.example.net")
+        blocked = "550 5.7.1 Service unavailable; client [127.0.0.3] blocked using black.test"
+        assert await s.client.cmd("VRFY bob") == [blocked]
+        await s.client.cmd("MAIL FROM:<a@example.net>")
+        assert await s.client.cmd("DATA") == ["554 5.5.1 Error: no valid recipients"]
+        assert await s.client.closed()
+        log = await gate.wait_log(f"DISCONNECT {s.tag}")
+        assert f"DATA without valid RCPT from {s.tag}" in log
+        assert "HANGUP" not in log
+        left = await session(gate, "127.0.0.3")
+        await left.client.cmd("EHLO client.example.net")
+        await left.client.close()  # gone without QUIT
+        log = await gate.wait_log(f"DISCONNECT {left.tag}")
+        assert re.search(
+            rf"HANGUP after [0-9.]+ from {re.escape(left.tag)} in tests after SMTP handshake\n",
+            log,
+        )
+
+
+async def test_behind_a_proxy_the_proxied_client_is_screened(
+    tmp_path: Path, dns: FakeDns, backend: RecordingBackend
+) -> None:
+    listed(dns, "192.0.2.66", "black.test")
+    listed(dns, "192.0.2.66", "grey.test")
+    text = cf("drop") + "smtpd_upstream_proxy_protocol = haproxy\n"
+    async with running_gate(
+        tmp_path, text, backend, overrides=dns_overrides(dns), in_process=REASON
+    ) as gate:
+        client = await LineClient.connect(gate.host, gate.port, source="127.0.0.2")
+        gate.clients.append(client)
+        await client.send_raw(encode(1, ("192.0.2.66", 40001), ("198.51.100.25", 25)))
+        assert await client.reply() == [
+            "220-mx.example.org ESMTP Postfix",
+            "521 5.7.1 Service unavailable; client [192.0.2.66] blocked using black.test",
+        ]
+        log = await gate.wait_log("DISCONNECT [192.0.2.66]:40001")
+        assert "CONNECT from [192.0.2.66]:40001 to [198.51.100.25]:25" in log
+        assert "DNSBL rank 3 for [192.0.2.66]:40001" in log
+        assert "127.0.0.2" not in log
