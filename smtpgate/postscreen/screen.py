@@ -46,6 +46,7 @@ R521_DENYLIST = Reply(521, "5.3.2", "Service currently unavailable", disconnect=
 R550_DENYLIST = Reply(550, "5.3.2", "Service currently unavailable")
 R521_PROTOCOL = Reply(521, "5.5.1", "Protocol error", disconnect=True)
 R550_PROTOCOL = Reply(550, "5.5.1", "Protocol error")
+R502_NOT_RECOGNIZED = Reply(502, "5.5.2", "Error: command not recognized")
 R521_NON_SMTP = Reply(521, "5.7.0", "Error: I can break rules, too. Goodbye.", disconnect=True)
 
 
@@ -380,9 +381,12 @@ class Screening:
 
     # -- 4. the deep tests (the SMTP machine asks) -------------------------------------
 
-    def command_line(self, verb: str, known: bool, pending: bytes) -> Reply | None:
-        """A command line was read; ``pending``: input behind it.  A drop reply ends
-        the session; None: go on (maybe with an enforce reply set)."""
+    def command_line(
+        self, verb: str, known: bool, pending: bytes, dummy: bool = False
+    ) -> Reply | None:
+        """A command line was read; ``pending``: input behind it.  A reply to send
+        instead of handling the command (a drop reply ends the session); None: go on
+        (maybe with an enforce reply set).  ``dummy``: the dummy engine handles it."""
         if self.deep_todo("non_smtp") and not known and self.config.forbidden.match(verb):
             rest = self._line.lstrip(b" \t")[len(verb.encode("utf-8", "replace")) :]
             text = escape_text(rest.lstrip(b" \t"))
@@ -391,8 +395,11 @@ class Screening:
                 f"{_printable(verb)} {text}"
             )
             reply = self._deep_failed("non_smtp", self.config.non_smtp_action, R521_NON_SMTP)
-            if reply is not None:
+            if reply is not None or dummy:
                 return reply
+            # ignore or enforce: postscreen answers the unknown command itself (smtpd
+            # would hang up on a forbidden command)
+            return R502_NOT_RECOGNIZED
         if self.deep_todo("pipelining") and pending:
             self.log.info(
                 f"COMMAND PIPELINING from {self.addr_port} after {_printable(verb)}: "

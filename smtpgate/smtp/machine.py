@@ -54,6 +54,7 @@ from smtpgate.policy.peer import PeerLookup, lookup_client
 from smtpgate.policy.plan import Plan
 from smtpgate.policy.ports import Resolver
 from smtpgate.policy.session import PolicySession
+from smtpgate.postscreen.engine import DummyEngine, EngineSettings
 from smtpgate.postscreen.screen import Screening
 from smtpgate.reply import R451_LOCAL_ERROR, Reply
 from smtpgate.smtp import syntax as s
@@ -187,6 +188,8 @@ class SmtpMachine:
         self.hangup = hangup  # the PROXY handshake failed: 421 instead of a greeting
         self.screening = screening
         """postscreen's state of this client (the deep tests, the enforce reply)."""
+        self.dummy: DummyEngine | None = None
+        """postscreen's dummy engine, when it has the session (an enforced client)."""
         self.connections = 0  # this client's concurrent sessions ({client_connections})
         self.macros = SessionMacros(self._macro)
         self._milter_sender: str | None = None  # the address MAIL is checking
@@ -337,6 +340,48 @@ class SmtpMachine:
         self._out.append(FLUSH)
         return self.take()
 
+    def start_dummy(self, send: bool = True) -> list[Effect]:
+        """postscreen enforces this client: its dummy engine has the session, which never
+        reaches smtpd (no connect line, no restrictions, no backend).  ``send``: its
+        ``220`` greeting line (none for a client that pregreeted)."""
+        assert self.screening is not None
+        cfg = self.config
+        settings = EngineSettings(
+            hostname=cfg.hostname,
+            size_limit=cfg.size_limit,
+            disable_vrfy=cfg.disable_vrfy,
+            helo_required=cfg.helo_required,
+            soft_bounce=self.plan.soft_bounce,
+        )
+        self.dummy = DummyEngine(self.screening, settings)
+        if send:
+            self._reply(Reply(220, "", cfg.banner))
+            self._out.append(FLUSH)
+        return self.take()
+
+    def _dummy_dispatch(self, raw: bytes) -> None:
+        """One command line for postscreen's dummy engine (after the deep tests)."""
+        dummy, screening = self.dummy, self.screening
+        assert dummy is not None and screening is not None
+        self.requests += 1
+        line = raw.rstrip(b"\n")
+        if raw.endswith(b"\n") and not line.endswith(b"\r"):
+            dropped = screening.bare_newline(raw)
+            if dropped is not None:
+                self._reply(dropped)
+                return
+        text = line.rstrip(b"\r").split(b"\0", 1)[0].decode("utf-8", "replace")
+        verb, _, args = text.lstrip(" \t").partition(" ")
+        if screening.running_deep_tests:
+            screening.before_command(dummy.where, line.rstrip(b"\r"))
+            pending = b"" if verb.upper() == "BDAT" else self.peek(100)
+            known = verb.upper() in _COMMANDS
+            dropped = screening.command_line(verb, known, pending, dummy=True)
+            if dropped is not None:
+                self._reply(dropped)
+                return
+        self._reply(dummy.command(verb, args))
+
     async def advance(self) -> list[Effect]:
         """Work through the input received so far; the effects, in order."""
         while not self.closing and not self._stop:
@@ -383,6 +428,15 @@ class SmtpMachine:
 
     def timed_out(self) -> list[Effect]:
         """smtpd_timeout passed while waiting for input."""
+        if self.dummy is not None and self.screening is not None:
+            screening = self.screening
+            screening.log.info(
+                f"COMMAND TIME LIMIT from {screening.addr_port} after {self.dummy.where}"
+            )
+            screening.dropped = True
+            text = f"{self.config.hostname} Error: timeout exceeded"
+            self._reply(Reply(421, "4.4.2", text, disconnect=True))
+            return self.take()
         where = self.where
         if self._dot is not None:
             where = f"DATA ({self._dot.received} bytes)"
@@ -823,6 +877,9 @@ class SmtpMachine:
         return tokens
 
     async def _dispatch(self, raw: bytes) -> None:
+        if self.dummy is not None:
+            self._dummy_dispatch(raw)
+            return
         cfg = self.config
         tokens = self._tokens(raw)
         if tokens is None:

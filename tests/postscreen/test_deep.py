@@ -109,3 +109,18 @@ async def test_bare_newline_ignore_and_enforce(tmp_path: Path, backend: Recordin
         await s.client.cmd("MAIL FROM:<a@example.net>")
         assert await s.client.cmd("RCPT TO:<foo@bar.org>") == ["550 5.5.1 Protocol error"]
         assert "PASS NEW" not in gate.log
+
+
+async def test_non_smtp_ignore_answers_as_postscreen(
+    tmp_path: Path, backend: RecordingBackend
+) -> None:
+    text = MAIN_CF + "postscreen_non_smtp_command_action = ignore\n"
+    async with running_gate(tmp_path, text, backend, in_process=REASON) as gate:
+        s = await session(gate, "127.0.0.4")
+        assert await s.client.cmd("GET / HTTP/1.0") == ["502 5.5.2 Error: command not recognized"]
+        await s.client.cmd("EHLO ok.example")
+        await s.client.cmd("MAIL FROM:<a@example.net>")
+        assert await s.client.cmd("RCPT TO:<foo@bar.org>") == ["250 2.1.5 Ok"]
+        log = gate.log
+        assert f"NON-SMTP COMMAND from {s.tag} after CONNECT: GET / HTTP/1.0" in log
+        assert f"PASS NEW {s.tag}" in log

@@ -63,6 +63,9 @@ async def test_two_weighted_lists_over_the_threshold_enforce(
             log,
         )
         assert f"DNSBL rank 3 for {s.tag}" in log
+        assert "postfix/dnsblog[" in log
+        assert "addr 127.0.0.3 listed by domain black.test as 127.0.0.2" in log
+        assert "addr 127.0.0.3 listed by domain grey.test as 127.0.0.2" in log
         assert (
             f"NOQUEUE: reject: RCPT from {s.tag}: 550 5.7.1 Service unavailable; "
             "client [127.0.0.3] blocked using black.test; from=<a@example.net>, "
@@ -217,32 +220,60 @@ async def test_access_list_permit_and_reject(
         assert not any("8.0.0.127" in q[0] for q in dns.queries)
 
 
-async def test_enforce_answers_vrfy_and_data_as_postscreen(
+async def test_an_enforced_client_talks_to_postscreens_dummy_engine(
     tmp_path: Path, dns: FakeDns, backend: RecordingBackend
 ) -> None:
     listed(dns, "127.0.0.3", "black.test")
     listed(dns, "127.0.0.3", "grey.test")
+    blocked = "550 5.7.1 Service unavailable; client [127.0.0.3] blocked using black.test"
     async with running_gate(
         tmp_path, cf("enforce"), backend, overrides=dns_overrides(dns), in_process=REASON
     ) as gate:
         s = await session(gate, "127.0.0.3")
-        await s.client.cmd("EHLO client.example.net")
-        blocked = "550 5.7.1 Service unavailable; client [127.0.0.3] blocked using black.test"
-        assert await s.client.cmd("VRFY bob") == [blocked]
-        await s.client.cmd("MAIL FROM:<a@example.net>")
-        assert await s.client.cmd("DATA") == ["554 5.5.1 Error: no valid recipients"]
-        assert await s.client.closed()
+        c = s.client
+        assert await c.cmd("EHLO client.example.net") == [
+            "250-mx.example.org",
+            "250-SIZE 10240000",
+            "250-VRFY",
+            "250-ETRN",
+            "250-ENHANCEDSTATUSCODES",
+            "250-8BITMIME",
+            "250-DSN",
+            "250-SMTPUTF8",
+            "250 CHUNKING",
+        ]
+        assert await c.cmd("VRFY bob") == [blocked]
+        assert await c.cmd("VRFY") == ["501 5.5.4 Syntax: VRFY address"]
+        assert await c.cmd("ETRN bar.org") == ["458 Unable to queue messages"]
+        assert await c.cmd("FOO bar") == ["502 5.5.2 Error: command not recognized"]
+        assert await c.cmd("AUTH PLAIN") == ["502 5.5.2 Error: command not recognized"]
+        assert await c.cmd("STARTTLS") == ["502 5.5.1 Error: command not implemented"]
+        assert await c.cmd("RCPT TO:<foo@bar.org>") == ["503 5.5.1 Error: need MAIL command"]
+        assert await c.cmd("MAIL FROM:<a@example.net>") == ["250 2.1.0 Ok"]
+        assert await c.cmd("MAIL FROM:<b@example.net>") == ["503 5.5.1 Error: nested MAIL command"]
+        assert await c.cmd("RCPT TO:<foo@bar.org>") == [blocked]
+        assert await c.cmd("RSET") == ["250 2.0.0 Ok"]
+        assert await c.cmd("NOOP") == ["250 2.0.0 Ok"]
+        assert await c.cmd("MAIL FROM:<a@example.net>") == ["250 2.1.0 Ok"]
+        assert await c.cmd("DATA") == ["554 5.5.1 Error: no valid recipients"]
+        assert await c.closed()
         log = await gate.wait_log(f"DISCONNECT {s.tag}")
         assert f"DATA without valid RCPT from {s.tag}" in log
         assert "HANGUP" not in log
+        assert "smtpd[" not in log.split("listening on", 1)[1]  # smtpd never saw it
         left = await session(gate, "127.0.0.3")
-        await left.client.cmd("EHLO client.example.net")
+        await left.client.cmd("HELO client.example.net")
         await left.client.close()  # gone without QUIT
         log = await gate.wait_log(f"DISCONNECT {left.tag}")
         assert re.search(
             rf"HANGUP after [0-9.]+ from {re.escape(left.tag)} in tests after SMTP handshake\n",
             log,
         )
+        polite = await session(gate, "127.0.0.3")
+        assert await polite.client.cmd("QUIT") == ["221 2.0.0 Bye"]
+        log = await gate.wait_log(f"DISCONNECT {polite.tag}")
+        assert f"HANGUP after 0 from {polite.tag}" not in log
+        assert not backend.connections
 
 
 async def test_behind_a_proxy_the_proxied_client_is_screened(
@@ -264,4 +295,24 @@ async def test_behind_a_proxy_the_proxied_client_is_screened(
         log = await gate.wait_log("DISCONNECT [192.0.2.66]:40001")
         assert "CONNECT from [192.0.2.66]:40001 to [198.51.100.25]:25" in log
         assert "DNSBL rank 3 for [192.0.2.66]:40001" in log
-        assert "127.0.0.2" not in log
+        assert "[127.0.0.2]" not in log  # the balancer is nobody's client
+
+
+async def test_the_lists_that_answered_count_when_one_never_does(
+    tmp_path: Path, dns: FakeDns, backend: RecordingBackend
+) -> None:
+    listed(dns, "127.0.0.11", "black.test")
+    listed(dns, "127.0.0.11", "grey.test")
+    dns.drop.add("11.0.0.127.codes.test")  # never answers
+    text = cf("drop") + "postscreen_dnsbl_timeout = 5s\n"
+    async with running_gate(
+        tmp_path, text, backend, overrides=dns_overrides(dns), in_process=REASON
+    ) as gate:
+        s = await session(gate, "127.0.0.11")
+        assert s.greeting == [
+            "220-mx.example.org ESMTP Postfix",
+            "521 5.7.1 Service unavailable; client [127.0.0.11] blocked using black.test",
+        ]
+        assert s.seconds < 1.8  # at the end of greet_wait, not dnsbl_timeout
+        log = await gate.wait_log(f"DISCONNECT {s.tag}")
+        assert f"DNSBL rank 3 for {s.tag}" in log
