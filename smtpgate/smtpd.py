@@ -466,8 +466,9 @@ class GateProtocol(asyncio.Protocol):
         start = time.monotonic()
         deadline = start + config.greet_wait
         teaser = screening.teaser
-        if teaser is not None and self.transport is not None:
-            self.transport.write(teaser)
+        transport = self.transport
+        if teaser is not None and transport is not None and not transport.is_closing():
+            transport.write(teaser)  # (uvloop raises on a transport already closed)
         answers: dict[str, Any] = {}  # filled as the lists answer
         lists = self._ask_lists(screening, answers) if "dnsbl" in screening.todo else None
         result: Score | None = None

@@ -604,8 +604,8 @@ _SPECS = [
         "time",
         "How long to wait for input before the 220 greeting when postscreen does not run; a "
         "client that talks first gets 554 5.5.0 with smtpd_forbid_unauth_pipelining (0: only "
-        "input already there counts). While postscreen runs, its pregreet test "
-        "(postscreen_greet_wait) takes its place.",
+        "input already there counts). While postscreen runs, its pregreet test takes its "
+        "place and this is the old name of postscreen_greet_wait (see docs/postscreen.md).",
         "smtpgate only (Postfix: postscreen_greet_wait, in postscreen).",
     ),
     *(

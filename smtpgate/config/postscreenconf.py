@@ -14,6 +14,7 @@ supervisor's anvil, and in ``smtpgate_shared_state`` when that is set.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -222,11 +223,14 @@ def postscreen_settings(
         respectful_logging=respectful not in ("no", "false"),
     )
     if settings.is_explicit("smtpgate_greet_pause"):
-        r.warning(
-            "smtpgate_greet_pause",
-            "smtpgate_greet_pause is not used while postscreen runs: its pregreet test "
-            "waits postscreen_greet_wait instead",
-        )
+        if settings.is_explicit("postscreen_greet_wait"):
+            r.warning(
+                "smtpgate_greet_pause",
+                "smtpgate_greet_pause is not used while postscreen runs: its pregreet test "
+                "waits postscreen_greet_wait instead",
+            )
+        else:  # the old name of the wait, folded into postscreen's
+            config = dataclasses.replace(config, greet_wait=r.seconds("smtpgate_greet_pause"))
     if any(d.severity == "error" for d in r.diagnostics):
         return None, r.diagnostics
     return config, r.diagnostics

@@ -4,6 +4,7 @@ that talks first, the access list, the cache (PASS OLD)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
@@ -316,3 +317,39 @@ async def test_the_lists_that_answered_count_when_one_never_does(
         assert s.seconds < 1.8  # at the end of greet_wait, not dnsbl_timeout
         log = await gate.wait_log(f"DISCONNECT {s.tag}")
         assert f"DNSBL rank 3 for {s.tag}" in log
+
+
+async def test_a_client_that_hangs_up_before_the_greeting(
+    tmp_path: Path, backend: RecordingBackend
+) -> None:
+    # deployed (uvloop in the workers): the teaser is not written to a closed transport
+    text = "mynetworks = 127.0.0.1/32\npostscreen_greet_wait = 1s\n"
+    async with running_gate(tmp_path, text, backend) as gate:
+        _, writer = await asyncio.open_connection(gate.host, gate.port, local_addr=("127.0.0.7", 0))
+        port = writer.get_extra_info("sockname")[1]
+        writer.close()
+        await writer.wait_closed()
+        tag = f"[127.0.0.7]:{port}"
+        log = await gate.wait_log(f"DISCONNECT {tag}")
+        assert re.search(
+            rf"HANGUP after [0-9.]+ from {re.escape(tag)} in tests before SMTP handshake\n", log
+        )
+        assert "error" not in log
+
+
+async def test_the_reply_map_names_the_list(
+    tmp_path: Path, dns: FakeDns, backend: RecordingBackend
+) -> None:
+    listed(dns, "127.0.0.12", "black.test")
+    listed(dns, "127.0.0.12", "codes.test", "127.0.0.4")
+    text = cf("drop") + "postscreen_dnsbl_reply_map = texthash:@DIR@/dnsbl_reply\n".replace(
+        "@DIR@", str(tmp_path)
+    )
+    tables = {"dnsbl_reply": "black.test    a well-known list\n"}
+    async with running_gate(
+        tmp_path, text, backend, tables=tables, overrides=dns_overrides(dns), in_process=REASON
+    ) as gate:
+        s = await session(gate, "127.0.0.12")
+        assert s.greeting[-1] == (
+            "521 5.7.1 Service unavailable; client [127.0.0.12] blocked using a well-known list"
+        )

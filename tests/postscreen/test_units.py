@@ -139,9 +139,14 @@ def test_what_smtpgate_lacks_is_still_refused_and_tuning_is_a_warning() -> None:
     assert any(t.startswith("main.cf, line 3: warning:") for t in text), text
 
 
-def test_greet_pause_is_not_used_while_postscreen_runs() -> None:
+def test_greet_pause_is_postscreens_greet_wait_unless_that_is_set() -> None:
     config, problems = load("smtpgate_greet_pause = 2s\npostscreen_greet_action = drop\n")
-    assert config is not None
+    assert config is not None and problems == []
+    assert config.greet_wait == 2  # the old name of the wait
+    config, problems = load(
+        "smtpgate_greet_pause = 2s\npostscreen_greet_wait = 3s\npostscreen_greet_action = drop\n"
+    )
+    assert config is not None and config.greet_wait == 3
     assert problems == [
         "main.cf, line 1: warning: smtpgate_greet_pause is not used while postscreen runs: "
         "its pregreet test waits postscreen_greet_wait instead"
@@ -330,3 +335,68 @@ def test_an_allow_list_passes_every_other_test() -> None:
     s.after_wait(result)
     assert not s.running_deep_tests  # skipped: PIPELINING is announced at once
     assert log.lines[-1] == "PASS NEW [192.0.2.1]:4000"
+
+
+# -- the dummy engine ----------------------------------------------------------------------
+
+
+def engine() -> tuple[object, Lines]:
+    from smtpgate.postscreen.engine import DummyEngine, EngineSettings
+
+    s, log = screening("postscreen_dnsbl_sites = zen.test*3\npostscreen_dnsbl_action = enforce\n")
+    s.connect(None, Nets())
+    s.cached(None)
+    s.after_wait(Score(3, "zen.test", 300))
+    settings = EngineSettings("mx.example.org", 10240000, False, False)
+    return DummyEngine(s, settings), log
+
+
+@pytest.mark.parametrize(
+    ("lines", "last"),
+    [
+        (["HELO"], "501 Syntax: HELO hostname"),
+        (["HELO x.example"], "250 mx.example.org"),
+        (
+            ["MAIL FROM:<a@example.net>", "MAIL FROM:<b@example.net>"],
+            "503 5.5.1 Error: nested MAIL command",
+        ),
+        (["MAIL"], "501 5.5.4 Syntax: MAIL FROM:<address>"),
+        (["RCPT TO:<b@example.org>"], "503 5.5.1 Error: need MAIL command"),
+        (["MAIL FROM:<>", "RCPT"], "501 5.5.4 Syntax: RCPT TO:<address>"),
+        (["ETRN"], "500 Syntax: ETRN domain"),
+        (["ETRN example.org"], "458 Unable to queue messages"),
+        (["XCLIENT ADDR=1.2.3.4"], "502 5.5.2 Error: command not recognized"),
+        (["DATA x"], "501 5.5.4 Syntax: DATA"),
+        (["DATA"], "503 5.5.1 Error: need RCPT command"),
+        (["BDAT"], "501 5.5.4 Syntax: BDAT count [LAST]"),
+        (["BDAT 10 LAST"], "554 5.5.1 Error: need MAIL command"),
+    ],
+)
+def test_dummy_engine_replies(lines: list[str], last: str) -> None:
+    dummy, _ = engine()
+    reply = None
+    for line in lines:
+        verb, _, args = line.partition(" ")
+        reply = dummy.command(verb, args)  # type: ignore[attr-defined]
+    assert reply is not None
+    assert " ".join(reply.lines()) == last
+
+
+def test_dummy_engine_rcpt_logs_postscreens_noqueue_line() -> None:
+    dummy, log = engine()
+    dummy.command("EHLO", "bot.example")  # type: ignore[attr-defined]
+    dummy.command("MAIL", "FROM:<a@example.net> SIZE=10")  # type: ignore[attr-defined]
+    reply = dummy.command("RCPT", "TO:<@relay.example:b@example.org>")  # type: ignore[attr-defined]
+    assert reply.lines() == [
+        "550 5.7.1 Service unavailable; client [192.0.2.1] blocked using zen.test"
+    ]
+    assert log.lines[-1] == (
+        "NOQUEUE: reject: RCPT from [192.0.2.1]:4000: 550 5.7.1 Service unavailable; "
+        "client [192.0.2.1] blocked using zen.test; from=<a@example.net>, "
+        "to=<b@example.org>, proto=ESMTP, helo=<bot.example>"
+    )
+    for _ in range(17):
+        dummy.command("NOOP", "")  # type: ignore[attr-defined]
+    last = dummy.command("NOOP", "")  # type: ignore[attr-defined]
+    assert last.lines() == ["421 mx.example.org Service unavailable - try again later"]
+    assert log.lines[-1] == "COMMAND COUNT LIMIT from [192.0.2.1]:4000 after NOOP"
