@@ -56,7 +56,7 @@ from tests.differential.postscreen_cases import (
 )
 from tests.differential.test_sessions_vs_postfix import transcript
 from tests.dns.dnsserver import FakeDns
-from tests.postfix_instance import DIR_PLACEHOLDER, POSTFIX
+from tests.postfix_instance import DIR_PLACEHOLDER, POSTFIX, PostfixError
 from tests.postscreen_instance import (
     PostscreenInstance,
     ScreenedSession,
@@ -296,12 +296,43 @@ class Zones:
 
 
 def _run_postfix(config: ScreenConfig, scenarios: list[Scenario]) -> dict[str, ScreenedSession]:
+    """The scenarios against Postfix; once more if Postfix itself stumbled (see below)."""
+    try:
+        return _postfix_sessions(config, scenarios)
+    except PostfixStumbled:
+        return _postfix_sessions(config, scenarios)
+
+
+class PostfixStumbled(PostfixError):
+    """postscreen could not reach its dnsblog service, or dnsblog failed to look up a list
+    that answers: the run is not a reference for what postscreen does."""
+
+
+#: postscreen's and dnsblog's complaints that make a run useless as a reference.
+_STUMBLES = re.compile(
+    r"postfix/postscreen: warning: psc_dnsbl_request: (?:connect to|error sending to) "
+    r"|postfix/dnsblog: warning: dnsblog_query: lookup error for DNS query "
+    r"\S+\.(?P<list>[^.\s]+\.test):"
+)
+
+
+def _postfix_sessions(
+    config: ScreenConfig, scenarios: list[Scenario]
+) -> dict[str, ScreenedSession]:
     dns = _ZONES.get(config)
     with PostscreenInstance(config.text, dict(config.tables), nameserver=dns.host) as pf:
-        return {
+        out = {
             s.name: pf.session(s.client, s.steps, pregreet=s.pregreet, probe=s.probe, greet=s.greet)
             for s in scenarios
         }
+        stumbles = [
+            line
+            for line in pf.warnings()
+            if (m := _STUMBLES.search(line)) and m["list"] not in config.dead
+        ]
+        if stumbles:
+            raise PostfixStumbled("\n".join(stumbles))
+        return out
 
 
 def _run_smtpgate(
