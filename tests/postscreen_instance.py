@@ -78,16 +78,21 @@ def client_lines(text: str, client: str) -> tuple[list[str], bool]:
     """The ``program: message`` lines of ``text`` naming ``client``, up to its session's end.
 
     A line names the client when it has ``[client]`` (postscreen, smtpd) or ``addr client``
-    (dnsblog). Returns the lines and whether the session's last line was among them.
+    (dnsblog). Returns the lines and whether the session's last line was among them: smtpd's
+    ``disconnect from`` when smtpd logged a ``connect from`` for it, else postscreen's
+    ``DISCONNECT``.
     """
     needle = re.compile(rf"(\[{re.escape(client)}\]|\baddr {re.escape(client)}\b)")
     out = []
+    in_smtpd = False  # once smtpd logged its connect, its disconnect is the last line
     for line in text.splitlines():
         m = _PROGRAM_LINE.search(line)
         if m is None or not needle.search(m["msg"]):
             continue
         out.append(f"{m['prog']}: {m['msg']}")
-        if _END.match(out[-1]):
+        in_smtpd = in_smtpd or out[-1].startswith("smtpd: connect from ")
+        end = _END.match(out[-1])
+        if end and (in_smtpd == out[-1].startswith("smtpd: ")):
             return out, True
     return out, False
 
