@@ -16,6 +16,7 @@ gets no DNS (``smtpd_peername_lookup = no``, and ``dns_servers`` points at loopb
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -428,3 +429,240 @@ async def hold_sessions(
                 await writer.wait_closed()
             except OSError:
                 pass
+
+
+@dataclass
+class LoadRun:
+    """One load generator run (all its processes): counts, latencies, times."""
+
+    seconds: float
+    sessions: int
+    messages: int
+    counts: dict[str, int]
+    latencies: list[float]  # ms, final dot to 250, every message
+    generator_cpu: float  # CPU seconds of the generator's processes
+    problems: list[str]
+
+    def percentile(self, q: float) -> float:
+        """The q-quantile (0..1) of the latencies, nearest rank; 0.0 without any."""
+        if not self.latencies:
+            return 0.0
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, max(0, int(round(q * len(ordered))) - 1))]
+
+
+def run_loadgen(
+    port: int,
+    mode: str,
+    *,
+    sessions: int,
+    count: int,
+    procs: int = 2,
+    rate: float = 0.0,
+    sources: Sequence[str] = (),
+    pool: int = 0,
+    extra: Sequence[str] = (),
+    timeout: float = 900.0,
+) -> LoadRun:
+    """Run ``bench/loadgen.py`` against 127.0.0.1:port in ``procs`` processes at once.
+
+    Each process takes every ``procs``-th session (so a pool's addresses are spread the
+    same way on every run), its share of the concurrency and of the rate. The processes
+    start, say ``ready``, and are all released at once; the run lasts from the first start
+    to the last end (one monotonic clock for all).
+    """
+    procs = max(1, min(procs, sessions, count))
+    children = []
+    for w in range(procs):
+        share = count // procs + (1 if w < count % procs else 0)
+        conc = sessions // procs + (1 if w < sessions % procs else 0)
+        argv = [sys.executable, "-m", "bench.loadgen", "--wait-go"]
+        argv += ["--server", f"127.0.0.1:{port}", "--mode", mode]
+        argv += ["--sessions", str(conc), "--count", str(share)]
+        argv += ["--first", str(w), "--stride", str(procs)]
+        if rate:
+            argv += ["--rate", str(rate / procs)]
+        for src in sources:
+            argv += ["--source", src]
+        if pool:
+            argv += ["--pool", str(pool)]
+        argv += list(extra)
+        children.append(
+            subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                cwd=ROOT, text=True,
+            )
+        )  # fmt: skip
+    for child in children:
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        if line.strip() != "ready":
+            err = child.stderr.read() if child.stderr else ""
+            for c in children:
+                c.kill()
+            raise BenchError(f"load generator did not start: {line}{err}")
+    for child in children:
+        assert child.stdin is not None
+        child.stdin.write("go\n")
+        child.stdin.flush()
+    results = []
+    for child in children:
+        try:
+            out, err = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            for c in children:
+                c.kill()
+            raise BenchError(f"load generator timed out after {timeout}s") from exc
+        if child.returncode != 0:
+            raise BenchError(f"load generator failed ({child.returncode}):\n{err[-2000:]}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    seconds = max(r["end"] for r in results) - min(r["start"] for r in results)
+    counts: dict[str, int] = {}
+    latencies: list[float] = []
+    for r in results:
+        for k, v in r["counts"].items():
+            counts[k] = counts.get(k, 0) + v
+        latencies.extend(r["latencies"])
+    problems = [f"{v} x {k}" for k, v in sorted(counts.items()) if k.startswith("error")]
+    cpu = sum(r["cpu"] for r in results)
+    return LoadRun(
+        seconds=seconds,
+        sessions=sum(counts.values()),
+        messages=sum(r["messages"] for r in results),
+        counts=counts,
+        latencies=latencies,
+        generator_cpu=cpu,
+        problems=problems,
+    )
+
+
+#: The zombie row's DNS lists: a pool of client addresses, 90 % of them listed.
+ZOMBIE_POOL = 1000
+DNS_ADDRESS = "127.53.0.1"  # port 53: Postfix's resolver knows no other port
+ZOMBIE_ZONES = ("zone1.bench.test", "zone2.bench.test")
+
+#: The postscreen model, with postscreen's names, for both sides. A client listed in zone1
+#: (weight 2) reaches the threshold; one listed only in zone2 (weight 1) does not. No
+#: pregreet test (an empty postscreen_greet_banner), so the DNS answers end the wait, not
+#: postscreen_greet_wait (with the pregreet test every session would last the full wait).
+POSTSCREEN_MAIN_CF = f"""\
+postscreen_dnsbl_sites = {ZOMBIE_ZONES[0]}*2 {ZOMBIE_ZONES[1]}*1
+postscreen_dnsbl_threshold = 2
+postscreen_dnsbl_action = drop
+postscreen_greet_banner =
+postscreen_greet_wait = 3s
+postscreen_access_list = permit_mynetworks
+"""
+
+
+def zombie_listed(i: int) -> tuple[bool, bool]:
+    """(in zone1, in zone2) for the i-th pool address: 9 in 10 in zone1 (blocked), a third
+    of those in zone2 too; of the other tenth, half are in zone2 only (score 1: passes)."""
+    if i % 10:
+        return True, i % 3 == 0
+    return False, i % 20 == 0
+
+
+def zombie_records() -> dict[str, list[str]]:
+    """The DNS records of the pool's listed addresses (reversed octets under each zone)."""
+    from bench.loadgen import pool_address
+
+    records: dict[str, list[str]] = {}
+    for i in range(ZOMBIE_POOL):
+        rev = ".".join(reversed(pool_address(i).split(".")))
+        for zone, listed in zip(ZOMBIE_ZONES, zombie_listed(i), strict=True):
+            if listed:
+                records[f"{rev}.{zone}"] = ["127.0.0.2"]
+    return records
+
+
+def zombie_expected(count: int, procs: int) -> int:
+    """How many of ``count`` sessions come from blocked addresses (session k uses pool
+    address k mod ZOMBIE_POOL, whatever the number of generator processes)."""
+    del procs
+    return sum(1 for k in range(count) if zombie_listed(k % ZOMBIE_POOL)[0])
+
+
+class DnsServer:
+    """bench/dnsbl.py on DNS_ADDRESS:53 with the zombie row's records (a subprocess)."""
+
+    def __init__(self, tmp: Path) -> None:
+        records = tmp / "dnsbl-records.json"
+        records.write_text(json.dumps(zombie_records()))
+        self.log = tmp / "dnsbl.out"
+        argv = [sys.executable, "-m", "bench.dnsbl", "--listen", f"{DNS_ADDRESS}:53"]
+        argv += ["--records", str(records)]
+        self.err = self.log.open("w")
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=self.err, cwd=ROOT, text=True
+        )
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            self.proc.wait(STOP_TIMEOUT)
+            raise BenchError(f"DNS server did not start:\n{_tail(self.log)}")
+        # a resolv.conf for Postfix's mount namespace
+        self.resolv_conf = tmp / "resolv.conf"
+        self.resolv_conf.write_text(f"nameserver {DNS_ADDRESS}\noptions timeout:1 attempts:2\n")
+        self.resolv_conf.chmod(0o644)
+
+    @property
+    def root_pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        _terminate(self.proc, [])
+        self.err.close()
+
+
+POSTSCREEN_MASTER_CF = """\
+{listen} inet  n       -       n       -       1       postscreen
+smtpd     pass  -       -       n       -       -       smtpd
+dnsblog   unix  -       -       n       -       0       dnsblog
+tlsproxy  unix  -       -       n       -       0       tlsproxy
+"""
+
+
+class _NamespacedInstance(PostfixInstance):
+    """A PostfixInstance whose master runs in its own mount namespace, where
+    /etc/resolv.conf is ``resolv_conf`` bind-mounted (the real file is never touched),
+    and whose listener is postscreen in front of smtpd."""
+
+    def __init__(self, resolv_conf: Path, main_cf: str, tables: Mapping[str, str]) -> None:
+        self.resolv_conf = resolv_conf
+        super().__init__(main_cf, tables)
+
+    def write_config(
+        self, main_cf: str, tables: Mapping[str, str], compatibility_level: str = "3.6"
+    ) -> None:
+        super().write_config(main_cf, tables, compatibility_level)
+        master = self.etc / "master.cf"
+        listen = f"127.0.0.1:{self.port}"
+        lines = [ln for ln in master.read_text().splitlines() if not ln.startswith(listen)]
+        text = POSTSCREEN_MASTER_CF.format(listen=listen) + "\n".join(lines) + "\n"
+        master.write_text(text)
+        past = time.time() - 10
+        os.utime(master, (past, past))
+
+    def _run(self, argv: list[str], *, what: str, check: bool = True) -> str:
+        if what == "postfix start":
+            script = 'mount --bind "$0" /etc/resolv.conf && exec "$@"'
+            argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+                    str(self.resolv_conf), *argv]  # fmt: skip
+        return super()._run(argv, what=what, check=check)
+
+
+class PostscreenRef(PostfixRef):
+    """Postfix with postscreen + smtpd (a before-queue proxy to the sink, as PostfixRef),
+    dnsblog resolving through the bench's DNS server."""
+
+    def __init__(self, sink_port: int, process_limit: int, resolv_conf: Path) -> None:
+        main_cf = SHARED_MAIN_CF + POSTSCREEN_MAIN_CF
+        main_cf += f"default_process_limit = {process_limit}\n"
+        main_cf += f"smtpd_proxy_filter = 127.0.0.1:{sink_port}\n"
+        self.instance = _NamespacedInstance(resolv_conf, main_cf, TABLES)
+        self.port = self.instance.port
+        try:
+            self.instance.start()
+        except BaseException:
+            self.instance.close()
+            raise
