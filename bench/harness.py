@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.postfix_instance import PostfixInstance, free_port
 
@@ -55,6 +56,74 @@ smtpd_recipient_restrictions =
 smtpd_restriction_classes = good_senders_only
 good_senders_only = check_sender_access hash:@DIR@/restricted_senders, permit
 """
+
+
+@dataclass(frozen=True)
+class HarnessConfig:
+    """How the two sides and the load are set up; ``today`` is the configuration the
+    benchmark has always used, ``independent`` the one of issue 16's independent harness.
+    Every field can be changed alone (``--vary name=value``) to find which one matters."""
+
+    name: str
+    #: where the load comes from ("" = the kernel's choice, 127.0.0.1); smtp-source gets
+    #: it through the LD_PRELOAD shim bench/bindsrc.c, the load generator binds it itself
+    source: str = ""
+    mynetworks: str = "192.0.2.0/24"
+    #: smtpd_client_event_limit_exceptions for both sides ("" = the default, $mynetworks)
+    event_exceptions: str = ""
+    #: Postfix's default_process_limit (0 = the largest session count + 100)
+    process_limit: int = 0
+    #: smtpgate logs to maillog_file (yes) or to standard error, its default (no)
+    gate_maillog_file: bool = True
+    #: smtpgate_connection_limit = 0 (yes) or smtpgate's default, 1000 (no)
+    gate_no_connection_limit: bool = True
+    #: dns_servers = 127.0.0.1 for smtpgate (yes) or its default, /etc/resolv.conf (no)
+    gate_dns_loopback: bool = True
+
+    def main_cf(self, base: str) -> str:
+        """``base`` (SHARED_MAIN_CF or a variant) with this configuration's lines."""
+        text = re.sub(r"^mynetworks = .*$", f"mynetworks = {self.mynetworks}", base, flags=re.M)
+        if self.event_exceptions:
+            text += f"smtpd_client_event_limit_exceptions = {self.event_exceptions}\n"
+        return text
+
+    def vary(self, settings: Sequence[str]) -> HarnessConfig:
+        """A copy with ``name=value`` settings applied (BenchError for an unknown name)."""
+        import dataclasses
+
+        changes: dict[str, Any] = {}
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        for setting in settings:
+            name, _, value = setting.partition("=")
+            if name not in fields or name == "name":
+                raise BenchError(f"--vary {setting}: no such harness setting ({', '.join(fields)})")
+            current = getattr(self, name)
+            if isinstance(current, bool):
+                changes[name] = value.lower() in ("yes", "true", "1")
+            elif isinstance(current, int):
+                changes[name] = int(value)
+            else:
+                changes[name] = value
+        if not changes:
+            return self
+        label = self.name + "".join(f" {k}={v}" for k, v in changes.items())
+        return dataclasses.replace(self, name=label, **changes)
+
+
+HARNESSES = {
+    "today": HarnessConfig("today"),
+    "independent": HarnessConfig(
+        "independent",
+        source="127.0.0.2",
+        mynetworks="127.0.0.1/32",
+        event_exceptions="127.0.0.0/8",
+        process_limit=600,
+        gate_maillog_file=False,
+        gate_no_connection_limit=False,
+        gate_dns_loopback=False,
+    ),
+}
+
 
 TABLES = {
     "protected_destinations": "foo@bar.org     good_senders_only\n",
@@ -222,15 +291,22 @@ class Gate:
     name = "smtpgate"
 
     def __init__(
-        self, tmp: Path, sink_port: int, options: Sequence[str] = (), dirname: str = "smtpgate"
+        self,
+        tmp: Path,
+        sink_port: int,
+        options: Sequence[str] = (),
+        dirname: str = "smtpgate",
+        config: HarnessConfig | None = None,
+        main_cf_extra: str = "",
     ) -> None:
+        config = config or HARNESSES["today"]
         self.dir = tmp / dirname
         self.dir.mkdir(mode=0o755)
         for name, text in TABLES.items():
             (self.dir / name).write_text(text)
         self.port = free_port()
-        main_cf = SHARED_MAIN_CF.replace("@DIR@", str(self.dir))
-        (self.dir / "main.cf").write_text(main_cf)
+        main_cf = config.main_cf(SHARED_MAIN_CF) + main_cf_extra
+        (self.dir / "main.cf").write_text(main_cf.replace("@DIR@", str(self.dir)))
         self.maillog = self.dir / "maillog"
         self.log = self.dir / "serve.out"
         plumbing = {
@@ -242,6 +318,12 @@ class Gate:
             "smtpgate_connection_limit": "0",
             "dns_servers": "127.0.0.1",
         }
+        if not config.gate_maillog_file:
+            del plumbing["maillog_file"]  # log lines go to standard error: serve.out
+        if not config.gate_no_connection_limit:
+            del plumbing["smtpgate_connection_limit"]
+        if not config.gate_dns_loopback:
+            del plumbing["dns_servers"]
         argv = [sys.executable, "-m", "smtpgate", "serve", "-c", str(self.dir / "main.cf")]
         for name, value in plumbing.items():
             argv += ["-o", f"{name}={value}"]
@@ -279,8 +361,16 @@ class PostfixRef:
 
     name = "Postfix"
 
-    def __init__(self, sink_port: int, process_limit: int, milter: str | None = None) -> None:
-        main_cf = SHARED_MAIN_CF + f"default_process_limit = {process_limit}\n"
+    def __init__(
+        self,
+        sink_port: int,
+        process_limit: int,
+        milter: str | None = None,
+        config: HarnessConfig | None = None,
+    ) -> None:
+        config = config or HARNESSES["today"]
+        process_limit = config.process_limit or process_limit
+        main_cf = config.main_cf(SHARED_MAIN_CF) + f"default_process_limit = {process_limit}\n"
         if milter is None:
             main_cf += f"smtpd_proxy_filter = 127.0.0.1:{sink_port}\n"
         else:
@@ -315,6 +405,26 @@ class PostfixRef:
         self.instance.close()
 
 
+_shim: Path | None = None
+
+
+def bind_shim() -> Path:
+    """bench/bindsrc.c compiled (once per run) into a shared object."""
+    global _shim
+    if _shim is None or not _shim.exists():
+        out = Path(tempfile.mkdtemp(prefix="smtpgate-bench-shim-")) / "bindsrc.so"
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            raise BenchError("no C compiler for bench/bindsrc.c: run bench/setup.sh")
+        src = str(ROOT / "bench" / "bindsrc.c")
+        argv = [cc, "-shared", "-fPIC", "-O2", "-o", str(out), src, "-ldl"]
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise BenchError(f"cannot build bench/bindsrc.c:\n{proc.stderr}")
+        _shim = out
+    return _shim
+
+
 def new_tmp() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix="smtpgate-bench-"))
     tmp.chmod(0o755)  # smtp-sink and smtpgate run as nobody after start-up
@@ -338,13 +448,18 @@ def run_source(
     many_per_session: bool = False,
     reject: bool = False,
     timeout: float = 900.0,
+    source: str = "",
 ) -> SourceRun:
     """Run smtp-source against 127.0.0.1:port and time it.
 
     ``count`` is the number of messages (for ``reject``, of sessions: each one is answered
     521 at RCPT and disconnected). ``many_per_session`` (-d) sends all of a session's share
-    over one connection; otherwise each message gets its own session.
+    over one connection; otherwise each message gets its own session. ``source``: the
+    client address (through the LD_PRELOAD shim bench/bindsrc.c).
     """
+    env = None
+    if source:
+        env = dict(os.environ, BENCH_SOURCE_ADDRESS=source, LD_PRELOAD=str(bind_shim()))
     argv = [find_binary("smtp-source"), "-C", "5", "-s", str(sessions), "-m", str(count)]
     argv += ["-M", CLIENT_HELO, "-t", RECIPIENT]
     if reject:
@@ -358,7 +473,7 @@ def run_source(
     argv.append(f"127.0.0.1:{port}")
     start = time.perf_counter()
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as exc:
         raise BenchError(f"smtp-source timed out after {timeout}s: {' '.join(argv)}") from exc
     seconds = time.perf_counter() - start
@@ -451,6 +566,38 @@ class LoadRun:
         return ordered[min(len(ordered) - 1, max(0, int(round(q * len(ordered))) - 1))]
 
 
+def _release_and_collect(
+    children: Sequence[subprocess.Popen[str]], timeout: float
+) -> list[dict[str, Any]]:
+    """Wait for every generator process's ``ready``, say ``go`` to all, collect their JSON."""
+    try:
+        for child in children:
+            assert child.stdout is not None and child.stdin is not None
+            line = child.stdout.readline()
+            if line.strip() != "ready":
+                err = child.stderr.read() if child.stderr else ""
+                raise BenchError(f"load generator did not start: {line}{err}")
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        results = []
+        for child in children:
+            try:
+                out, err = child.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired as exc:
+                raise BenchError(f"load generator timed out after {timeout}s") from exc
+            if child.returncode != 0:
+                raise BenchError(f"load generator failed ({child.returncode}):\n{err[-2000:]}")
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        return results
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+
+
 def run_loadgen(
     port: int,
     mode: str,
@@ -472,50 +619,27 @@ def run_loadgen(
     to the last end (one monotonic clock for all).
     """
     procs = max(1, min(procs, sessions, count))
+    common = ["--server", f"127.0.0.1:{port}", "--mode", mode]
+    for src in sources:
+        common += ["--source", src]
+    if pool:
+        common += ["--pool", str(pool)]
     children = []
     for w in range(procs):
         share = count // procs + (1 if w < count % procs else 0)
         conc = sessions // procs + (1 if w < sessions % procs else 0)
-        argv = [sys.executable, "-m", "bench.loadgen", "--wait-go"]
-        argv += ["--server", f"127.0.0.1:{port}", "--mode", mode]
+        argv = [sys.executable, "-m", "bench.loadgen", "--wait-go", *common, *extra]
         argv += ["--sessions", str(conc), "--count", str(share)]
         argv += ["--first", str(w), "--stride", str(procs)]
         if rate:
             argv += ["--rate", str(rate / procs)]
-        for src in sources:
-            argv += ["--source", src]
-        if pool:
-            argv += ["--pool", str(pool)]
-        argv += list(extra)
         children.append(
             subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 cwd=ROOT, text=True,
             )
         )  # fmt: skip
-    for child in children:
-        assert child.stdout is not None
-        line = child.stdout.readline()
-        if line.strip() != "ready":
-            err = child.stderr.read() if child.stderr else ""
-            for c in children:
-                c.kill()
-            raise BenchError(f"load generator did not start: {line}{err}")
-    for child in children:
-        assert child.stdin is not None
-        child.stdin.write("go\n")
-        child.stdin.flush()
-    results = []
-    for child in children:
-        try:
-            out, err = child.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired as exc:
-            for c in children:
-                c.kill()
-            raise BenchError(f"load generator timed out after {timeout}s") from exc
-        if child.returncode != 0:
-            raise BenchError(f"load generator failed ({child.returncode}):\n{err[-2000:]}")
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    results = _release_and_collect(children, timeout)
     seconds = max(r["end"] for r in results) - min(r["start"] for r in results)
     counts: dict[str, int] = {}
     latencies: list[float] = []
@@ -655,8 +779,11 @@ class PostscreenRef(PostfixRef):
     """Postfix with postscreen + smtpd (a before-queue proxy to the sink, as PostfixRef),
     dnsblog resolving through the bench's DNS server."""
 
-    def __init__(self, sink_port: int, process_limit: int, resolv_conf: Path) -> None:
-        main_cf = SHARED_MAIN_CF + POSTSCREEN_MAIN_CF
+    def __init__(
+        self, sink_port: int, process_limit: int, resolv_conf: Path, config: HarnessConfig
+    ) -> None:
+        process_limit = config.process_limit or process_limit
+        main_cf = config.main_cf(SHARED_MAIN_CF) + POSTSCREEN_MAIN_CF
         main_cf += f"default_process_limit = {process_limit}\n"
         main_cf += f"smtpd_proxy_filter = 127.0.0.1:{sink_port}\n"
         self.instance = _NamespacedInstance(resolv_conf, main_cf, TABLES)

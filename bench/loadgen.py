@@ -186,7 +186,7 @@ class Worker:
             return
         try:
             s.outcome = await asyncio.wait_for(self.dialogue(c, s), self.args.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             s.outcome = "error: timeout"
         except OSError as exc:
             s.outcome = f"error: {exc.strerror or exc}"
