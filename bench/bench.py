@@ -372,8 +372,13 @@ def _cell(values: Sequence[float] | None) -> tuple[str, str]:
 
 
 def table(rows: Sequence[Workload], results: Results) -> str:
-    """The results table (plain text, fixed columns)."""
-    head = ("workload", "unit", GATE, "min-max", POSTFIX, "min-max", "ratio", "target")
+    """The results table (plain text, fixed columns).
+
+    After the ratio: the CPU time each side spent per session (reject and zombie rows) or
+    per relayed message (the other rate rows), in ms, and the ratio of the two.
+    """
+    head = ("workload", "unit", GATE, "min-max", POSTFIX, "min-max", "ratio")
+    head += ("CPU ms/unit", "smtpgate", "Postfix", "ratio", "target")
     lines: list[tuple[str, ...]] = [head]
     for w in rows:
         per = results.samples.get(w.key, {})
@@ -382,23 +387,22 @@ def table(rows: Sequence[Workload], results: Results) -> str:
         ratio = "-"
         if per.get(GATE) and per.get(POSTFIX):
             ratio = f"{statistics.median(per[GATE]) / statistics.median(per[POSTFIX]):.2f}"
-        lines.append((w.label, w.unit, g, gr, p, pr, ratio, w.target))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    right = {2, 3, 4, 5, 6}
-    out = []
-    for i, line in enumerate(lines):
-        cells = [
-            c.rjust(widths[j]) if j in right else c.ljust(widths[j]) for j, c in enumerate(line)
-        ]
-        out.append("  ".join(cells).rstrip())
-        if i == 0:
-            out.append("  ".join("-" * wd for wd in widths))
-    return "\n".join(out)
+        cpu = results.cpu_ms.get(w.key, {})
+        gc, pc = cpu.get(GATE), cpu.get(POSTFIX)
+        cells = (
+            f"per {w.per}" if gc or pc else "",
+            f"{statistics.median(gc):.3f}" if gc else "-",
+            f"{statistics.median(pc):.3f}" if pc else "-",
+            f"{statistics.median(gc) / statistics.median(pc):.2f}" if gc and pc else "-",
+        )
+        if not (gc or pc):
+            cells = ("", "", "", "")
+        lines.append((w.label, w.unit, g, gr, p, pr, ratio, *cells, w.target))
+    return _columns(lines, right={2, 3, 4, 5, 6, 8, 9, 10})
 
 
 def cpu_note(rows: Sequence[Workload], results: Results) -> str:
-    """Median CPU use (1.00 = one core busy) of each side during the rate workloads, and
-    the CPU time per session (reject rows) or per relayed message (the others)."""
+    """Median CPU use (1.00 = one core busy) of each side during the rate workloads."""
     out = [
         "CPU during the rate workloads (median, 1.00 = one core busy; exited and reaped "
         "processes such as Postfix's smtpds count):"
@@ -408,21 +412,6 @@ def cpu_note(rows: Sequence[Workload], results: Results) -> str:
         if per:
             cells = [f"{side} {statistics.median(v):.2f}" for side, v in per.items()]
             out.append(f"  {w.label}: " + ", ".join(cells))
-    head = ("workload", "CPU per", GATE, POSTFIX, "ratio")
-    lines: list[tuple[str, ...]] = [head]
-    for w in rows:
-        per = results.cpu_ms.get(w.key)
-        if not per:
-            continue
-        g, p = per.get(GATE), per.get(POSTFIX)
-        ratio = f"{statistics.median(g) / statistics.median(p):.2f}" if g and p else "-"
-        gc = f"{statistics.median(g):.3f}" if g else "-"
-        pc = f"{statistics.median(p):.3f}" if p else "-"
-        lines.append((w.label, w.per, gc, pc, ratio))
-    if len(lines) > 1:
-        out += ["", "CPU time per session or relayed message (ms, median; ratio below 1: "
-                "smtpgate uses less):", ""]  # fmt: skip
-        out.append(_columns(lines, right={2, 3, 4}))
     return "\n".join(out)
 
 
