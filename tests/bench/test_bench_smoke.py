@@ -30,21 +30,28 @@ def _median(cell: str) -> float:
     return float(cell)
 
 
-@pytest.mark.timeout(120)
+#: The zombie row needs smtpgate's postscreen (issue 15), which is not wired into the
+#: server yet: it has its own test below, expected to fail until it is.
+ZOMBIE = "zombie-90"
+
+
+@pytest.mark.timeout(150)
 def test_quick_bench_prints_a_row_per_workload(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
+    keys = [w.key for w in workloads(quick=True) if w.key != ZOMBIE]
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--json", str(out)],
+        [sys.executable, "-m", "bench", "--quick", "--json", str(out), "--only", *keys],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=110,
+        timeout=140,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
-    rows = workloads(quick=True)
+    rows = [w for w in workloads(quick=True) if w.key != ZOMBIE]
     for w in rows:
-        [line] = [ln for ln in lines if ln.startswith(w.label + "  ")]
+        # the first line with the label is the main table's (the latency table follows)
+        line = next(ln for ln in lines if ln.startswith(w.label + "  "))
         cells = re.split(r"\s{2,}", line[len(w.label) :].strip())
         assert cells[0] == w.unit, line
         assert _median(cells[1]) > 0, line
@@ -58,3 +65,36 @@ def test_quick_bench_prints_a_row_per_workload(tmp_path: Path) -> None:
         sides = ["smtpgate", "Postfix"] if w.postfix_side else ["smtpgate"]
         assert sorted(samples[w.key]) == sorted(sides), w.key
         assert all(v > 0 for side in sides for v in samples[w.key][side]), w.key
+    data = json.loads(out.read_text())
+    for w in rows:
+        if w.kind in ("sessions", "msgs", "bytes"):  # CPU per session or message, both sides
+            assert sorted(data["cpu_ms"][w.key]) == ["Postfix", "smtpgate"], w.key
+        if w.loadgen:  # the load generator timed the messages on both sides
+            for side in ("smtpgate", "Postfix"):
+                [run] = data["latency"][w.key][side]
+                assert 0 < run["p50"] <= run["p99"], (w.key, side, run)
+    assert "CPU ms/unit" in proc.stdout
+    assert "Latency, the client's final dot to the 250" in proc.stdout
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.xfail(
+    strict=True,
+    reason="smtpgate parses postscreen_* (branch postscreen) but does not screen yet: "
+    "it accepts the listed clients",
+)
+def test_quick_zombie_row_rejects_the_listed_clients_on_both_sides(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--json", str(out), "--only", ZOMBIE],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    data = json.loads(out.read_text())
+    for side in ("Postfix", "smtpgate"):
+        [counts] = data["counts"][ZOMBIE][side]
+        assert counts.get("rejected at connect", 0) + counts.get("rejected at RCPT", 0) == 90
+        assert counts.get("accepted") == 10, (side, counts)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
