@@ -606,7 +606,8 @@ def _start_zombie_pair(
         )  # fmt: skip
         started.append(servers.zombie_gate)
     except BenchError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else str(exc)
+        lines = str(exc).strip().splitlines() or [str(exc)]
+        first = next((ln for ln in lines if "postscreen_" in ln), lines[-1])
         results.problems.append(f"zombie-90 smtpgate: not run, smtpgate did not start: {first}")
     _progress(
         f"DNS lists on {DNS_ADDRESS}:53; postscreen: Postfix :{servers.zombie_postfix.port}"
