@@ -233,7 +233,7 @@ def measure(w: Workload, side: Side, results: Results, ctx: Context) -> None:
             ]
         else:
             commands = [f"EHLO {CLIENT_HELO}"]
-        kib = asyncio.run(_pss_while_held(side, w.sessions, commands))
+        kib = asyncio.run(_pss_while_held(side, w.sessions, commands, ctx.config.source))
         results.add(w.key, side.name, kib / 1024)
         return
     cpu_before = cpu_seconds(side.root_pid)
@@ -291,8 +291,10 @@ def measure_load(w: Workload, side: Side, results: Results, ctx: Context) -> Non
     results.add_load(w.key, side.name, run)
 
 
-async def _pss_while_held(side: Side, sessions: int, commands: Sequence[str]) -> int:
-    async with hold_sessions(side.port, sessions, commands):
+async def _pss_while_held(
+    side: Side, sessions: int, commands: Sequence[str], source: str = ""
+) -> int:
+    async with hold_sessions(side.port, sessions, commands, source=source):
         await asyncio.sleep(0.5)  # let the servers settle (Postfix's master, anvil, ...)
         kib, _ = pss_kib(side.root_pid)
     return kib
@@ -393,7 +395,9 @@ def table(rows: Sequence[Workload], results: Results) -> str:
             f"per {w.per}" if gc or pc else "",
             f"{statistics.median(gc):.3f}" if gc else "-",
             f"{statistics.median(pc):.3f}" if pc else "-",
-            f"{statistics.median(gc) / statistics.median(pc):.2f}" if gc and pc else "-",
+            f"{statistics.median(gc) / statistics.median(pc):.2f}"
+            if gc and pc and statistics.median(pc) > 0
+            else "-",
         )
         if not (gc or pc):
             cells = ("", "", "", "")

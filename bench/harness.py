@@ -16,6 +16,7 @@ gets no DNS (``smtpd_peername_lookup = no``, and ``dns_servers`` points at loopb
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import os
 import re
@@ -412,7 +413,9 @@ def bind_shim() -> Path:
     """bench/bindsrc.c compiled (once per run) into a shared object."""
     global _shim
     if _shim is None or not _shim.exists():
-        out = Path(tempfile.mkdtemp(prefix="smtpgate-bench-shim-")) / "bindsrc.so"
+        folder = Path(tempfile.mkdtemp(prefix="smtpgate-bench-shim-"))
+        atexit.register(shutil.rmtree, folder, True)
+        out = folder / "bindsrc.so"
         cc = shutil.which("cc") or shutil.which("gcc")
         if cc is None:
             raise BenchError("no C compiler for bench/bindsrc.c: run bench/setup.sh")
@@ -501,10 +504,11 @@ async def _read_reply(reader: asyncio.StreamReader) -> bytes:
 
 @asynccontextmanager
 async def hold_sessions(
-    port: int, count: int, commands: Sequence[str], *, timeout: float = 180.0
+    port: int, count: int, commands: Sequence[str], *, timeout: float = 180.0, source: str = ""
 ) -> AsyncIterator[int]:
     """Open ``count`` sessions to 127.0.0.1:port, each greeted and through ``commands``
-    (each answered 2xx), and keep them all open inside the ``async with``.
+    (each answered 2xx), and keep them all open inside the ``async with``; from ``source``
+    (a loopback address) if given.
 
     Connects at most 200 at a time so as not to overflow the listen queue. Yields the number
     of sessions established; raises BenchError if any failed.
@@ -516,7 +520,8 @@ async def hold_sessions(
     async def one() -> None:
         async with gate:
             try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                local = (source, 0) if source else None
+                reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=local)
             except OSError as exc:
                 failures.append(f"connect: {exc}")
                 return
