@@ -179,6 +179,8 @@ class Results:
 
     samples: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    #: what could not be measured for a known reason (not a failure: exit status 0)
+    notes: list[str] = field(default_factory=list)
     cpu: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     #: CPU milliseconds per session (reject rows) or per message (the others)
     cpu_ms: dict[str, dict[str, list[float]]] = field(default_factory=dict)
@@ -565,6 +567,8 @@ def bench(args: argparse.Namespace) -> int:
     if latency:
         print()
         print(latency)
+    for note in results.notes:
+        print(f"NOTE: {note}")
     for problem in results.problems:
         print(f"PROBLEM: {problem}")
     if args.json:
@@ -581,6 +585,7 @@ def bench(args: argparse.Namespace) -> int:
                     "generator_cpu": results.generator_cpu,
                     "harness": config.name,
                     "problems": results.problems,
+                    "notes": results.notes,
                 },
                 indent=1,
             )
@@ -612,7 +617,12 @@ def _start_zombie_pair(
     except BenchError as exc:
         lines = str(exc).strip().splitlines() or [str(exc)]
         first = next((ln for ln in lines if "postscreen_" in ln), lines[-1])
-        results.problems.append(f"zombie-90 smtpgate: not run, smtpgate did not start: {first}")
+        if "not supported yet: postscreen_" in first:  # a tree without postscreen (issue 15)
+            results.notes.append(
+                f"zombie-90: Postfix only, this smtpgate has no postscreen: {first}"
+            )
+        else:
+            results.problems.append(f"zombie-90 smtpgate: not run, smtpgate did not start: {first}")
     _progress(
         f"DNS lists on {DNS_ADDRESS}:53; postscreen: Postfix :{servers.zombie_postfix.port}"
         + (f", smtpgate :{servers.zombie_gate.port}" if servers.zombie_gate else "")
