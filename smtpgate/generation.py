@@ -44,6 +44,7 @@ from smtpgate.errors import ConfigError
 from smtpgate.milter import Milters
 from smtpgate.policy.plan import Plan, build_plan
 from smtpgate.policy.ports import Resolver
+from smtpgate.postscreen.config import DISABLED, PostscreenConfig, postscreen_config
 from smtpgate.relay import Relay, load_cert_files
 from smtpgate.resolver import mx_hosts, resolver_from_config
 
@@ -55,6 +56,7 @@ class Configuration:
     plan: Plan
     config: ServiceConfig
     milters: Milters = field(default_factory=Milters)
+    postscreen: PostscreenConfig = DISABLED
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,8 @@ class Generation:
     resolver: Resolver
     milters: Milters = field(default_factory=Milters)
     """``smtpd_milters``: false when empty; ``milters.session()`` per SMTP session."""
+    postscreen: PostscreenConfig = DISABLED
+    """The postscreen_* parameters (``enabled`` False: postscreen does not run)."""
 
     @property
     def policy_client(self) -> DelegationClient | None:
@@ -112,12 +116,13 @@ def compile_configuration(
     """
     plan, from_plan = build_plan(settings, strict_tables=strict_tables)
     config, from_service = service_config(settings)
-    found = _unique([*diagnostics, *from_plan, *from_service])
-    if plan is None or config is None or _failed(found):
+    postscreen, from_postscreen = postscreen_config(settings, strict_tables=strict_tables)
+    found = _unique([*diagnostics, *from_plan, *from_service, *from_postscreen])
+    if plan is None or config is None or postscreen is None or _failed(found):
         return None, found
     if plan.policy_services:
         plan = plan.with_policy_client(DelegationClient())
-    return Configuration(plan, config), found
+    return Configuration(plan, config, postscreen=postscreen), found
 
 
 def build_generation(
@@ -153,7 +158,14 @@ def build_generation(
         return None, found
     _wire_next_hops(relay, resolver)
     generation = Generation(
-        number, compiled.plan, compiled.config, context, relay, resolver, milters
+        number,
+        compiled.plan,
+        compiled.config,
+        context,
+        relay,
+        resolver,
+        milters,
+        postscreen=compiled.postscreen,
     )
     return generation, found
 

@@ -27,13 +27,13 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from smtpgate import proxyproto
-from smtpgate.anvil import AnvilClient, LocalAnvil
+from smtpgate.anvil import AnvilClient, LocalAnvil, RemoteAnvil
 from smtpgate.config.service import ListenAddress
 from smtpgate.errors import ConfigError
 from smtpgate.generation import Generation
 from smtpgate.logs import MailLog, route_python_logging
 from smtpgate.metrics import HealthEndpoint, ServerMetrics
-from smtpgate.shared_state import SharedAnvil, shared_anvil
+from smtpgate.shared_state import SharedAnvil, StorePassCache, shared_anvil
 from smtpgate.smtpd import GateProtocol, Shared
 from smtpgate.watch import WatchChannel, WatchEndpoint
 
@@ -312,6 +312,11 @@ class Server:
             anvil=self.shared_anvil or local,
             spool_directory=spool_directory,
         )
+        # postscreen's cache: the supervisor's anvil (every worker), and Redis when set
+        if isinstance(local, LocalAnvil | RemoteAnvil):
+            self.shared.pass_cache = local
+        if self.shared_anvil is not None:
+            self.shared.pass_cache = StorePassCache(self.shared_anvil.store, self.shared.pass_cache)
         self.metrics = metrics
         self.watch = watch if config.watch != "off" else None
         self.shared.watch = self.watch

@@ -127,8 +127,28 @@ async def test_a_worker_gives_back_only_what_it_holds(service: Service) -> None:
     assert await one.connect("192.0.2.1", 60) == Counts(2, 2, 3)
 
 
+async def test_postscreen_passes_are_shared_by_workers(service: Service) -> None:
+    one, two = service.remote(), service.remote()
+    assert await two.get("192.0.2.1") is None
+    await one.set("192.0.2.1", "1;2;1;1;1", 60)
+    one._flush_batch()  # what this turn of the event loop would send
+    service.step()
+    assert await two.get("192.0.2.1") == "1;2;1;1;1"
+    await two.set("192.0.2.1", "1;2;1;1;1", 0)  # ttl 0: forgotten
+    two._flush_batch()
+    service.step()
+    assert await one.get("192.0.2.1") is None
+    assert one.fallbacks == two.fallbacks == 0
+
+
 GARBAGE = [
     b"",
+    b"P 1",
+    b"P 1 " + b"a" * 300,
+    b"Q 60 192.0.2.1 1;2 extra",
+    b"Q 60 192.0.2.1 not-a-record",
+    b"Q x 192.0.2.1 1;2",
+    b"Q 99999999999 192.0.2.1 1;2",
     b"hello",
     b"C 1 60",
     b"C 1 60 192.0.2.1 extra",
