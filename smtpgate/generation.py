@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 from smtpgate.config import Diagnostic, Settings, load_settings
 from smtpgate.config.milterconf import milter_config
+from smtpgate.config.postscreenconf import postscreen_settings
 from smtpgate.config.relayconf import relay_config
 from smtpgate.config.service import ServiceConfig, relay_diagnostics, service_config
 from smtpgate.delegation import DelegationClient
@@ -116,7 +117,11 @@ def compile_configuration(
     """
     plan, from_plan = build_plan(settings, strict_tables=strict_tables)
     config, from_service = service_config(settings)
-    postscreen, from_postscreen = postscreen_config(settings, strict_tables=strict_tables)
+    values, from_postscreen = postscreen_settings(settings, strict_tables=strict_tables)
+    postscreen = None
+    if values is not None:
+        postscreen, parsed = postscreen_config(values)
+        from_postscreen += parsed
     found = _unique([*diagnostics, *from_plan, *from_service, *from_postscreen])
     if plan is None or config is None or postscreen is None or _failed(found):
         return None, found

@@ -55,7 +55,7 @@ from smtpgate.policy.plan import Plan
 from smtpgate.policy.ports import Resolver
 from smtpgate.postscreen.cache import MemoryPassCache, PassCache
 from smtpgate.postscreen.config import PostscreenConfig
-from smtpgate.postscreen.dnsbl import Score, query_sites, score
+from smtpgate.postscreen.dnsbl import Score, dnsblog_lines, query_sites, score
 from smtpgate.postscreen.screen import Outcome, Screening
 from smtpgate.relay import Relay, parse_filter_destination
 from smtpgate.reply import Reply
@@ -460,21 +460,17 @@ class GateProtocol(asyncio.Protocol):
         """The teaser, the DNS lists (in parallel) and the greet wait, which ends early
         once every early test is done (a pregreet seen and the lists answered, or an
         allow list)."""
-        shared, machine = self.shared, self.machine
+        machine = self.machine
         assert machine is not None
         config = screening.config
         start = time.monotonic()
         deadline = start + config.greet_wait
         teaser = screening.teaser
-        if teaser is not None and self.transport is not None:
-            self.transport.write(teaser)
-        loop = asyncio.get_running_loop()
-        lists: asyncio.Task[dict[str, Any]] | None = None
-        if "dnsbl" in screening.todo:
-            timeout = min(config.dnsbl_timeout, config.greet_wait)
-            lists = loop.create_task(
-                query_sites(shared.resolver, config.sites, screening.address, timeout)
-            )
+        transport = self.transport
+        if teaser is not None and transport is not None and not transport.is_closing():
+            transport.write(teaser)  # (uvloop raises on a transport already closed)
+        answers: dict[str, Any] = {}  # filled as the lists answer
+        lists = self._ask_lists(screening, answers) if "dnsbl" in screening.todo else None
         result: Score | None = None
         watching = "pregreet" in screening.todo
         try:
@@ -489,7 +485,7 @@ class GateProtocol(asyncio.Protocol):
                     screening.hangup(now - start, "tests before SMTP handshake")
                     return Outcome(greet=False)
                 if lists is not None and lists.done() and result is None:
-                    result = self._score(config, lists)
+                    result = self._score(config, answers)
                     if result.complete and screening.dnsbl_allows(result):
                         break  # allowlisted: the pregreet test is skipped, no more wait
                 if not watching and (lists is None or lists.done()):
@@ -500,9 +496,25 @@ class GateProtocol(asyncio.Protocol):
         finally:
             if lists is not None and not lists.done():
                 lists.cancel()
-        if result is None and lists is not None and lists.done() and not lists.cancelled():
-            result = self._score(config, lists)
+        if result is None and lists is not None:
+            result = self._score(config, answers)  # partial: the lists that answered
         return screening.after_wait(result)
+
+    def _ask_lists(
+        self, screening: Screening, answers: dict[str, Any]
+    ) -> asyncio.Task[dict[str, Any]]:
+        """Ask every DNS list at once (dnsblog's lines logged as answers come)."""
+        shared, config = self.shared, screening.config
+        timeout = min(config.dnsbl_timeout, config.greet_wait)
+        dnsblog = shared.maillog.program("dnsblog")
+
+        def logged(domain: str, answer: Any) -> None:
+            for line in dnsblog_lines(screening.address, domain, answer):
+                dnsblog.info(line)
+
+        return asyncio.get_running_loop().create_task(
+            query_sites(shared.resolver, config.sites, screening.address, timeout, answers, logged)
+        )
 
     async def _input_or(self, task: asyncio.Future[Any] | None, timeout: float) -> None:
         """Wait until input (or EOF) arrives, ``task`` is done or ``timeout`` passed."""
@@ -516,10 +528,8 @@ class GateProtocol(asyncio.Protocol):
             self._waiter = None
 
     @staticmethod
-    def _score(config: PostscreenConfig, lists: asyncio.Task[dict[str, Any]]) -> Score:
-        if lists.cancelled() or lists.exception() is not None:
-            return score(config.sites, {}, config.dnsbl_min_ttl, config.dnsbl_max_ttl)
-        return score(config.sites, lists.result(), config.dnsbl_min_ttl, config.dnsbl_max_ttl)
+    def _score(config: PostscreenConfig, answers: dict[str, Any]) -> Score:
+        return score(config.sites, answers, config.dnsbl_min_ttl, config.dnsbl_max_ttl)
 
     async def _begin(self, machine: SmtpMachine) -> bool:
         """postscreen's tests (when it runs), then smtpd's greeting, or postscreen's

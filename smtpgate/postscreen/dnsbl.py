@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from smtpgate.policy.dnsbl import Zone, ZoneError, address_query, parse_zone, split_answers
@@ -118,15 +118,30 @@ def score(
     return Score(total, name, result_ttl, complete)
 
 
+def dnsblog_lines(address: str, domain: str, answer: DnsAnswer) -> list[str]:
+    """What Postfix's dnsblog(8) logs for one list's answer: a line per A record."""
+    if not answer.ok:
+        return []
+    return [f"addr {address} listed by domain {domain} as {record}" for record in answer.records]
+
+
 async def query_sites(
-    resolver: Resolver, sites: Sequence[Site], address: str, timeout: float
+    resolver: Resolver,
+    sites: Sequence[Site],
+    address: str,
+    timeout: float,
+    answers: dict[str, DnsAnswer | None] | None = None,
+    on_answer: Callable[[str, DnsAnswer], None] | None = None,
 ) -> dict[str, DnsAnswer | None]:
     """Ask every list about ``address`` at once; wait at most ``timeout`` for them all.
 
-    A domain missing from the result, or None, did not answer in time (or is not
-    asked: the address is not an IP address).  Lookups still running at the deadline
-    are cancelled.
+    Each answer goes into ``answers`` (domain -> answer) as it arrives, so a caller that
+    stops waiting earlier still has those that came.  A domain that did not answer in
+    time (or whose lookup failed) is None at the end; lookups still running at the
+    deadline are cancelled.  ``on_answer(domain, answer)`` is called as each arrives.
+    Nothing is asked when the address is not an IP address.
     """
+    found: dict[str, DnsAnswer | None] = {} if answers is None else answers
     names: dict[str, str] = {}
     for site in sites:
         if site.domain not in names:
@@ -134,18 +149,25 @@ async def query_sites(
             if query is not None:
                 names[site.domain] = query
     if not names:
-        return {}
-    tasks = {
-        domain: asyncio.ensure_future(resolver.lookup(query, "A"))
-        for domain, query in names.items()
-    }
-    done, pending = await asyncio.wait(tasks.values(), timeout=max(timeout, 0.0))
-    for task in pending:
-        task.cancel()
-    result: dict[str, DnsAnswer | None] = {}
-    for domain, task in tasks.items():
-        if task in done and not task.cancelled() and task.exception() is None:
-            result[domain] = task.result()
-        else:
-            result[domain] = None
-    return result
+        return found
+
+    async def ask(domain: str, name: str) -> None:
+        try:
+            answer = await resolver.lookup(name, "A")
+        except Exception:  # an adapter that raises: no answer from this list
+            found[domain] = None
+            return
+        found[domain] = answer
+        if on_answer is not None:
+            on_answer(domain, answer)
+
+    tasks = [asyncio.ensure_future(ask(domain, name)) for domain, name in names.items()]
+    try:
+        await asyncio.wait(tasks, timeout=max(timeout, 0.0))
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+    for domain in names:
+        found.setdefault(domain, None)
+    return found

@@ -4,6 +4,7 @@ that talks first, the access list, the cache (PASS OLD)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
@@ -63,6 +64,9 @@ async def test_two_weighted_lists_over_the_threshold_enforce(
             log,
         )
         assert f"DNSBL rank 3 for {s.tag}" in log
+        assert "postfix/dnsblog[" in log
+        assert "addr 127.0.0.3 listed by domain black.test as 127.0.0.2" in log
+        assert "addr 127.0.0.3 listed by domain grey.test as 127.0.0.2" in log
         assert (
             f"NOQUEUE: reject: RCPT from {s.tag}: 550 5.7.1 Service unavailable; "
             "client [127.0.0.3] blocked using black.test; from=<a@example.net>, "
@@ -292,4 +296,42 @@ async def test_behind_a_proxy_the_proxied_client_is_screened(
         log = await gate.wait_log("DISCONNECT [192.0.2.66]:40001")
         assert "CONNECT from [192.0.2.66]:40001 to [198.51.100.25]:25" in log
         assert "DNSBL rank 3 for [192.0.2.66]:40001" in log
-        assert "127.0.0.2" not in log
+        assert "[127.0.0.2]" not in log  # the balancer is nobody's client
+
+
+async def test_the_lists_that_answered_count_when_one_never_does(
+    tmp_path: Path, dns: FakeDns, backend: RecordingBackend
+) -> None:
+    listed(dns, "127.0.0.11", "black.test")
+    listed(dns, "127.0.0.11", "grey.test")
+    dns.drop.add("11.0.0.127.codes.test")  # never answers
+    text = cf("drop") + "postscreen_dnsbl_timeout = 5s\n"
+    async with running_gate(
+        tmp_path, text, backend, overrides=dns_overrides(dns), in_process=REASON
+    ) as gate:
+        s = await session(gate, "127.0.0.11")
+        assert s.greeting == [
+            "220-mx.example.org ESMTP Postfix",
+            "521 5.7.1 Service unavailable; client [127.0.0.11] blocked using black.test",
+        ]
+        assert s.seconds < 1.8  # at the end of greet_wait, not dnsbl_timeout
+        log = await gate.wait_log(f"DISCONNECT {s.tag}")
+        assert f"DNSBL rank 3 for {s.tag}" in log
+
+
+async def test_a_client_that_hangs_up_before_the_greeting(
+    tmp_path: Path, backend: RecordingBackend
+) -> None:
+    # deployed (uvloop in the workers): the teaser is not written to a closed transport
+    text = "mynetworks = 127.0.0.1/32\npostscreen_greet_wait = 1s\n"
+    async with running_gate(tmp_path, text, backend) as gate:
+        _, writer = await asyncio.open_connection(gate.host, gate.port, local_addr=("127.0.0.7", 0))
+        port = writer.get_extra_info("sockname")[1]
+        writer.close()
+        await writer.wait_closed()
+        tag = f"[127.0.0.7]:{port}"
+        log = await gate.wait_log(f"DISCONNECT {tag}")
+        assert re.search(
+            rf"HANGUP after [0-9.]+ from {re.escape(tag)} in tests before SMTP handshake\n", log
+        )
+        assert "error" not in log

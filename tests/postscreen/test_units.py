@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 
 from smtpgate.config import parse_settings
+from smtpgate.config.postscreenconf import postscreen_settings
+from smtpgate.config.settings import Settings
 from smtpgate.generation import compile_configuration
 from smtpgate.policy.dnsbl import ZoneError
 from smtpgate.policy.ports import DnsAnswer, DnsStatus
@@ -17,9 +19,20 @@ from smtpgate.postscreen.screen import Screening, escape_text, format_delta
 # -- the parameters -------------------------------------------------------------------
 
 
+def both(
+    settings: Settings, strict_tables: bool = False
+) -> tuple[PostscreenConfig | None, list[object]]:
+    """The two steps the load makes (generation.compile_configuration)."""
+    values, diagnostics = postscreen_settings(settings, strict_tables=strict_tables)
+    if values is None:
+        return None, list(diagnostics)
+    config, more = postscreen_config(values)
+    return config, [*diagnostics, *more]
+
+
 def load(text: str, *overrides: str) -> tuple[PostscreenConfig | None, list[str]]:
     settings, found = parse_settings(text, "main.cf", overrides, hostname="mx.example.org")
-    config, diagnostics = postscreen_config(settings)
+    config, diagnostics = both(settings)
     return config, [str(d) for d in [*found, *diagnostics]]
 
 
@@ -104,7 +117,7 @@ def test_a_table_that_cannot_be_opened_names_its_line(tmp_path: object) -> None:
         "main.cf",
         hostname="mx.example.org",
     )
-    config, diagnostics = postscreen_config(settings, strict_tables=True)
+    config, diagnostics = both(settings, strict_tables=True)
     assert config is None
     assert str(diagnostics[0]).startswith("main.cf, line 2: error: postscreen_access_list")
 
@@ -295,6 +308,11 @@ def test_permit_mynetworks_and_respectful_logging() -> None:
     assert log.lines[-1] == "ALLOWLISTED [127.0.0.1]:4000"
     s, log = screening(
         "postscreen_greet_action = drop\nrespectful_logging = no\n", address="127.0.0.1"
+    )
+    s.connect(None, Nets())
+    assert log.lines[-1] == "WHITELISTED [127.0.0.1]:4000"
+    s, log = screening(
+        "postscreen_greet_action = drop\ncompatibility_level = 2\n", address="127.0.0.1"
     )
     s.connect(None, Nets())
     assert log.lines[-1] == "WHITELISTED [127.0.0.1]:4000"
