@@ -16,7 +16,19 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bench.harness import BenchError, Gate, Sink, cpu_seconds, new_tmp, raise_fd_limit
+from bench.harness import (
+    DNS_ADDRESS,
+    POSTSCREEN_MAIN_CF,
+    ZOMBIE_POOL,
+    BenchError,
+    DnsServer,
+    Gate,
+    Sink,
+    cpu_seconds,
+    new_tmp,
+    raise_fd_limit,
+    run_loadgen,
+)
 
 
 def py_spy() -> str:
@@ -82,13 +94,29 @@ def profile(args: argparse.Namespace) -> int:
     gate: Gate | None = None
     out = Path(args.profile_out) if args.profile_out else tmp / "profile.txt"
 
+    dns: DnsServer | None = None
+
     def drive(count: int) -> None:
-        run = work.drive(gate.port, count)  # type: ignore[union-attr]
-        if run.problems:
-            raise BenchError(f"{work.key} failed under the profiler: {run.problems[:3]}")
+        assert gate is not None
+        if work.loadgen:  # loadgen rows (the half-load ones at full load: no rate to halve)
+            extra = ["--size", str(work.size), "--rcpts", str(work.rcpts)]
+            pool = ZOMBIE_POOL if work.zombie else 0
+            problems = run_loadgen(
+                gate.port, work.loadgen, sessions=work.sessions, count=count, pool=pool,
+                extra=extra, procs=args.loadgen_procs,
+            ).problems  # fmt: skip
+        else:
+            problems = work.drive(gate.port, count).problems
+        if problems:
+            raise BenchError(f"{work.key} failed under the profiler: {problems[:3]}")
 
     try:
-        gate = Gate(tmp, sink.port, args.option)
+        if work.zombie:
+            dns = DnsServer(tmp)
+            options = [*args.option, f"dns_servers={DNS_ADDRESS}"]
+            gate = Gate(tmp, sink.port, options, main_cf_extra=POSTSCREEN_MAIN_CF)
+        else:
+            gate = Gate(tmp, sink.port, args.option)
         batch = max(10, work.count // 4)
         drive(batch)  # warm up
         argv = [spy, "record", "--pid", str(gate.root_pid), "--subprocesses"]
@@ -115,6 +143,8 @@ def profile(args: argparse.Namespace) -> int:
     finally:
         if gate is not None:
             gate.stop()
+        if dns is not None:
+            dns.stop()
         sink.stop()
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)

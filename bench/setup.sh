@@ -2,6 +2,7 @@
 # Install what the benchmark needs from packages, idempotently:
 # - Debian's postfix (smtp-source, smtp-sink, and the Postfix the benchmark compares with);
 #   the system instance is left unconfigured and stopped (the benchmark runs its own);
+# - gcc (bench/bindsrc.c, the LD_PRELOAD shim that gives smtp-source a source address);
 # - Debian's rspamd (the milter row); its system service is stopped (the benchmark starts
 #   its own on loopback);
 # - with --profile: py-spy in the venv (python -m bench --profile).
@@ -29,6 +30,12 @@ if ! dpkg-query -W -f='${Status}' rspamd 2>/dev/null | grep -q "install ok insta
 fi
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet rspamd 2>/dev/null; then
     systemctl stop rspamd
+fi
+
+# a C compiler for bench/bindsrc.c (the source-address shim for smtp-source)
+if ! command -v cc >/dev/null 2>&1; then
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gcc libc6-dev
 fi
 
 if [ "${1:-}" = "--profile" ] && [ ! -x "$VENV/bin/py-spy" ]; then
