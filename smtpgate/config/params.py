@@ -130,9 +130,7 @@ _DIFFERENCES = {
     ),
 }
 
-_RAW = frozenset(
-    {"smtpd_reject_footer", "smtpd_expansion_filter", "default_rbl_reply", "address_verify_map"}
-)
+_RAW = frozenset({"smtpd_reject_footer", "smtpd_expansion_filter", "default_rbl_reply"})
 
 
 def _p(name: str, default: str, kind: Kind, doc: str) -> ParamSpec:
