@@ -268,8 +268,9 @@ def verify_config(r: Reader, myorigin: str) -> VerifyConfig:
     times: dict[str, float] = {}
     for what in ("positive_expire", "positive_refresh", "negative_expire", "negative_refresh"):
         name = f"address_verify_{what}_time"
+        before = len(r.diagnostics)
         times[what] = r.seconds(name)
-        if times[what] < 1 and not any(d.message.startswith(name) for d in r.diagnostics):
+        if times[what] < 1 and len(r.diagnostics) == before:
             r.error(name, f"invalid {name} parameter value {times[what]:g} < 1")
             times[what] = 1.0
     ttl = r.seconds("address_verify_sender_ttl")
