@@ -130,6 +130,7 @@ class Transaction:
     chunk_problem: Reply | None = None  # a BDAT chunk failed: every later one gets this
     milters_open: bool = True  # the milters have this transaction (an abort is owed)
     envelope_changed: bool = False  # a milter changed the sender
+    unannounced_id: str | None = None  # the backend's queue id while verification refuses
 
 
 class SmtpMachine:
@@ -1063,7 +1064,8 @@ class SmtpMachine:
         if st.queue_id is None:
             # Postfix opens the queue file (logs "client=") once a recipient is
             # accepted; until the verification says so, the id is the backend's only.
-            fresh_id = st.queue_id = self.new_queue_id()
+            fresh_id = txn.unannounced_id = txn.unannounced_id or self.new_queue_id()
+            st.queue_id = fresh_id
         reply = await self._relay_rcpt(txn, address, params, quiet=True)
         relayed = not st.discard and self._lockstep()
         peer = txn.relay.backend_peer if txn.relay is not None else ""
