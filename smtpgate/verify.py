@@ -94,6 +94,14 @@ class Entry:
         return cls(VerifyStatus(status), float(probed), float(updated), parts[3])
 
 
+def store_key(address: str) -> str:
+    """The shared store's key: the address, with bytes that are not UTF-8 (kept as lone
+    surrogates) escaped, so that no address can make the store fail."""
+    return KEY_PREFIX + address.encode("utf-8", "surrogateescape").decode(
+        "utf-8", "backslashreplace"
+    )
+
+
 def probe_sender(config: VerifyConfig, now: float) -> str:
     """The probe's MAIL FROM (Postfix make_verify_sender_addr): the time stamp
     ``now / address_verify_sender_ttl`` in base 31 appended to the local part."""
@@ -201,7 +209,7 @@ class RelayVerifier:
             from smtpgate.shared_state import StoreUnavailable
 
             try:
-                raw = await store.get(KEY_PREFIX + address)
+                raw = await store.get(store_key(address))
             except StoreUnavailable:
                 pass
             else:
@@ -220,7 +228,7 @@ class RelayVerifier:
 
             try:
                 ttl = self._ttl(entry, self.clock())
-                await store.set(KEY_PREFIX + address, entry.encode(), ttl)
+                await store.set(store_key(address), entry.encode(), ttl)
             except StoreUnavailable:
                 pass
             else:
@@ -278,7 +286,10 @@ class RelayVerifier:
             if conn is None:
                 conn = await pool.checkout(None)
             conn.transactions += 1
-            mail = await command(conn, "MAIL FROM", b"MAIL FROM:<" + sender + b">\r\n", timeout)
+            mail_line = b"MAIL FROM:<" + sender + b">"
+            if not address.isascii() and "smtputf8" in conn.extensions:
+                mail_line += b" SMTPUTF8"  # Postfix: smtputf8_autodetect_classes has verify
+            mail = await command(conn, "MAIL FROM", mail_line + b"\r\n", timeout)
             verb = "MAIL FROM"
             reply = mail
             if mail.is_success:

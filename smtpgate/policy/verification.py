@@ -41,7 +41,10 @@ from smtpgate.reply import Reply
 
 LOCKSTEP_PROBE = "lockstep"  # the plan's mark (smtpgate.policy.plan imports this module)
 
-_ADDRESS_DSN = re.compile(r"[245]\.1\.\d{1,3}")
+_RECIPIENT_DSN = re.compile(r"[45]\.1\.(?:1|2|3|4|6|10)")
+"""Enhanced codes that speak about a recipient (RFC 3463, RFC 7505): bad mailbox, bad
+system, bad syntax, ambiguous, moved, null MX.  Not X.1.0, X.1.7, X.1.8: Postfix gives a
+sender those (a refused MAIL FROM is also the reply to a lock-step transaction's RCPT)."""
 
 
 def _tempfail(ctx: Ctx, code: int, text: str) -> Status:
@@ -115,13 +118,14 @@ def backend_status(reply: Reply, peer: str) -> tuple[VerifyStatus, str] | None:
     """What the backend's reply to the client's own RCPT says about the recipient, with
     the reason in Postfix's form (``host X[a] said: ... (in reply to RCPT TO command)``),
     or None when it says nothing about the recipient: a reply to a lock-step RCPT answers
-    for the client's sender too, so only success or an addressing status (X.1.Y) counts;
-    a policy refusal (5.7.1 for this sender) or a relay fault (4.3.0) is the client's
-    answer alone and is not remembered."""
+    for the client's sender too, so only success or a recipient's addressing status
+    (:data:`_RECIPIENT_DSN`, such as 5.1.1) counts; a policy refusal (5.7.1 for this
+    sender), a refused sender (5.1.8) or a relay fault (4.3.0) is the client's answer
+    alone and is not remembered."""
     said = f"host {namaddr(peer)} said: {' '.join(reply.lines())} (in reply to RCPT TO command)"
     if 200 <= reply.code < 300:
         return VerifyStatus.OK, said
-    if not _ADDRESS_DSN.fullmatch(reply.dsn):
+    if not _RECIPIENT_DSN.fullmatch(reply.dsn):
         return None
     return (VerifyStatus.DEFER if reply.code < 500 else VerifyStatus.BOUNCE), said
 

@@ -294,6 +294,8 @@ async def test_a_refusal_that_is_not_about_the_recipient_stays_the_backends(
     for reply in (
         Reply(554, "5.7.1", "<a@sender.test>: Sender address rejected: Access denied"),
         Reply(451, "4.3.0", "Error: queue file write error"),
+        Reply(553, "5.1.8", "<a@sender.test>: Sender address rejected: Domain not found"),
+        Reply(550, "5.1.0", "<a@sender.test>: Sender address rejected: whatever"),
         Reply(550, "", "no"),
     ):
         verdict = await s.verified("alice@example.org", reply, "b[127.0.0.1]:25")

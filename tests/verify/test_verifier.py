@@ -218,3 +218,18 @@ async def test_redis_away_falls_back_to_the_workers_memory(
         assert len(rcpts(backend)) == 1
     finally:
         await store.close()
+
+
+async def test_an_address_that_is_not_utf8_does_not_break_the_store(
+    backend: RecordingBackend, redis_server: RedisServer
+) -> None:
+    store = RedisStore(redis_server.url)
+    try:
+        async with verifier_for(backend, store=store) as verifier:
+            address = "caf\udce9@bar.org"  # a byte 0xE9 alone, kept by surrogateescape
+            assert (await verifier.query(address)).probed  # type: ignore[union-attr]
+            assert not (await verifier.query(address)).probed  # type: ignore[union-attr]
+            assert store.available and store.failures == 0
+            assert await store.get("verify:caf\\xe9@bar.org") is not None
+    finally:
+        await store.close()
