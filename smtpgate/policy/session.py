@@ -267,12 +267,16 @@ class PolicySession:
         st.recursion = st.warn_if_reject = 0
         st.defer_if_permit.active = False
         try:
-            status = apply_result(c, result, recipient, RECIPIENT)
+            status = decided = apply_result(c, result, recipient, RECIPIENT)
             if status is not REJECT and st.defer_if_permit.active:
                 saved = st.defer_if_permit
                 status = c.reject(saved.error_class, saved.code, saved.dsn, saved.text)
         finally:
             st.recipient = None
+        # As run_list counts: the restriction's own refusal, not a deferral given at the end.
+        if decided is REJECT and self.hits is not None and st.error is not None:
+            outcome = "defer" if st.error.code < 500 else "reject"
+            self.hits(Stage.RCPT.value, "reject_unverified_recipient", outcome)
         return self._decision(c, Stage.RCPT, status)
 
     async def vrfy(self, address: str) -> Decision:

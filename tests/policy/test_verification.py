@@ -403,3 +403,19 @@ def test_sender_verification_stays_refused_with_the_reason(build: Build) -> None
     plan, diagnostics = build("smtpd_sender_restrictions = reject_unverified_sender\n")
     assert plan is None
     assert any("probe the sender's own MX on the internet" in d.message for d in diagnostics)
+
+
+async def test_a_lockstep_refusal_counts_as_the_restrictions_hit(make_plan: MakePlan) -> None:
+    hits: list[tuple[str, str, str]] = []
+    fake = FakeVerifier(BACKEND)
+    s = PolicySession(
+        make_plan("unverified_recipient_reject_code = 550\n" + RCPT_LIST).with_verifier(fake),
+        CLIENT,
+        hits=lambda *hit: hits.append(hit),
+    )
+    await start(s)
+    await s.rcpt("nobody@example.org", relay_verifies=True)
+    backend = Reply(550, "5.1.1", "<nobody@example.org>: User unknown")
+    await s.verified("nobody@example.org", backend, "b[127.0.0.1]:25")
+    await s.rcpt("nobody@example.org", relay_verifies=True)  # from the cache
+    assert hits == [("RCPT", "reject_unverified_recipient", "reject")] * 2
