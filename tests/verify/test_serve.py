@@ -188,3 +188,42 @@ async def test_two_instances_share_the_cache(
             assert await attack(client, 1) == [[REFUSED]]
             await client.cmd("QUIT")
     assert len(rcpts(backend, "nobody@bar.org")) == 1
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_expiry_and_refresh_with_short_times(
+    tmp_path: Path, backend: RecordingBackend
+) -> None:
+    # The verifier's clock is the test's, so "a minute later" needs no waiting.
+    times = (
+        "address_verify_negative_refresh_time = 10s\naddress_verify_negative_expire_time = 60s\n"
+        "address_verify_positive_refresh_time = 20s\naddress_verify_positive_expire_time = 90s\n"
+    )
+    async with running_gate(
+        tmp_path, times + SEPARATE_CF, backend, in_process="sets the verifier's clock"
+    ) as gate:
+        verifier = gate.server.shared.generation.verifier
+        verifier.clock = clock = Clock()
+        client = await gate.connect()
+        assert await attack(client, 2) == [[REFUSED]] * 2
+        assert await client.cmd("RCPT TO:<alice@bar.org>") == ["250 2.1.5 Ok"]
+        assert len(rcpts(backend, "nobody@bar.org")) == 1  # probed once
+        assert len(rcpts(backend, "alice@bar.org")) == 2  # probed, then relayed
+        clock.now += 11  # nobody is due for a refresh: answered, and probed behind
+        assert (await client.cmd("RCPT TO:<nobody@bar.org>")) == [REFUSED]
+        await backend.wait_for(lambda: len(rcpts(backend, "nobody@bar.org")) == 2)
+        assert (await client.cmd("RCPT TO:<nobody@bar.org>")) == [REFUSED]
+        assert len(rcpts(backend, "nobody@bar.org")) == 2  # refreshed: not again
+        clock.now += 1100  # both expired (and past the probe TTL): probed before answering
+        assert (await client.cmd("RCPT TO:<nobody@bar.org>")) == [REFUSED]
+        assert len(rcpts(backend, "nobody@bar.org")) == 3
+        assert await client.cmd("RCPT TO:<alice@bar.org>") == ["250 2.1.5 Ok"]
+        assert len(rcpts(backend, "alice@bar.org")) == 4  # probed again, relayed again
+        await client.cmd("QUIT")
