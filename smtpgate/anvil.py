@@ -36,9 +36,12 @@ datagram).  Requests (worker to service)::
     R id unit address   RCPT or VRFY     ->  id rate
     B id nbytes limit   reserve bytes    ->  id 1|0 in_flight
     F nbytes            release bytes    (no reply)
+    P id address        postscreen pass  ->  id record, or id - (none)
+    Q ttl address record  remember a postscreen pass (no reply)
 
-Round trips: one per connection (none for an excepted client), one per MAIL or RCPT only
-when that rate limit is set, one per DATA reservation grain (see ``smtpd.py``).  A worker
+Round trips: one per connection (none for an excepted client, whose comings and goings
+are sent netted, with the next request or within ``TALLY_DELAY``), one per MAIL or RCPT
+only when that rate limit is set, one per DATA reservation grain (see ``smtpd.py``).  A worker
 never stops mail for the service: a request that gets no answer within
 :data:`ANSWER_TIMEOUT` (the parent stalls while it loads a new configuration, or is gone)
 is answered from the worker's own counters, which :class:`RemoteAnvil` keeps alongside
@@ -54,6 +57,7 @@ import collections
 import functools
 import logging
 import math
+import re
 import selectors
 import socket
 import time
@@ -68,6 +72,35 @@ log = logging.getLogger("smtpgate.anvil")
 
 MAX_CLIENTS = 100_000
 """Most client addresses tracked at once (about 100 bytes each)."""
+
+
+@dataclass
+class Passes:
+    """postscreen's cache records by client address, each until its time is up (at most
+    :data:`MAX_CLIENTS`, the oldest go first): the whole server's memory of passes, so
+    that a client passed by one worker is known to every other (and across reloads)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self._records: collections.OrderedDict[str, tuple[float, str]] = collections.OrderedDict()
+
+    def get(self, address: str) -> str | None:
+        entry = self._records.get(address)
+        if entry is None:
+            return None
+        if entry[0] <= self.clock():
+            del self._records[address]
+            return None
+        return entry[1]
+
+    def set(self, address: str, record: str, ttl: float) -> None:
+        if ttl <= 0:
+            self._records.pop(address, None)
+            return
+        self._records[address] = (self.clock() + ttl, record)
+        self._records.move_to_end(address)
+        while len(self._records) > MAX_CLIENTS:
+            self._records.popitem(last=False)
 
 
 @dataclass
@@ -236,6 +269,14 @@ class LocalAnvil:
     def __init__(self, anvil: Anvil | None = None, budget: DataBudget | None = None) -> None:
         self.anvil = anvil or Anvil()
         self.budget = budget or DataBudget()
+        self.passes = Passes()
+
+    async def get(self, address: str) -> str | None:
+        """postscreen's cache record of ``address`` (the PassCache port)."""
+        return self.passes.get(address)
+
+    async def set(self, address: str, record: str, ttl: float) -> None:
+        self.passes.set(address, record, ttl)
 
     async def connect(self, address: str | None, unit: float) -> Counts:
         if address is None:
@@ -265,11 +306,15 @@ class LocalAnvil:
 
 MAX_MESSAGE = 8192
 """Longest datagram either side accepts (several requests or answers, one a line)."""
+TALLY_DELAY = 0.05
+"""Seconds an excepted client's connect or disconnect may wait to be sent (netted)."""
 MAX_LINE = 320
 """Longest request (most are under 40 bytes)."""
 MAX_ADDRESS = 255
 MAX_UNIT = 10**7  # seconds: anvil_rate_time_unit beyond this is nonsense
 MAX_BYTES = 2**62
+MAX_TTL = 10**9  # seconds a postscreen record may be kept
+_RECORD = re.compile(rb"[0-9;]{1,120}")  # postscreen's cache record: expiry times
 MAX_WORKER_CONNECTIONS = 1_000_000
 """Open connections one worker may hold in the service (memory bound against a rogue)."""
 MAX_BACKLOG = 100_000
@@ -353,6 +398,7 @@ class AnvilService:
         self.maillog = maillog
         self.anvil = Anvil(clock)
         self.budget = DataBudget()
+        self.passes = Passes()
         self.workers: dict[socket.socket, _Worker] = {}
 
     def attach(self) -> socket.socket:
@@ -476,6 +522,17 @@ class AnvilService:
             worker.held += nbytes
         return b"%d %d %d" % (ident, granted, self.budget.in_flight)
 
+    def _pass_get(self, worker: _Worker, args: list[bytes]) -> bytes:
+        ident, address = _int(args[0], MAX_BYTES), _address(args[1])
+        record = self.passes.get(address)
+        return b"%d %s" % (ident, record.encode() if record else b"-")
+
+    def _pass_set(self, worker: _Worker, args: list[bytes]) -> None:
+        ttl, address = _int(args[0], MAX_TTL), _address(args[1])
+        if not _RECORD.fullmatch(args[2]):
+            raise ProtocolError(f"bad postscreen record {args[2][:40]!r}")
+        self.passes.set(address, args[2].decode(), ttl)
+
     def _release(self, worker: _Worker, args: list[bytes]) -> None:
         nbytes = min(_int(args[0], MAX_BYTES), worker.held)
         worker.held -= nbytes
@@ -548,6 +605,8 @@ _REQUESTS: dict[bytes, tuple[_Handler, int]] = {
     b"R": (AnvilService._rcpt, 3),
     b"B": (AnvilService._reserve, 3),
     b"F": (AnvilService._release, 1),
+    b"P": (AnvilService._pass_get, 2),
+    b"Q": (AnvilService._pass_set, 3),
 }
 
 
@@ -595,11 +654,14 @@ class RemoteAnvil:
         self.timeout = timeout
         self.counts = Anvil()
         self.budget = DataBudget()
+        self.passes = Passes()
         self.fallbacks = 0  # requests answered from the worker's own counters
         self._local_only = 0  # bytes granted by ``budget`` alone (the service was silent)
         self._ids = 0
         self._pending: dict[int, _Pending] = {}
         self._batch: list[bytes] = []  # requests of this turn of the event loop
+        self._tally = 0  # excepted connections opened less closed, not yet sent
+        self._tally_timer: asyncio.TimerHandle | None = None
         self._outbox: collections.deque[bytes] = collections.deque()  # while the socket is full
         self._watchdog: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -612,7 +674,7 @@ class RemoteAnvil:
     async def connect(self, address: str | None, unit: float) -> Counts:
         if address is None:
             self.counts.connect_excepted()
-            self._post(b"E")
+            self._tally_change(1)
             return _NO_COUNTS
         count, rate = self.counts.connect(address, unit)
         if _sendable(address):
@@ -625,7 +687,7 @@ class RemoteAnvil:
     def disconnect(self, address: str | None) -> None:
         self.counts.disconnect(address)
         if address is None:
-            self._post(b"X")
+            self._tally_change(-1)
         elif _sendable(address):
             self._post(b"D " + address.encode())
 
@@ -656,6 +718,20 @@ class RemoteAnvil:
         if granted:
             self._local_only += nbytes
         return Reserved(granted, self.budget.in_flight)
+
+    async def get(self, address: str) -> str | None:
+        """postscreen's cache record of ``address``: the service's, else this worker's."""
+        if _sendable(address):
+            answer = await self._ask(b"P", address.encode())
+            if answer is not None and len(answer) == 1:
+                return None if answer[0] == b"-" else answer[0].decode("ascii", "replace")
+        return self.passes.get(address)
+
+    async def set(self, address: str, record: str, ttl: float) -> None:
+        self.passes.set(address, record, ttl)
+        if _sendable(address) and _RECORD.fullmatch(record.encode("ascii", "replace")):
+            ttl_word = b"%d" % min(max(int(ttl), 0), MAX_TTL)
+            self._post(b"Q " + ttl_word + b" " + address.encode() + b" " + record.encode())
 
     def release(self, nbytes: int) -> None:
         nbytes = min(max(nbytes, 0), self.budget.in_flight)
@@ -732,8 +808,25 @@ class RemoteAnvil:
         if len(self._batch) == 1:
             self._start().call_soon(self._flush_batch)
 
+    def _tally_change(self, delta: int) -> None:
+        """An excepted client came or went.  Such changes only move the total, which
+        only a later ``connect`` of a limited client reads: they go with the next
+        request, or after TALLY_DELAY, netted (a session that came and went within it
+        costs no datagram; the total another worker reads may be that much late)."""
+        self._tally += delta
+        if self._tally_timer is None and not self.gone:
+            self._tally_timer = self._start().call_later(TALLY_DELAY, self._send_tally)
+
+    def _send_tally(self) -> None:
+        self._tally_timer = None
+        if self._tally and not self._batch:
+            self._flush_batch()
+
     def _flush_batch(self) -> None:
         lines, self._batch = self._batch, []
+        if self._tally:
+            lines[:0] = [b"E" if self._tally > 0 else b"X"] * abs(self._tally)
+            self._tally = 0
         for datagram in _pack(lines) if lines and not self.gone else ():
             self._send(datagram)
 

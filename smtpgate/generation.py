@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 from smtpgate.config import Diagnostic, Settings, load_settings
 from smtpgate.config.milterconf import milter_config
+from smtpgate.config.postscreenconf import postscreen_settings
 from smtpgate.config.relayconf import relay_config
 from smtpgate.config.service import ServiceConfig, relay_diagnostics, service_config
 from smtpgate.delegation import DelegationClient
@@ -46,6 +47,7 @@ from smtpgate.errors import ConfigError
 from smtpgate.milter import Milters
 from smtpgate.policy.plan import Plan, build_plan
 from smtpgate.policy.ports import Resolver
+from smtpgate.postscreen.config import DISABLED, PostscreenConfig, postscreen_config
 from smtpgate.relay import Relay, load_cert_files
 from smtpgate.resolver import mx_hosts, resolver_from_config
 from smtpgate.verify import RelayVerifier
@@ -58,6 +60,7 @@ class Configuration:
     plan: Plan
     config: ServiceConfig
     milters: Milters = field(default_factory=Milters)
+    postscreen: PostscreenConfig = DISABLED
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,8 @@ class Generation:
     resolver: Resolver
     milters: Milters = field(default_factory=Milters)
     """``smtpd_milters``: false when empty; ``milters.session()`` per SMTP session."""
+    postscreen: PostscreenConfig = DISABLED
+    """The postscreen_* parameters (``enabled`` False: postscreen does not run)."""
 
     @property
     def verifier(self) -> RelayVerifier | None:
@@ -121,12 +126,17 @@ def compile_configuration(
     """
     plan, from_plan = build_plan(settings, strict_tables=strict_tables)
     config, from_service = service_config(settings)
-    found = _unique([*diagnostics, *from_plan, *from_service])
-    if plan is None or config is None or _failed(found):
+    values, from_postscreen = postscreen_settings(settings, strict_tables=strict_tables)
+    postscreen = None
+    if values is not None:
+        postscreen, parsed = postscreen_config(values)
+        from_postscreen += parsed
+    found = _unique([*diagnostics, *from_plan, *from_service, *from_postscreen])
+    if plan is None or config is None or postscreen is None or _failed(found):
         return None, found
     if plan.policy_services:
         plan = plan.with_policy_client(DelegationClient())
-    return Configuration(plan, config), found
+    return Configuration(plan, config, postscreen=postscreen), found
 
 
 def build_generation(
@@ -164,7 +174,16 @@ def build_generation(
     plan = compiled.plan
     if plan.verifies_recipients:
         plan = plan.with_verifier(RelayVerifier(relay, plan.verify))
-    generation = Generation(number, plan, compiled.config, context, relay, resolver, milters)
+    generation = Generation(
+        number,
+        plan,
+        compiled.config,
+        context,
+        relay,
+        resolver,
+        milters,
+        postscreen=compiled.postscreen,
+    )
     return generation, found
 
 

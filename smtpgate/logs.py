@@ -82,12 +82,16 @@ class MailLog:
         """myhostname, syslog_name and maillog_file (empty: ``stream``, else stderr)."""
         return cls(config.hostname, config.syslog_name, config.maillog_file or None, stream)
 
-    def _write(self, text: str) -> None:
+    def program(self, name: str) -> ProgramLog:
+        """The same log under another program name (``postfix/postscreen``)."""
+        return ProgramLog(self, f"{self.tag.rsplit('/', 1)[0]}/{name}")
+
+    def _write(self, text: str, tag: str | None = None) -> None:
         now = int(time.time())
         if now != self._stamp_second:  # strftime once per second, not once per line
             self._stamp_second = now
             self._stamp = time.strftime("%b %d %H:%M:%S", time.localtime(now))
-        line = f"{self._stamp} {self.hostname} {self.tag}[{_pid}]: {text}\n"
+        line = f"{self._stamp} {self.hostname} {tag or self.tag}[{_pid}]: {text}\n"
         with self._lock:
             if self._stream is not None:
                 try:
@@ -153,6 +157,23 @@ class MailLog:
                 os.close(fd)
             except OSError:
                 pass
+
+
+class ProgramLog:
+    """A :class:`MailLog` writing under another program name (same file, same order)."""
+
+    def __init__(self, maillog: MailLog, tag: str) -> None:
+        self.maillog = maillog
+        self.tag = tag
+
+    def info(self, text: str) -> None:
+        self.maillog._write(text, self.tag)
+
+    def warning(self, text: str) -> None:
+        self.maillog._write(f"warning: {text}", self.tag)
+
+    def flush(self) -> None:
+        self.maillog.flush()
 
 
 class _MailLogHandler(logging.Handler):

@@ -36,9 +36,7 @@ import glob
 import os
 import shutil
 import socket
-import stat
 import sys
-import tempfile
 import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Sequence
@@ -79,26 +77,14 @@ def prepare_directory(configured: str, owner: tuple[int, int] | None) -> tuple[s
     workers when serve runs as root.  Returns (the folder, whether it is temporary: to
     remove at the end).  Must run before prometheus_client is imported.
     """
-    if configured:
-        path = os.path.abspath(configured)
-        try:
-            os.makedirs(path, mode=0o700, exist_ok=True)
-            if not stat.S_ISDIR(os.lstat(path).st_mode):
-                raise NotADirectoryError(path)
-            for name in glob.glob(os.path.join(glob.escape(path), "*.db")):
-                os.unlink(name)
-        except OSError as exc:
-            from smtpgate.errors import ConfigError
+    from smtpgate.workdirs import worker_directory
 
-            why = exc.strerror or type(exc).__name__
-            raise ConfigError(f"smtpgate_metrics_directory = {configured}: {why}") from None
-        temporary = False
-    else:
-        path = tempfile.mkdtemp(prefix="smtpgate-metrics-")
-        temporary = True
-    if owner is not None:
-        os.chown(path, *owner)
-    os.chmod(path, 0o700)
+    path, temporary = worker_directory(
+        "smtpgate_metrics_directory", configured, owner, "smtpgate-metrics-"
+    )
+    if not temporary:  # the files of an earlier run
+        for name in glob.glob(os.path.join(glob.escape(path), "*.db")):
+            os.unlink(name)
     os.environ[MULTIPROC_ENV] = path
     values = sys.modules.get("prometheus_client.values")
     if values is not None and not getattr(values.ValueClass, "_multiprocess", False):

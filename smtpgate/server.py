@@ -27,15 +27,16 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from smtpgate import proxyproto
-from smtpgate.anvil import AnvilClient, LocalAnvil
+from smtpgate.anvil import AnvilClient, LocalAnvil, RemoteAnvil
 from smtpgate.config.service import ListenAddress
 from smtpgate.errors import ConfigError
 from smtpgate.generation import Generation
 from smtpgate.logs import MailLog, route_python_logging
 from smtpgate.metrics import HealthEndpoint, ServerMetrics
-from smtpgate.shared_state import SharedAnvil, shared_anvil
+from smtpgate.shared_state import SharedAnvil, StorePassCache, shared_anvil
 from smtpgate.smtpd import GateProtocol, Shared
 from smtpgate.watch import WatchChannel, WatchEndpoint
+from smtpgate.workdirs import worker_directory
 
 DRAIN_TIMEOUT = 30.0
 
@@ -241,26 +242,14 @@ def unprivileged_user(user: str) -> tuple[int, int] | None:
 
 
 def prepare_spool(directory: str, user: str) -> None:
-    """Make ``directory`` (mode 0700, owned by ``user`` when root) unless it exists."""
-    try:
-        os.makedirs(directory, mode=0o700)
-    except FileExistsError:
-        return
-    except OSError as exc:
-        raise ConfigError(f"smtpgate_spool_directory = {directory}: {exc.strerror}") from None
-    ids = unprivileged_user(user)
-    if ids is not None:
-        os.chown(directory, *ids)
+    """Make ``directory`` (mode 0700, owned by ``user`` when root)."""
+    worker_directory("smtpgate_spool_directory", directory, unprivileged_user(user), "")
 
 
 def private_spool(user: str) -> str:
     """A new private spool directory in the system's temporary directory: mode 0700,
     owned by ``user`` when root (the workers write there once they dropped root)."""
-    directory = tempfile.mkdtemp(prefix="smtpgate-spool.")
-    ids = unprivileged_user(user)
-    if ids is not None:
-        os.chown(directory, *ids)
-    return directory
+    return worker_directory("", "", unprivileged_user(user), "smtpgate-spool.")[0]
 
 
 def drop_privileges(user: str) -> None:
@@ -314,6 +303,11 @@ class Server:
             anvil=self.shared_anvil or local,
             spool_directory=spool_directory,
         )
+        # postscreen's cache: the supervisor's anvil (every worker), and Redis when set
+        if isinstance(local, LocalAnvil | RemoteAnvil):
+            self.shared.pass_cache = local
+        if self.shared_anvil is not None:
+            self.shared.pass_cache = StorePassCache(self.shared_anvil.store, self.shared.pass_cache)
         self.metrics = metrics
         self.watch = watch if config.watch != "off" else None
         self.shared.watch = self.watch

@@ -585,3 +585,30 @@ def preload() -> None:
     # Each new connection tells Redis redis-py's version, read from the package's
     # metadata with modules (email.parser, ...) that would be imported on first use.
     get_lib_version()
+
+
+class StorePassCache:
+    """postscreen's cache (``smtpgate.postscreen.cache.PassCache``) in the shared store:
+    every worker and every instance sees a client's passes.  While the store does not
+    answer, the worker's own memory (``local``) answers and remembers; a pass made then
+    is known to that worker only."""
+
+    NAMESPACE = "postscreen:"
+
+    def __init__(self, store: SharedStore, local: Any) -> None:
+        self.store = store
+        self.local = local
+
+    async def get(self, address: str) -> str | None:
+        try:
+            value = await self.store.get(self.NAMESPACE + address)
+        except StoreUnavailable:
+            return await self.local.get(address)  # type: ignore[no-any-return]
+        if value is None:
+            return await self.local.get(address)  # type: ignore[no-any-return]
+        return value.decode("ascii", "replace")
+
+    async def set(self, address: str, record: str, ttl: float) -> None:
+        await self.local.set(address, record, ttl)
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.set(self.NAMESPACE + address, record, ttl)

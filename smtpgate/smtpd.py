@@ -53,6 +53,10 @@ from smtpgate.milter import Milters
 from smtpgate.policy.model import ClientInfo, TlsInfo
 from smtpgate.policy.plan import Plan
 from smtpgate.policy.ports import Resolver
+from smtpgate.postscreen.cache import MemoryPassCache, PassCache
+from smtpgate.postscreen.config import PostscreenConfig
+from smtpgate.postscreen.dnsbl import Score, dnsblog_lines, query_sites, score
+from smtpgate.postscreen.screen import Outcome, Screening
 from smtpgate.relay import Relay, parse_filter_destination
 from smtpgate.reply import Reply
 from smtpgate.smtp.machine import SmtpMachine
@@ -68,6 +72,7 @@ from smtpgate.smtp.ports import (
     Metrics,
 )
 from smtpgate.smtp.store import MessageStore, open_spool
+from smtpgate.smtp.syntax import wire
 from smtpgate.watch import SessionWatch, WatchChannel
 
 log = logging.getLogger("smtpgate.smtpd")
@@ -97,6 +102,8 @@ class Shared:
     """What the sessions count for Prometheus (smtpgate_metrics_listen)."""
     watch: WatchChannel | None = None
     """Where a session sends its row while someone watches (smtpgate_watch)."""
+    pass_cache: PassCache = field(default_factory=MemoryPassCache)
+    """postscreen's cache (in smtpgate_shared_state when that is set)."""
 
     def new_store(self) -> MessageStore:
         """Where one message waits: memory up to smtpgate_message_memory_limit, then an
@@ -129,6 +136,10 @@ class Shared:
     @property
     def milters(self) -> Milters:
         return self.generation.milters
+
+    @property
+    def postscreen(self) -> PostscreenConfig:
+        return self.generation.postscreen
 
 
 class RelayBackend:
@@ -185,6 +196,7 @@ class GateProtocol(asyncio.Protocol):
         self._proxy_input: bytearray | None = None  # the PROXY header so far
         self._proxy_timer: asyncio.TimerHandle | None = None
         self._proxy_peer = ClientInfo(address="unknown")  # who sent the header
+        self._server_address: tuple[str, int] | None = None  # for postscreen's CONNECT line
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -238,6 +250,16 @@ class GateProtocol(asyncio.Protocol):
         )
         if watch is not None:
             watch.attach(self.machine)
+        if shared.postscreen.enabled and not proxy_local and not hangup:
+            self.machine.screening = Screening(
+                shared.postscreen,
+                shared.maillog.program("postscreen"),
+                address,
+                port,
+                clock=time.time,
+                on_pass=self._remember,
+            )
+            self._server_address = server
         shared.sessions.add(self)
         self.task = asyncio.get_running_loop().create_task(self._run())
 
@@ -369,9 +391,8 @@ class GateProtocol(asyncio.Protocol):
         machine, shared = self.machine, self.shared
         assert machine is not None
         try:
-            await self._perform(await machine.open(draining=shared.draining))
-            if not machine.closing:
-                await self._perform(machine.greet(await self._greet_pause()))
+            if not await self._begin(machine):
+                return
             deadline = self._deadline(time.monotonic())
             requests, mode = machine.requests, machine.in_content
             while not machine.closing:
@@ -403,6 +424,135 @@ class GateProtocol(asyncio.Protocol):
                 shared.sessions.discard(self)
                 shared.changed.set()
                 self._close()
+
+    # -- postscreen (before the greeting) ---------------------------------------------------
+
+    def _remember(self, record: str) -> None:
+        """A client passed: its cache record, written in the background."""
+        machine = self.machine
+        screening = machine.screening if machine is not None else None
+        if screening is None:
+            return
+        cache, ttl = self.shared.pass_cache, screening.cache_ttl()
+        task = asyncio.get_running_loop().create_task(cache.set(screening.address, record, ttl))
+        _BACKGROUND.add(task)
+        task.add_done_callback(_BACKGROUND.discard)
+
+    async def _screen(self, screening: Screening) -> Outcome:
+        """postscreen's steps before the greeting: the access list, the cache, then for a
+        client with tests to do the teaser, the DNS lists (in parallel) and the greet
+        wait, watching for a client that talks first."""
+        shared, machine = self.shared, self.machine
+        assert machine is not None
+        outcome = screening.connect(self._server_address, shared.plan.mynetworks)
+        if outcome is not None:
+            return outcome
+        try:
+            record = await shared.pass_cache.get(screening.address)
+        except Exception as exc:  # a cache that does not answer: the client is new
+            screening.log.warning(f"postscreen cache lookup for {screening.address}: {exc}")
+            record = None
+        if screening.cached(record) or not screening.early_todo:
+            return Outcome()
+        return await self._early_tests(screening)
+
+    async def _early_tests(self, screening: Screening) -> Outcome:
+        """The teaser, the DNS lists (in parallel) and the greet wait, which ends early
+        once every early test is done (a pregreet seen and the lists answered, or an
+        allow list)."""
+        machine = self.machine
+        assert machine is not None
+        config = screening.config
+        start = time.monotonic()
+        deadline = start + config.greet_wait
+        teaser = screening.teaser
+        transport = self.transport
+        if teaser is not None and transport is not None and not transport.is_closing():
+            transport.write(teaser)  # (uvloop raises on a transport already closed)
+        answers: dict[str, Any] = {}  # filled as the lists answer
+        lists = self._ask_lists(screening, answers) if "dnsbl" in screening.todo else None
+        result: Score | None = None
+        watching = "pregreet" in screening.todo
+        try:
+            while True:
+                now = time.monotonic()
+                if watching and machine.buffered:
+                    watching = False
+                    dropped = screening.pregreeted(machine.peek(), now - start)
+                    if dropped is not None:
+                        return dropped
+                if self._eof:
+                    screening.hangup(now - start, "tests before SMTP handshake")
+                    return Outcome(greet=False)
+                if lists is not None and lists.done() and result is None:
+                    result = self._score(config, answers)
+                    if result.complete and screening.dnsbl_allows(result):
+                        break  # allowlisted: the pregreet test is skipped, no more wait
+                if not watching and (lists is None or lists.done()):
+                    break  # every early test is done
+                if now >= deadline:
+                    break
+                await self._input_or(lists, deadline - now)
+        finally:
+            if lists is not None and not lists.done():
+                lists.cancel()
+        if result is None and lists is not None:
+            result = self._score(config, answers)  # partial: the lists that answered
+        return screening.after_wait(result)
+
+    def _ask_lists(
+        self, screening: Screening, answers: dict[str, Any]
+    ) -> asyncio.Task[dict[str, Any]]:
+        """Ask every DNS list at once (dnsblog's lines logged as answers come)."""
+        shared, config = self.shared, screening.config
+        timeout = min(config.dnsbl_timeout, config.greet_wait)
+        dnsblog = shared.maillog.program("dnsblog")
+
+        def logged(domain: str, answer: Any) -> None:
+            for line in dnsblog_lines(screening.address, domain, answer):
+                dnsblog.info(line)
+
+        return asyncio.get_running_loop().create_task(
+            query_sites(shared.resolver, config.sites, screening.address, timeout, answers, logged)
+        )
+
+    async def _input_or(self, task: asyncio.Future[Any] | None, timeout: float) -> None:
+        """Wait until input (or EOF) arrives, ``task`` is done or ``timeout`` passed."""
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        waits: set[asyncio.Future[Any]] = {waiter}
+        if task is not None and not task.done():
+            waits.add(task)
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._waiter = None
+
+    @staticmethod
+    def _score(config: PostscreenConfig, answers: dict[str, Any]) -> Score:
+        return score(config.sites, answers, config.dnsbl_min_ttl, config.dnsbl_max_ttl)
+
+    async def _begin(self, machine: SmtpMachine) -> bool:
+        """postscreen's tests (when it runs), then smtpd's greeting, or postscreen's
+        dummy engine for a client it enforces; False: the session ended already."""
+        screening = machine.screening
+        outcome = Outcome()
+        if screening is not None:
+            outcome = await self._screen(screening)
+            if outcome.reply is not None or self._eof:
+                if outcome.reply is not None:
+                    self._held.append(wire(outcome.reply))
+                machine.screening = None  # the session never reached smtpd
+                self._close()
+                return False
+            if screening.rcpt_reply is not None:
+                # enforced: postscreen's dummy engine has the session, smtpd never sees it
+                await self._perform(machine.start_dummy(send=outcome.greet))
+                return True
+        await self._perform(await machine.open(draining=self.shared.draining))
+        if not machine.closing:
+            early = False if screening is not None else await self._greet_pause()
+            await self._perform(machine.greet(early, send=outcome.greet))
+        return True
 
     async def _greet_pause(self) -> bool:
         """Wait out smtpgate_greet_pause (input ends it); whether the client spoke first."""
@@ -570,6 +720,9 @@ class GateProtocol(asyncio.Protocol):
         self._close()
         if self.task is not None:
             self.task.cancel()
+
+
+_BACKGROUND: set[asyncio.Task[None]] = set()  # cache writes in flight (kept referenced)
 
 
 def _tls_facts(transport: asyncio.BaseTransport) -> TlsInfo | None:

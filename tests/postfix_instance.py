@@ -369,6 +369,10 @@ class PostfixInstance:
             d = pf.dialogue("127.0.0.2", "me.example", "a@qq.com", ["foo@bar.org"])
     """
 
+    master_cf = MASTER_CF
+    """master.cf; ``{listen}`` is the loopback address:port (a subclass puts postscreen
+    there, see tests/postscreen_instance.py)."""
+
     def __init__(
         self,
         main_cf: str = "",
@@ -425,7 +429,7 @@ class PostfixInstance:
                 value = value.format(compatibility_level=compatibility_level)
                 plumbing += f"{name} = {value}\n"
         (self.etc / "main.cf").write_text(plumbing + "# --- case ---\n" + main_text + "\n")
-        (self.etc / "master.cf").write_text(MASTER_CF.format(listen=f"127.0.0.1:{self.port}"))
+        (self.etc / "master.cf").write_text(self.master_cf.format(listen=f"127.0.0.1:{self.port}"))
         table_texts = []
         for name, text in tables.items():
             path = self.etc / name
@@ -491,6 +495,10 @@ class PostfixInstance:
         """Run ``postfix check``; return its warnings (raise on a fatal error)."""
         return self._run([POSTFIX, "-c", str(self.etc), "check"], what="postfix check")
 
+    def start_argv(self) -> list[str]:
+        """The command that starts the master (a subclass may wrap it, e.g. in unshare)."""
+        return [POSTFIX, "-c", str(self.etc), "start"]
+
     def start(self) -> None:
         """Start the master and wait until the SMTP port greets."""
         if self.running:
@@ -498,7 +506,7 @@ class PostfixInstance:
         warnings = self.check().replace(str(self.etc), DIR_PLACEHOLDER)
         # `postfix check` just ran; tell `postfix start` not to repeat its (slow) checks.
         (self.spool / "quick-start").touch()
-        self._run([POSTFIX, "-c", str(self.etc), "start"], what="postfix start")
+        self._run(self.start_argv(), what="postfix start")
         self.running = True
         self.check_warnings = warnings
         last_error: Exception | None = None

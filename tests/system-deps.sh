@@ -40,7 +40,11 @@ done
 # two smtpgate behind it (tests/serve/test_haproxy.py: PROXY v2, SMTP checks).
 # chromium, chromium-driver: the live view (/watch) in a headless browser, driven through
 # Debian's chromedriver by selenium (tests/serve/test_watch.py).
-for pkg in haproxy chromium chromium-driver; do
+# util-linux (unshare), mount: tests/postscreen_instance.py starts Postfix with postscreen in
+# a mount namespace of its own, with the test's resolv.conf bind-mounted over
+# /etc/resolv.conf there (dnsblog asks the C library's resolver, port 53); the machine's file
+# is not touched. Needs root with CAP_SYS_ADMIN (a privileged container, or a machine).
+for pkg in haproxy chromium chromium-driver util-linux mount; do
     if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
         need_packages+=("$pkg")
     fi

@@ -69,7 +69,11 @@ async def test_counts_are_shared_by_workers(service: Service) -> None:
     assert await one.connect("192.0.2.1", 60) == Counts(1, 1, 1)
     assert await two.connect("192.0.2.1", 60) == Counts(2, 2, 2)
     assert await two.connect(None, 60) == Counts(0, 0, 0)  # excepted: the total only
-    assert await one.connect("192.0.2.9", 60) == Counts(1, 1, 4)
+    # ... which goes out with that worker's next request, or after TALLY_DELAY
+    assert await one.connect("192.0.2.9", 60) == Counts(1, 1, 3)
+    two._send_tally()  # what TALLY_DELAY's timer does
+    service.step()
+    assert service.service.total == 4
     one.disconnect("192.0.2.1")
     assert await two.connect("192.0.2.1", 60) == Counts(2, 3, 4)  # rates are not given back
     assert [await one.mail("192.0.2.1", 60), await two.mail("192.0.2.1", 60)] == [1, 2]
@@ -83,6 +87,21 @@ async def test_counts_are_shared_by_workers(service: Service) -> None:
     service.step()  # no answer to wait for: run the service by hand
     assert service.service.total == 3
     assert one.fallbacks == two.fallbacks == 0
+
+
+async def test_excepted_clients_that_come_and_go_cost_no_datagram(service: Service) -> None:
+    one = service.remote()
+    sent: list[bytes] = []
+    send = one._send
+    one._send = lambda datagram: (sent.append(datagram), send(datagram))  # type: ignore[method-assign]
+    for _ in range(5):
+        await one.connect(None, 60)
+        one.disconnect(None)
+    await one.connect(None, 60)
+    one._send_tally()
+    service.step()
+    assert service.service.total == 1
+    assert sent == [b"E"]  # the net change, sent once
 
 
 async def test_budget_is_shared_and_exact(service: Service) -> None:
@@ -127,8 +146,28 @@ async def test_a_worker_gives_back_only_what_it_holds(service: Service) -> None:
     assert await one.connect("192.0.2.1", 60) == Counts(2, 2, 3)
 
 
+async def test_postscreen_passes_are_shared_by_workers(service: Service) -> None:
+    one, two = service.remote(), service.remote()
+    assert await two.get("192.0.2.1") is None
+    await one.set("192.0.2.1", "1;2;1;1;1", 60)
+    one._flush_batch()  # what this turn of the event loop would send
+    service.step()
+    assert await two.get("192.0.2.1") == "1;2;1;1;1"
+    await two.set("192.0.2.1", "1;2;1;1;1", 0)  # ttl 0: forgotten
+    two._flush_batch()
+    service.step()
+    assert await one.get("192.0.2.1") is None
+    assert one.fallbacks == two.fallbacks == 0
+
+
 GARBAGE = [
     b"",
+    b"P 1",
+    b"P 1 " + b"a" * 300,
+    b"Q 60 192.0.2.1 1;2 extra",
+    b"Q 60 192.0.2.1 not-a-record",
+    b"Q x 192.0.2.1 1;2",
+    b"Q 99999999999 192.0.2.1 1;2",
     b"hello",
     b"C 1 60",
     b"C 1 60 192.0.2.1 extra",

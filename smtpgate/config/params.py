@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from types import MappingProxyType
-from typing import Literal
+from typing import Literal, cast
 
 from smtpgate.config.maincf import split_nameval
 
@@ -695,9 +695,191 @@ _SPECS = [
         "smtpgate_greet_pause",
         "0s",
         "time",
-        "How long to wait for input before the 220 greeting; a client that talks first gets "
-        "554 5.5.0 with smtpd_forbid_unauth_pipelining (0: only input already there counts).",
+        "How long to wait for input before the 220 greeting when postscreen does not run; a "
+        "client that talks first gets 554 5.5.0 with smtpd_forbid_unauth_pipelining (0: only "
+        "input already there counts). While postscreen runs, its pregreet test takes its "
+        "place and this is the old name of postscreen_greet_wait (see docs/postscreen.md).",
         "smtpgate only (Postfix: postscreen_greet_wait, in postscreen).",
+    ),
+    *(
+        ParamSpec(name, default, cast(Kind, kind), doc, difference)
+        for name, default, kind, doc, difference in (
+            (
+                "smtpgate_postscreen",
+                "auto",
+                "str",
+                "Whether postscreen's tests run before the greeting: auto (when a "
+                "postscreen test or action is configured, see docs/postscreen.md), yes or no.",
+                "smtpgate only (Postfix: postscreen runs when master.cf names it).",
+            ),
+        )
+    ),
+    *(
+        _p(name, default, cast(Kind, kind), doc)
+        for name, default, kind, doc in (
+            (
+                "postscreen_access_list",
+                "permit_mynetworks",
+                "list",
+                "Permanent allow and deny list of client addresses checked first: "
+                "permit_mynetworks, permit, reject, dunno and type:table lookups "
+                "(postscreen_access_list(5)).",
+            ),
+            (
+                "postscreen_denylist_action",
+                "${postscreen_blacklist_action?{$postscreen_blacklist_action}:{ignore}}",
+                "str",
+                "What a client that postscreen_access_list rejects gets: ignore (log only), "
+                "enforce (550 at every RCPT) or drop (521 and disconnect).",
+            ),
+            (
+                "postscreen_dnsbl_sites",
+                "",
+                "list",
+                "DNS lists queried in parallel for each new client: domain[=filter][*weight]; "
+                "a negative weight makes an allow list.",
+            ),
+            (
+                "postscreen_dnsbl_threshold",
+                "1",
+                "int",
+                "The combined DNSBL weight at which a client fails the DNSBL test.",
+            ),
+            (
+                "postscreen_dnsbl_allowlist_threshold",
+                "${postscreen_dnsbl_whitelist_threshold?"
+                "{$postscreen_dnsbl_whitelist_threshold}:{0}}",
+                "int",
+                "A negative combined weight at or below which the client skips the other "
+                "tests (0: never).",
+            ),
+            (
+                "postscreen_dnsbl_action",
+                "ignore",
+                "str",
+                "What a client scored at or over postscreen_dnsbl_threshold gets: ignore, "
+                "enforce or drop.",
+            ),
+            (
+                "postscreen_dnsbl_reply_map",
+                "",
+                "str",
+                "Table that maps a DNSBL domain to the name shown in the reject reply.",
+            ),
+            (
+                "postscreen_dnsbl_timeout",
+                "10s",
+                "time",
+                "How long the DNS lists may take together; the greeting never waits longer "
+                "than postscreen_greet_wait.",
+            ),
+            (
+                "postscreen_dnsbl_min_ttl",
+                "60s",
+                "time",
+                "The shortest time a DNSBL result is remembered for.",
+            ),
+            (
+                "postscreen_dnsbl_max_ttl",
+                "${postscreen_dnsbl_ttl?{$postscreen_dnsbl_ttl}:{1}}h",
+                "time",
+                "The longest time a DNSBL result is remembered for.",
+            ),
+            (
+                "postscreen_greet_wait",
+                "${stress?{2}:{6}}s",
+                "time",
+                "How long a new client is watched for talking first before the greeting.",
+            ),
+            (
+                "postscreen_greet_banner",
+                "$smtpd_banner",
+                "str",
+                "The first line of the greeting (220-) sent before the wait; empty: none, "
+                "and no pregreet test.",
+            ),
+            (
+                "postscreen_greet_action",
+                "ignore",
+                "str",
+                "What a client that talks before its turn gets: ignore, enforce or drop.",
+            ),
+            ("postscreen_greet_ttl", "1d", "time", "How long a pregreet pass is remembered."),
+            (
+                "postscreen_cache_map",
+                "btree:$data_directory/postscreen_cache",
+                "str",
+                "Where passes are remembered; accepted for compatibility: the cache is in "
+                "memory, or in smtpgate_shared_state when that is set.",
+            ),
+            (
+                "postscreen_cache_retention_time",
+                "7d",
+                "time",
+                "How long a cache entry is kept after all its tests expired.",
+            ),
+            (
+                "postscreen_pipelining_enable",
+                "no",
+                "bool",
+                "Test that a new client does not send commands ahead of replies "
+                "(PIPELINING is not announced until it passed).",
+            ),
+            (
+                "postscreen_pipelining_action",
+                "enforce",
+                "str",
+                "What a client that pipelines without PIPELINING gets: ignore, enforce or drop.",
+            ),
+            (
+                "postscreen_pipelining_ttl",
+                "30d",
+                "time",
+                "How long a pipelining pass is remembered.",
+            ),
+            (
+                "postscreen_non_smtp_command_enable",
+                "no",
+                "bool",
+                "Test that a new client sends no non-SMTP command (HTTP, header lines).",
+            ),
+            (
+                "postscreen_non_smtp_command_action",
+                "drop",
+                "str",
+                "What a client that sends a non-SMTP command gets: ignore, enforce or drop.",
+            ),
+            (
+                "postscreen_non_smtp_command_ttl",
+                "30d",
+                "time",
+                "How long a non-SMTP command pass is remembered.",
+            ),
+            (
+                "postscreen_forbidden_commands",
+                "$smtpd_forbidden_commands",
+                "list",
+                "The commands the non-SMTP command test fails on (besides header lines).",
+            ),
+            (
+                "postscreen_bare_newline_enable",
+                "no",
+                "bool",
+                "Test that a new client ends command lines with CR LF.",
+            ),
+            (
+                "postscreen_bare_newline_action",
+                "ignore",
+                "str",
+                "What a client that sends a bare LF gets: ignore, enforce or drop.",
+            ),
+            (
+                "postscreen_bare_newline_ttl",
+                "30d",
+                "time",
+                "How long a bare newline pass is remembered.",
+            ),
+        )
     ),
     ParamSpec(
         "smtpgate_hold_relayhost",
@@ -1221,7 +1403,24 @@ NOT_YET_FEATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
         "sender address verification (it would probe the sender's own MX on the internet)",
         ("unverified_sender_*",),
     ),
-    ("postscreen", ("postscreen_*",)),
+    (
+        "postscreen features smtpgate does not have",
+        (
+            "postscreen_allowlist_interfaces",
+            "postscreen_client_connection_count_limit",
+            "postscreen_command_filter",
+            "postscreen_discard_ehlo_keyword_address_maps",
+            "postscreen_discard_ehlo_keywords",
+            "postscreen_disable_vrfy_command",
+            "postscreen_enforce_tls",
+            "postscreen_helo_required",
+            "postscreen_reject_footer",
+            "postscreen_reject_footer_maps",
+            "postscreen_tls_security_level",
+            "postscreen_upstream_proxy_protocol",
+            "postscreen_use_tls",
+        ),
+    ),
     (
         "header and body checks",
         ("header_checks", "mime_header_checks", "nested_header_checks", "body_checks"),

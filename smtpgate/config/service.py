@@ -278,6 +278,19 @@ class ServiceConfig:
     """smtpgate_upstream_proxy_networks; None (empty): any peer may send the header."""
 
     @property
+    def counts_clients(self) -> bool:
+        """Whether any limit reads a client's counts (Postfix creates its anvil client only
+        then; with none, a connection is counted in the total alone, without a round
+        trip)."""
+        return bool(
+            self.connection_count_limit
+            or self.connection_limit
+            or self.connection_rate_limit
+            or self.message_rate_limit
+            or self.recipient_rate_limit
+        )
+
+    @property
     def tls_offered(self) -> bool:
         """Whether STARTTLS is offered: a level of may or encrypt and a certificate."""
         return self.tls_level in ("may", "encrypt") and bool(self.tls_cert_file)

@@ -126,6 +126,8 @@ class _Resolver:
     def lookup(self, name: str, test: bool) -> str | None:
         raw = self.raw(name)
         if raw is None:
+            if test:  # ${name?...} and ${name:...} ask whether it is set: no warning
+                return None
             self.undefined.setdefault((self.stack[-1] if self.stack else "", name), self.where())
             return None
         return raw if test else self.value(name)
@@ -205,6 +207,8 @@ class Settings:
         used = set(self._classes)
         for value, _ in self._explicit.values():
             used |= references(value)
+        for spec in PARAMETERS.values():  # old names that a default falls back to
+            used |= references(spec.default)
         return used
 
     def _build(self) -> list[Diagnostic]:

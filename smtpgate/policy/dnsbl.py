@@ -151,23 +151,27 @@ def domain_query(what: str, zone: Zone) -> str | None:
 # -- answers ------------------------------------------------------------------------------------
 
 
+_LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
+_NOT_LISTED = ipaddress.IPv4Network("127.255.255.0/24")
+_LOCALHOST = ipaddress.IPv4Address("127.0.0.1")
+
+
+@lru_cache(maxsize=1024)  # lists answer with a handful of codes
 def is_list_error(address: str) -> bool:
     """An A record that is not a listing: outside 127/8, 127.0.0.1, 127.255.255.x."""
     try:
         ip = ipaddress.IPv4Address(address)
     except ValueError:
         return True
-    if ip not in ipaddress.IPv4Network("127.0.0.0/8"):
-        return True
-    return ip == ipaddress.IPv4Address("127.0.0.1") or ip in ipaddress.IPv4Network(
-        "127.255.255.0/24"
-    )
+    return ip not in _LOOPBACK or ip == _LOCALHOST or ip in _NOT_LISTED
 
 
 def split_answers(records: Sequence[str]) -> tuple[list[str], list[str]]:
     """(listing codes, list errors) of a DNSxL A answer."""
-    good = [r for r in records if not is_list_error(r)]
-    bad = [r for r in records if is_list_error(r)]
+    good: list[str] = []
+    bad: list[str] = []
+    for record in records:
+        (bad if is_list_error(record) else good).append(record)
     return good, bad
 
 

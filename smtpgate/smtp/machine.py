@@ -54,6 +54,8 @@ from smtpgate.policy.peer import PeerLookup, lookup_client
 from smtpgate.policy.plan import Plan
 from smtpgate.policy.ports import Resolver
 from smtpgate.policy.session import PolicySession
+from smtpgate.postscreen.engine import DummyEngine, EngineSettings
+from smtpgate.postscreen.screen import Screening
 from smtpgate.reply import R451_LOCAL_ERROR, Reply
 from smtpgate.smtp import syntax as s
 from smtpgate.smtp.data import (
@@ -160,6 +162,7 @@ class SmtpMachine:
         metrics: Metrics = NO_METRICS,
         proxy_local: bool = False,
         hangup: bool = False,
+        screening: Screening | None = None,
     ) -> None:
         self.plan = plan
         self.config = config
@@ -184,6 +187,10 @@ class SmtpMachine:
         """A load balancer's own connection (PROXY v2 LOCAL: its health check): a normal
         session that counts toward no client's limits (nor client metrics)."""
         self.hangup = hangup  # the PROXY handshake failed: 421 instead of a greeting
+        self.screening = screening
+        """postscreen's state of this client (the deep tests, the enforce reply)."""
+        self.dummy: DummyEngine | None = None
+        """postscreen's dummy engine, when it has the session (an enforced client)."""
         self.connections = 0  # this client's concurrent sessions ({client_connections})
         self.macros = SessionMacros(self._macro)
         self._milter_sender: str | None = None  # the address MAIL is checking
@@ -239,6 +246,11 @@ class SmtpMachine:
     def buffered(self) -> int:
         """Input received and not yet worked through."""
         return len(self._in)
+
+    def peek(self, limit: int = 1024) -> bytes:
+        """Input received and not worked through, without taking it (postscreen's
+        PREGREET peek)."""
+        return bytes(self._in[:limit])
 
     @property
     def in_content(self) -> bool:
@@ -310,11 +322,15 @@ class SmtpMachine:
             self._greeting = await self._milter_connect() or Reply(220, "", self.config.banner)
         return self.take()
 
-    def greet(self, early_input: bool = False) -> list[Effect]:
+    def greet(self, early_input: bool = False, send: bool = True) -> list[Effect]:
         """Send the greeting; ``early_input``: the client spoke first (input the driver
-        knows of but has not handed over, e.g. bytes still in the kernel)."""
+        knows of but has not handed over, e.g. bytes still in the kernel).  ``send``
+        False: no greeting at all (postscreen's enforce for a client that pregreeted:
+        what it sent is read as its commands)."""
         greeting, self._greeting = self._greeting, None
         if greeting is None or self.closing:
+            return self.take()
+        if not send:
             return self.take()
         if (self._in or early_input) and not self.ill_pipelining:
             self._improper_pipelining("CONNECT", self._in)
@@ -324,6 +340,48 @@ class SmtpMachine:
         self._reply(greeting)
         self._out.append(FLUSH)
         return self.take()
+
+    def start_dummy(self, send: bool = True) -> list[Effect]:
+        """postscreen enforces this client: its dummy engine has the session, which never
+        reaches smtpd (no connect line, no restrictions, no backend).  ``send``: its
+        ``220`` greeting line (none for a client that pregreeted)."""
+        assert self.screening is not None
+        cfg = self.config
+        settings = EngineSettings(
+            hostname=cfg.hostname,
+            size_limit=cfg.size_limit,
+            disable_vrfy=cfg.disable_vrfy,
+            helo_required=cfg.helo_required,
+            soft_bounce=self.plan.soft_bounce,
+        )
+        self.dummy = DummyEngine(self.screening, settings)
+        if send:
+            self._reply(Reply(220, "", cfg.banner))
+            self._out.append(FLUSH)
+        return self.take()
+
+    def _dummy_dispatch(self, raw: bytes) -> None:
+        """One command line for postscreen's dummy engine (after the deep tests)."""
+        dummy, screening = self.dummy, self.screening
+        assert dummy is not None and screening is not None
+        self.requests += 1
+        line = raw.rstrip(b"\n")
+        if raw.endswith(b"\n") and not line.endswith(b"\r"):
+            dropped = screening.bare_newline(raw)
+            if dropped is not None:
+                self._reply(dropped)
+                return
+        text = line.rstrip(b"\r").split(b"\0", 1)[0].decode("utf-8", "replace")
+        verb, _, args = text.lstrip(" \t").partition(" ")
+        if screening.running_deep_tests:
+            screening.before_command(dummy.where, line.rstrip(b"\r"))
+            pending = b"" if verb.upper() == "BDAT" else self.peek(100)
+            known = verb.upper() in _COMMANDS
+            dropped = screening.command_line(verb, known, pending, dummy=True)
+            if dropped is not None:
+                self._reply(dropped)
+                return
+        self._reply(dummy.command(verb, args))
 
     async def advance(self) -> list[Effect]:
         """Work through the input received so far; the effects, in order."""
@@ -371,6 +429,15 @@ class SmtpMachine:
 
     def timed_out(self) -> list[Effect]:
         """smtpd_timeout passed while waiting for input."""
+        if self.dummy is not None and self.screening is not None:
+            screening = self.screening
+            screening.log.info(
+                f"COMMAND TIME LIMIT from {screening.addr_port} after {self.dummy.where}"
+            )
+            screening.dropped = True
+            text = f"{self.config.hostname} Error: timeout exceeded"
+            self._reply(Reply(421, "4.4.2", text, disconnect=True))
+            return self.take()
         where = self.where
         if self._dot is not None:
             where = f"DATA ({self._dot.received} bytes)"
@@ -414,6 +481,8 @@ class SmtpMachine:
         if self.milters is not None:
             milters, self.milters = self.milters, None
             await asyncio.shield(milters.close())
+        if self.screening is not None:
+            self.screening.closed(quit=self.counts["quit"] > 0)
         if self.policy is not None:
             self._log_disconnect()
             self.metrics.disconnect()
@@ -441,7 +510,7 @@ class SmtpMachine:
             self._out_size += len(out[-1])  # type: ignore[arg-type]
             if self._out_size > OUTPUT_BACKLOG:
                 self._stop = True  # let the driver write (and wait for a slow reader)
-        if reply.disconnect:
+        if reply.disconnect or reply.code in (421, 521):  # smtpd_chat_reply() hangs up
             out += (FLUSH, CLOSE)
             self.closing = True
             self._stop = True
@@ -478,14 +547,17 @@ class SmtpMachine:
 
         Clients in smtpd_client_event_limit_exceptions are not limited (Postfix's
         hogger_list): they count in the total only, and do not wait for the anvil's
-        answer.  The others are counted per address as anvil(8) does: one question to the
-        anvil of the whole server answers all three limits.
+        answer; so does every client when no limit is set.  The others are counted per
+        address as anvil(8) does: one question to the anvil of the whole server answers
+        all three limits.
         """
         cfg, client = self.config, self.client
         try:
             exceptions = cfg.limit_exceptions
-            self.excepted = self.proxy_local or (
-                exceptions is not None and exceptions.match(client.address)
+            self.excepted = (
+                self.proxy_local
+                or not cfg.counts_clients
+                or (exceptions is not None and exceptions.match(client.address))
             )
         except TableLookupError as exc:
             self.log.warning(f"smtpd_client_event_limit_exceptions: {exc}")
@@ -564,8 +636,7 @@ class SmtpMachine:
             st.discard = True
             whatsup, text = "milter-discard", "milter triggers DISCARD action"
         elif action in ("reject", "tempfail") and verdict.code is not None:
-            code = verdict.code
-            reply = Reply(code, verdict.enhanced or "", verdict.text or "", code == 421)
+            reply = _verdict_reply(verdict)
             whatsup, text = "milter-reject", " ".join(reply.lines())
             if cleanup:  # cleanup logs the reply without its code
                 text = text[4:]
@@ -668,7 +739,7 @@ class SmtpMachine:
             return None
         verdict = self.milters.other()
         if verdict.code is not None and verdict.code // 100 in (4, 5):
-            return Reply(verdict.code, verdict.enhanced or "", verdict.text or "")
+            return _verdict_reply(verdict)
         return None
 
     async def _milter_unknown(self, raw: bytes) -> Reply | None:
@@ -680,7 +751,7 @@ class SmtpMachine:
         command = raw.decode("utf-8", "replace").rstrip("\r\n")
         verdict = await self.milters.unknown(self.macros, command)
         if verdict.action == "tempfail" and verdict.code is not None:
-            return Reply(verdict.code, verdict.enhanced or "", verdict.text or "")
+            return _verdict_reply(verdict)
         if verdict.action not in ("continue", "accept", "reject", "discard", "quarantine"):
             self.log.warning(f"unexpected SMFIC_UNKNOWN response: {verdict.action}")
         return None
@@ -779,6 +850,11 @@ class SmtpMachine:
         line = raw.rstrip(b"\n")
         bare_lf = raw.endswith(b"\n") and not line.endswith(b"\r")
         line = line.rstrip(b"\r")
+        if bare_lf and self.screening is not None:
+            dropped = self.screening.bare_newline(raw)
+            if dropped is not None:
+                self._reply(dropped)
+                return None
         if bare_lf and self._bare_newline_rejected():
             # Postfix refuses the line before it is a command: not counted, the log line
             # names the stage before it, and the connection closes.
@@ -804,6 +880,9 @@ class SmtpMachine:
         return tokens
 
     async def _dispatch(self, raw: bytes) -> None:
+        if self.dummy is not None:
+            self._dummy_dispatch(raw)
+            return
         cfg = self.config
         tokens = self._tokens(raw)
         if tokens is None:
@@ -813,6 +892,15 @@ class SmtpMachine:
         verb = tokens[0].text
         upper = verb.upper()
         handler = _COMMANDS.get(upper)
+        screening = self.screening
+        if screening is not None and screening.running_deep_tests:
+            screening.before_command(self.where, raw.rstrip(b"\r\n"))
+            pending = b"" if upper in ("DATA", "BDAT") else self.peek(100)
+            dropped = screening.command_line(verb, handler is not None, pending)
+            if dropped is not None:
+                self.requests += 1
+                self._reply(dropped)
+                return
         if handler is None:
             self.where = "UNKNOWN"
             self.requests += 1
@@ -908,6 +996,8 @@ class SmtpMachine:
     def _extensions(self) -> list[str]:
         cfg = self.config
         out = ["PIPELINING", f"SIZE {cfg.size_limit}" if cfg.size_limit else "SIZE"]
+        if self.screening is not None and self.screening.deep_todo("pipelining"):
+            out.pop(0)  # postscreen's pipelining test: not announced until passed
         if not cfg.disable_vrfy:
             out.append("VRFY")
         out.append("ETRN")
@@ -979,6 +1069,9 @@ class SmtpMachine:
         address = parse_address(args[1].text, allow_empty=False)
         if address is None or not acceptable_address(address):
             return self._fail(s.BAD_RECIPIENT)
+        screened = self._screened_rcpt(address)
+        if screened is not None:
+            return self._fail(screened)
         if len(txn.recipients) >= self.config.recipient_limit:
             # The first smtpd_recipient_overshoot_limit of these are not errors.
             self._reply(s.TOO_MANY_RECIPIENTS)
@@ -987,10 +1080,7 @@ class SmtpMachine:
         decision = await self.policy.rcpt(address, relay_verifies=self._relay_verifies())
         self._note(decision)
         if decision.reply is not None:
-            if self._milters_listen():
-                assert self.milters is not None
-                text = " ".join(decision.reply.lines())
-                await self.milters.rcpt(self.macros, address, params, rejected=text)
+            await self._milter_rejected_rcpt(address, params, decision.reply)
             return self._fail(decision.reply)
         if self._milters_listen():
             assert self.milters is not None
@@ -1011,6 +1101,35 @@ class SmtpMachine:
             self.policy.confirm_rcpt(address)
         self._reply(reply)
         return ok
+
+    async def _milter_rejected_rcpt(self, address: str, params: list[str], reply: Reply) -> None:
+        """The milters hear of a recipient the restrictions rejected (as Postfix tells them)."""
+        if self._milters_listen():
+            assert self.milters is not None
+            text = " ".join(reply.lines())
+            await self.milters.rcpt(self.macros, address, params, rejected=text)
+
+    def _screened_rcpt(self, address: str) -> Reply | None:
+        """postscreen at RCPT: the deep tests pass; with enforce, its reply to every
+        RCPT, with its NOQUEUE line (None: go on)."""
+        screening = self.screening
+        if screening is None:
+            return None
+        screening.rcpt_seen()
+        reply = given = screening.rcpt_reply
+        if reply is None or given is None:
+            return None
+        assert self.policy is not None and self.txn is not None
+        if self.plan.soft_bounce and reply.code >= 500:
+            dsn = "4" + reply.dsn[1:] if reply.dsn.startswith("5") else reply.dsn
+            reply = dataclasses.replace(reply, code=reply.code - 100, dsn=dsn)
+        st = self.policy.state
+        screening.log.info(
+            f"NOQUEUE: reject: RCPT from {screening.addr_port}: {reply.code} {reply.dsn} "
+            f"{reply.text}; from=<{self.txn.sender}>, to=<{address}>, "
+            f"proto={st.protocol}, helo=<{st.helo_name or ''}>"
+        )
+        return given  # _reply softens what the client gets itself
 
     def _queue_id(self) -> str:
         assert self.policy is not None
@@ -1161,6 +1280,13 @@ class SmtpMachine:
 
     async def cmd_data(self, args: list[Token]) -> bool | None:
         txn = self.txn
+        screening = self.screening
+        if screening is not None and screening.rcpt_reply is not None:
+            # postscreen's enforce: no recipient was ever accepted; it hangs up
+            screening.log.info(f"DATA without valid RCPT from {screening.addr_port}")
+            screening.dropped = True
+            reply = s.syntax("DATA") if args else s.NEED_RCPT if txn is None else s.NO_VALID_RCPT
+            return self._fail(dataclasses.replace(reply, disconnect=True))
         if txn is None:
             return self._fail(s.NEED_RCPT)
         if not txn.recipients:
@@ -1501,6 +1627,8 @@ class SmtpMachine:
             return self._fail(s.VRFY_DISABLED)
         if not args:
             return self._fail(s.syntax("VRFY address [SMTPUTF8]"))
+        if self.screening is not None and self.screening.rcpt_reply is not None:
+            return self._fail(self.screening.rcpt_reply)  # postscreen's enforce
         if await self._rate_exceeded("rcpt"):
             return False
         refused = await self._milter_other()
@@ -1659,6 +1787,12 @@ def _in_memory(store: MessageStore, total: int) -> int:
     if store.spooled or (store.spoolable and total > store.memory_limit):
         return 0
     return total
+
+
+def _verdict_reply(verdict: MilterVerdict) -> Reply:
+    """The reply a milter's reject or tempfail gives the client."""
+    assert verdict.code is not None
+    return Reply(verdict.code, verdict.enhanced or "", verdict.text or "")
 
 
 def _bare(address: str) -> str:

@@ -290,7 +290,7 @@ def test_bad_reply_code_is_an_error_diagnostic() -> None:
         "smtpd_proxy_filter = 127.0.0.1:10025",
         "address_verify_relayhost = [127.0.0.1]:10026",
         "unverified_sender_reject_code = 550",
-        "postscreen_dnsbl_sites = zen.spamhaus.org*3",
+        "postscreen_command_filter = pcre:/etc/postfix/command_filter",
         "header_checks = regexp:/etc/postfix/header_checks",
         "virtual_alias_maps = hash:/etc/postfix/virtual",
         "smtpd_enforce_tls = yes",

@@ -50,6 +50,7 @@ class FakeDns:
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
+        self.host = "127.0.0.1"
         self.port = 0
         self._servers: list[socketserver.BaseServer] = []
 
@@ -138,7 +139,11 @@ class FakeDns:
 
     # -- serving ---------------------------------------------------------------------
 
-    def start(self) -> FakeDns:
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> FakeDns:
+        """Serve on ``host``; ``port`` 0 lets the kernel pick one (for UDP, then TCP on it).
+
+        A fixed port (53, for software that reads /etc/resolv.conf) is taken as is.
+        """
         fake = self
 
         class Udp(socketserver.BaseRequestHandler):
@@ -163,19 +168,21 @@ class FakeDns:
                         return
                     sock.sendall(struct.pack("!H", len(reply)) + reply)
 
-        for _ in range(50):
-            udp = socketserver.ThreadingUDPServer(("127.0.0.1", 0), Udp)
-            port = udp.server_address[1]
+        for _ in range(50 if port == 0 else 1):
+            udp = socketserver.ThreadingUDPServer((host, port), Udp)
+            bound = udp.server_address[1]
             try:
-                tcp = socketserver.ThreadingTCPServer(("127.0.0.1", port), Tcp)
+                tcp = _ReusingTcpServer((host, bound), Tcp)
             except OSError:
                 udp.server_close()
+                if port:
+                    raise
                 continue
             break
         else:  # pragma: no cover
             raise RuntimeError("no free port for UDP and TCP")
         udp.daemon_threads = tcp.daemon_threads = True
-        self.port = port
+        self.host, self.port = host, bound
         self._servers = [udp, tcp]
         for server in self._servers:
             threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
@@ -189,7 +196,11 @@ class FakeDns:
 
     @property
     def address(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.port)
+        return (self.host, self.port)
+
+
+class _ReusingTcpServer(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True  # a fixed port (53) is bound again by the next test
 
 
 def _absolute(rdtype: str, value: str) -> str:

@@ -349,6 +349,18 @@ async def test_unknown_command_only_a_4xx_replaces_postfixs_reply(tmp_path: Path
     assert await s.send("FOO bar") == ["500 5.5.2 Error: command not recognized"]
 
 
+async def test_a_421_at_any_stage_hangs_up(tmp_path: Path):
+    # smtpd_chat_reply() disconnects after every 421 it sends, whichever command got it
+    s = await session(tmp_path, FakeMilters({"unknown": SHUTDOWN}), RecordingBackend())
+    assert await s.send("FOO bar") == ["421 4.7.0 Server closing connection"]
+    assert s.machine.closing
+    s = await session(tmp_path, FakeMilters({"other": SHUTDOWN}), RecordingBackend())
+    await s.send("EHLO c.example")
+    assert await s.send("VRFY x@bar.org") == ["421 4.7.0 Server closing connection"]
+    assert s.machine.closing
+    assert await s.send("NOOP") == []
+
+
 async def test_macros_as_postfix_gives_them(tmp_path: Path):
     milters = FakeMilters()
     s = await session(tmp_path, milters, RecordingBackend())
