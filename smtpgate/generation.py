@@ -12,7 +12,9 @@ Theory of operation:
    files).  The second half builds what needs files or the network later: the front end's
    ``ssl.SSLContext`` (the key is often readable by root only: the supervisor loads it
    before it forks the workers), the relay to the backend and the DNS resolver, with the
-   relay's MX lookup wired to that resolver.  The policy delegation client
+   relay's MX lookup wired to that resolver, and the recipient verifier
+   (``reject_unverified_recipient``: smtpgate.verify) bound to the plan, probing through
+   that relay.  The policy delegation client
    (``check_policy_service``) is bound to the plan in the first half, so that
    ``explain`` asks the same policy servers as ``serve``; it opens no connection until
    a request needs one (each worker opens its own), and the server closes it when its
@@ -48,6 +50,7 @@ from smtpgate.policy.ports import Resolver
 from smtpgate.postscreen.config import DISABLED, PostscreenConfig, postscreen_config
 from smtpgate.relay import Relay, load_cert_files
 from smtpgate.resolver import mx_hosts, resolver_from_config
+from smtpgate.verify import RelayVerifier
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,12 @@ class Generation:
     """``smtpd_milters``: false when empty; ``milters.session()`` per SMTP session."""
     postscreen: PostscreenConfig = DISABLED
     """The postscreen_* parameters (``enabled`` False: postscreen does not run)."""
+
+    @property
+    def verifier(self) -> RelayVerifier | None:
+        """The recipient verifier bound to the plan (None: no reject_unverified_recipient)."""
+        verifier = self.plan.verifier
+        return verifier if isinstance(verifier, RelayVerifier) else None
 
     @property
     def policy_client(self) -> DelegationClient | None:
@@ -162,9 +171,12 @@ def build_generation(
     if compiled is None or relay is None or resolver is None or milters is None or _failed(found):
         return None, found
     _wire_next_hops(relay, resolver)
+    plan = compiled.plan
+    if plan.verifies_recipients:
+        plan = plan.with_verifier(RelayVerifier(relay, plan.verify))
     generation = Generation(
         number,
-        compiled.plan,
+        plan,
         compiled.config,
         context,
         relay,

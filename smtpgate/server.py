@@ -295,6 +295,8 @@ class Server:
         self.shared_anvil: SharedAnvil | None = None
         if config.shared_state:
             self.shared_anvil = shared_anvil(config.shared_state, local, config.shared_state_lease)
+            if generation.verifier is not None:  # the verification cache goes there too
+                generation.verifier.store = self.shared_anvil.store
         self.shared = Shared(
             generation=generation,
             maillog=maillog,
@@ -513,6 +515,9 @@ class Server:
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
+        verifier = self.shared.generation.verifier
+        if verifier is not None:
+            await verifier.close()  # background refresh probes use the relay
         await self.shared.relay.close()
         if self.shared_anvil is not None:
             await self.shared_anvil.close()

@@ -28,6 +28,8 @@ Key layout (``smtpgate:`` prefix, in the URL's database)::
                                     (Redis server time, ms); key TTL = the lease
     smtpgate:anvil:rate:<address>   hash: conn, mail, rcpt; TTL anvil_rate_time_unit
                                     from the client's first event (anvil's window)
+    smtpgate:verify:<address>       recipient verification (smtpgate.verify): Postfix's
+                                    verify(8) record, expiring with the entry
     smtpgate:<namespace>:<key>      get/set/incr of later caches
 
 A connection's member is added at connect and removed at disconnect.  Each worker renews

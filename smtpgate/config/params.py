@@ -115,6 +115,15 @@ _DIFFERENCES = {
         "An unknown action is an error at load (Postfix: a warning and 451 4.3.5 in each "
         "session that needs it)."
     ),
+    "address_verify_map": (
+        "Postfix's verify(8) keeps its cache in this table; smtpgate accepts the value (it must "
+        "be type:name or empty) but keeps the cache in each worker's memory, or in Redis "
+        "when smtpgate_shared_state is set (then every worker and instance shares it)."
+    ),
+    "address_verify_sender": (
+        "smtpgate sends the probe itself, to relayhost: MAIL FROM this address, RCPT TO the "
+        "recipient, RSET (Postfix: a probe message through its queue and smtp client)."
+    ),
     "smtp_connect_timeout": (
         "In smtpgate it bounds the TCP connection to the backend MTA and its greeting "
         "(Postfix's smtp_helo_timeout covers the greeting there)."
@@ -389,6 +398,90 @@ _SPECS = [
         "smtpgate only. Postfix 3.7 always gives the client the benefit of the doubt "
         "(dunno: the lookup error is logged and the list is skipped); smtpgate defers by "
         "default so that a DNS outage never lets listed mail in.",
+    ),
+    _p(
+        "unverified_recipient_reject_code",
+        "450",
+        "code",
+        "reject_unverified_recipient: the reply code when the backend refused the recipient "
+        "(a 4xx code is given as a deferral, with unverified_recipient_tempfail_action).",
+    ),
+    _p(
+        "unverified_recipient_defer_code",
+        "450",
+        "code",
+        "reject_unverified_recipient: the reply code when the backend deferred the recipient.",
+    ),
+    _p(
+        "unverified_recipient_tempfail_action",
+        "$reject_tempfail_action",
+        "str",
+        "reject_unverified_recipient when the answer is a 4xx or verification failed: "
+        "defer_if_permit or defer.",
+    ),
+    _p(
+        "unverified_recipient_reject_reason",
+        "",
+        "str",
+        "reject_unverified_recipient: the text given in place of the backend's reason "
+        "(empty: the backend's reason).",
+    ),
+    _p(
+        "address_verify_negative_cache",
+        "yes",
+        "bool",
+        "Remember failed verification probes (no: probe an unknown address at every attempt).",
+    ),
+    _p(
+        "address_verify_positive_expire_time",
+        "31d",
+        "time",
+        "How long a successful probe is remembered.",
+    ),
+    _p(
+        "address_verify_positive_refresh_time",
+        "7d",
+        "time",
+        "After this, a successful probe is still used but probed again in the background.",
+    ),
+    _p(
+        "address_verify_negative_expire_time",
+        "3d",
+        "time",
+        "How long a failed probe is remembered.",
+    ),
+    _p(
+        "address_verify_negative_refresh_time",
+        "3h",
+        "time",
+        "After this, a failed probe is still used but probed again in the background.",
+    ),
+    _p(
+        "address_verify_sender",
+        "$double_bounce_sender",
+        "str",
+        "The MAIL FROM of verification probes (an unqualified name gets @$myorigin; "
+        "empty or <> is the null sender).",
+    ),
+    _p(
+        "double_bounce_sender",
+        "double-bounce",
+        "str",
+        "The sender of verification probes unless address_verify_sender says otherwise.",
+    ),
+    _p(
+        "address_verify_sender_ttl",
+        "0s",
+        "time",
+        "When not 0: the probe sender's local part gets a time stamp that changes this often "
+        "(so that probe senders cannot be listed).",
+    ),
+    _p(
+        "address_verify_map",
+        "btree:$data_directory/verify_cache",
+        "str",
+        "Accepted for compatibility (type:name or empty); smtpgate keeps the verification "
+        "cache in each worker's memory, or in smtpgate_shared_state when that is set.",
     ),
     ParamSpec(
         "dns_servers",
@@ -1293,7 +1386,23 @@ NOT_YET_FEATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("before-queue content filter", ("smtpd_proxy_filter",)),
     ("after-queue content filter", ("content_filter",)),
     ("SASL (SMTP AUTH)", ("smtpd_sasl_auth_enable",)),
-    ("address verification", ("address_verify_*", "unverified_*")),
+    (
+        "address verification probes routed other than to relayhost",
+        (
+            "address_verify_relayhost",
+            "address_verify_transport_maps",
+            "address_verify_local_transport",
+            "address_verify_virtual_transport",
+            "address_verify_relay_transport",
+            "address_verify_default_transport",
+            "address_verify_sender_dependent_relayhost_maps",
+            "address_verify_sender_dependent_default_transport_maps",
+        ),
+    ),
+    (
+        "sender address verification (it would probe the sender's own MX on the internet)",
+        ("unverified_sender_*",),
+    ),
     (
         "postscreen features smtpgate does not have",
         (

@@ -54,6 +54,8 @@ class ReplyCodes:
     unknown_hostname_reject_code: int = 450
     multi_recipient_bounce_reject_code: int = 550
     maps_rbl_reject_code: int = 554
+    unverified_recipient_reject_code: int = 450
+    unverified_recipient_defer_code: int = 450
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +226,64 @@ def _policy_defaults(r: Reader) -> PolicyService:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class VerifyConfig:
+    """Recipient verification (reject_unverified_recipient): the address_verify_* and
+    unverified_recipient_* parameters, times in seconds (Postfix's verify(8) and
+    smtpd_check.c)."""
+
+    tempfail_action: str = "defer_if_permit"
+    reject_reason: str = ""
+    negative_cache: bool = True
+    positive_expire: float = 31 * 86400.0
+    positive_refresh: float = 7 * 86400.0
+    negative_expire: float = 3 * 86400.0
+    negative_refresh: float = 3 * 3600.0
+    sender: str = "double-bounce"
+    """The probe's MAIL FROM as Postfix makes it: qualified with @$myorigin; "" is the
+    null sender (without the time stamp of sender_ttl, added per probe)."""
+    sender_ttl: float = 0.0
+
+
+def _verify_sender(r: Reader, myorigin: str) -> str:
+    name = "address_verify_sender"
+    value = r.text(name).strip()
+    if value in ("", "<>"):
+        return ""
+    if value.startswith("@") or value.endswith("@"):
+        where = "start" if value.startswith("@") else "end"
+        r.error(name, f"parameter {name}: value \"{value}\" must not {where} with '@'")
+        return "double-bounce@" + myorigin
+    return value if "@" in value else f"{value}@{myorigin}"
+
+
+def verify_config(r: Reader, myorigin: str) -> VerifyConfig:
+    """The address_verify_* parameters (address_verify_map: syntax only)."""
+    table = r.text("address_verify_map").strip()
+    if table and ":" not in table.strip("{}"):
+        r.error(
+            "address_verify_map",
+            f'address_verify_map: bad table "{table}" (expected type:name, or empty)',
+        )
+    times: dict[str, float] = {}
+    for what in ("positive_expire", "positive_refresh", "negative_expire", "negative_refresh"):
+        name = f"address_verify_{what}_time"
+        before = len(r.diagnostics)
+        times[what] = r.seconds(name)
+        if times[what] < 1 and len(r.diagnostics) == before:
+            r.error(name, f"invalid {name} parameter value {times[what]:g} < 1")
+            times[what] = 1.0
+    ttl = r.seconds("address_verify_sender_ttl")
+    return VerifyConfig(
+        tempfail_action=_tempfail_action(r, "unverified_recipient_tempfail_action"),
+        reject_reason=r.text("unverified_recipient_reject_reason"),
+        negative_cache=r.flag("address_verify_negative_cache"),
+        sender=_verify_sender(r, myorigin),
+        sender_ttl=ttl,
+        **times,
+    )
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
     """The plan compiler's input, one field per parameter it reads."""
@@ -264,6 +324,8 @@ class PolicyConfig:
     policy_service_defaults: PolicyService
     """The smtpd_policy_service_* parameters; a check_policy_service argument's brace
     options override them (:func:`policy_service`)."""
+    verify: VerifyConfig = VerifyConfig()
+    """reject_unverified_recipient's cache and probe settings."""
 
 
 def _tempfail_action(r: Reader, name: str, extra: tuple[str, ...] = ()) -> str:
@@ -317,5 +379,6 @@ def policy_config(settings: Settings) -> tuple[PolicyConfig, list[Diagnostic]]:
         allow_percent_hack=r.flag("allow_percent_hack"),
         swap_bangpath=r.flag("swap_bangpath"),
         policy_service_defaults=_policy_defaults(r),
+        verify=verify_config(r, r.text("myorigin")),
     )
     return config, r.diagnostics

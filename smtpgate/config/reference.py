@@ -56,7 +56,7 @@ NOT_YET_HEADER = """
 These Postfix parameters are an error (`not supported yet`, with file and line) when
 they are set to anything but Postfix's default (`postconf -d`; a `$name` that expands to
 the default is the default too). The restrictions of these features
-(`reject_unverified_recipient`, `check_sasl_access`, ...) are refused the same way.
+(`reject_unverified_sender`, `check_sasl_access`, ...) are refused the same way.
 
 A name ending in `*` stands for every Postfix parameter with that prefix.
 

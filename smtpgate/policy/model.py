@@ -195,4 +195,9 @@ class SessionState:
     sender_rcptmap_checked: bool = False
     prepend: list[str] = field(default_factory=list)
     queue_actions: list[tuple[str, str]] = field(default_factory=list)
+    verify_by_relay: bool = False
+    """During one RCPT: the SMTP machine relays it in lock-step and no milter follows, so
+    the backend's reply may verify the recipient (policy/verification.py)."""
+    verify_pending: str | None = None
+    """After RCPT checks: the recipient whose verification the relayed RCPT will be."""
     error: Reply | None = None

@@ -27,17 +27,20 @@ from smtpgate.config.policyconf import (
     PolicyConfig,
     PolicyService,
     ReplyCodes,
+    VerifyConfig,
     policy_config,
     policy_service,
 )
 from smtpgate.errors import ConfigError, SmtpgateError
 from smtpgate.policy import delegation as _delegation  # noqa: F401  (fills the registry)
 from smtpgate.policy import restrictions as _restrictions  # noqa: F401  (fills the registry)
+from smtpgate.policy import verification as _verification  # noqa: F401  (fills the registry)
 from smtpgate.policy.actions import lint_action
 from smtpgate.policy.address import Resolver
 from smtpgate.policy.dnsbl import ZoneError, parse_zone, unescape
-from smtpgate.policy.ports import PolicyClient
+from smtpgate.policy.ports import AddressVerifier, PolicyClient
 from smtpgate.policy.registry import RestrictionSpec, lookup
+from smtpgate.policy.verification import LOCKSTEP_PROBE
 from smtpgate.tables import AddressList, DomainList, Maps, SurrogateTable, Table, open_table
 
 # The access restriction a bare "type:table" stands for in each list (Postfix def_acl).
@@ -131,6 +134,12 @@ class Plan:
     """The port check_policy_service asks through; None until the load binds the
     adapter (``smtpgate.generation``; tests bind a FakePolicyClient with
     :meth:`with_policy_client`).  Unbound, every request gets the default action."""
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    """reject_unverified_recipient's settings (address_verify_*, unverified_recipient_*)."""
+    verifier: AddressVerifier | None = field(default=None, compare=False)
+    """The port reject_unverified_recipient asks through; None until the load binds the
+    adapter (``smtpgate.generation``; tests bind a FakeVerifier with
+    :meth:`with_verifier`).  Unbound, every query is a verification failure."""
     runtime_cache: dict[str, tuple[Compiled, ...]] = field(default_factory=dict, compare=False)
 
     def stage_list(self, parameter: str) -> tuple[Compiled, ...]:
@@ -139,6 +148,19 @@ class Plan:
     def with_policy_client(self, client: PolicyClient | None) -> Plan:
         """The same plan asking policy servers through ``client``."""
         return replace(self, policy_client=client)
+
+    def with_verifier(self, verifier: AddressVerifier | None) -> Plan:
+        """The same plan verifying recipients through ``verifier``."""
+        return replace(self, verifier=verifier)
+
+    @property
+    def verifies_recipients(self) -> bool:
+        """Whether a list or class names reject_unverified_recipient."""
+        return any(
+            item.name == VERIFY_RESTRICTION
+            for items in (*self.lists.values(), *self.classes.values())
+            for item in items
+        )
 
 
 class _Builder:
@@ -311,6 +333,44 @@ class _Builder:
         return Compiled(token, token, error=f'unknown smtpd restriction: "{token}"')
 
 
+VERIFY_RESTRICTION = "reject_unverified_recipient"
+# LOCKSTEP_PROBE (policy/verification.py) is the argument the plan gives
+# reject_unverified_recipient where the client's own RCPT, relayed in lock-step, may be
+# the verification probe (_mark_lockstep_probes).
+_NEVER_REJECT = frozenset(
+    {"permit", "permit_mynetworks", "permit_sasl_authenticated", "permit_auth_destination"}
+)
+
+
+def _mark_lockstep_probes(
+    lists: dict[str, tuple[Compiled, ...]], relay_first: bool, rcpt_maps: bool
+) -> None:
+    """Mark each reject_unverified_recipient after which nothing can refuse a recipient.
+
+    The backend cannot be told to forget a recipient it accepted, so the client's RCPT
+    may only be the probe when, once verification passes, the recipient is accepted for
+    sure: every later item of its list, and of the RCPT lists run after it, can only
+    permit (Postfix's ``permit*`` words), and no recipient table check follows
+    (smtpd_reject_unlisted_recipient with recipient maps).  The session adds what only
+    it knows (no deferral armed, no warn_if_reject, not inside a class, no milter).
+    """
+    if rcpt_maps:
+        return
+    order = ["smtpd_relay_restrictions", "smtpd_recipient_restrictions"]
+    if not relay_first:
+        order.reverse()
+    safe_after = True
+    for parameter in reversed(order):
+        items = list(lists.get(parameter, ()))
+        for i in range(len(items) - 1, -1, -1):
+            item = items[i]
+            if item.name == VERIFY_RESTRICTION and safe_after and item.arg is None:
+                items[i] = replace(item, arg=LOCKSTEP_PROBE)
+            if item.name not in _NEVER_REJECT:
+                safe_after = False
+        lists[parameter] = tuple(items)
+
+
 def _dns_policy(config: PolicyConfig, b: _Builder) -> DnsPolicy:
     return DnsPolicy(
         default_rbl_reply=config.default_rbl_reply or DEFAULT_RBL_REPLY,
@@ -383,6 +443,12 @@ def build_plan(
     _lint_tables(b, classes)
     if any(d.severity == "error" for d in b.diagnostics):
         return None, b.diagnostics
+    _mark_lockstep_probes(
+        lists,
+        config.relay_before_recipient,
+        config.reject_unlisted_recipient
+        and bool(config.relay_recipient_maps or config.local_recipient_maps),
+    )
     resolver = Resolver(
         myorigin=config.myorigin,
         is_local_domain=mydestination.match,
@@ -414,6 +480,7 @@ def build_plan(
         allow_untrusted_routing=config.allow_untrusted_routing,
         dns=dns,
         policy_services=b.policy_services,
+        verify=config.verify,
     )
     return plan, b.diagnostics
 

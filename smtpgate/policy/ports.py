@@ -27,13 +27,19 @@ hands it the service and the request's attributes, in Postfix's order, and gets 
 :class:`PolicyAnswer`: the server's ``action`` text, or None when there is no usable
 answer after every try (the service's default action then applies), with the warnings
 Postfix would have logged on the way.
+
+Recipient verification (``reject_unverified_recipient``) goes through
+:class:`AddressVerifier` (``smtpgate.verify.RelayVerifier`` probes the backend and keeps
+Postfix's verify(8) cache; :class:`FakeVerifier` here answers from a dict, for tests).
+It answers with a :class:`VerifyResult`: Postfix's recipient status (deliverable,
+deferred, bounced) and the reason, or a failure when no answer could be had.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 from typing import Protocol
 
 from smtpgate.config.policyconf import PolicyService
@@ -143,6 +149,79 @@ class FakePolicyClient:
         answer = self.answer
         result = answer if isinstance(answer, str | PolicyAnswer) else answer(service, dict(pairs))
         return result if isinstance(result, PolicyAnswer) else PolicyAnswer(result)
+
+
+class VerifyStatus(IntEnum):
+    """An address's verification status (Postfix ``DEL_RCPT_STAT_*``, the numbers its
+    verify cache stores)."""
+
+    OK = 0
+    DEFER = 1
+    BOUNCE = 2
+    TODO = 3
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    """What the verifier knows of one address."""
+
+    status: VerifyStatus | None
+    """None: verification failed (no probe could be made or answered; nothing cached)."""
+    text: str = ""
+    """The reason, as Postfix's verify cache keeps it: ``host mx[192.0.2.1] said: 550
+    5.1.1 <u@example.com>: ... (in reply to RCPT TO command)``."""
+    probed: bool = False
+    """True when this answer comes from a probe made for this query (not the cache)."""
+
+
+class AddressVerifier(Protocol):
+    """Knows which addresses the backend accepts: a cache, and probes for the rest."""
+
+    async def query(self, address: str, *, probe: bool = True) -> VerifyResult | None:
+        """The status of ``address``: from the cache while it is fresh (refreshed in the
+        background when it is due), else from a probe made now (concurrent queries for
+        one address share it).  With ``probe`` False, None instead of a probe.  Never
+        raises for trouble with the backend (that is a result with status None)."""
+        ...
+
+    async def record(self, address: str, status: VerifyStatus, text: str) -> None:
+        """Remember an answer the backend gave in another way (the client's own RCPT in
+        lock-step), with the cache's rules (a failure never replaces a success)."""
+        ...
+
+
+class FakeVerifier:
+    """An in-memory :class:`AddressVerifier`: ``backend`` maps an address to the status
+    and reason a probe finds (an address not in it is deliverable; a ``None`` value is
+    a failed probe).  Probed addresses are appended to :attr:`probes`, and answers are
+    remembered in :attr:`cache` (negative ones too), without expiry."""
+
+    def __init__(
+        self, backend: Mapping[str, tuple[VerifyStatus, str] | None] | None = None
+    ) -> None:
+        self.backend = dict(backend or {})
+        self.cache: dict[str, tuple[VerifyStatus, str]] = {}
+        self.probes: list[str] = []
+        self.recorded: list[tuple[str, VerifyStatus, str]] = []
+
+    async def query(self, address: str, *, probe: bool = True) -> VerifyResult | None:
+        known = self.cache.get(address)
+        if known is not None:
+            return VerifyResult(*known)
+        if not probe:
+            return None
+        self.probes.append(address)
+        found = self.backend.get(address, (VerifyStatus.OK, "250 2.1.5 Ok"))
+        if found is None:
+            return VerifyResult(None, probed=True)
+        self.cache[address] = found
+        return VerifyResult(*found, probed=True)
+
+    async def record(self, address: str, status: VerifyStatus, text: str) -> None:
+        self.recorded.append((address, status, text))
+        known = self.cache.get(address)
+        if status is VerifyStatus.OK or known is None or known[0] is not VerifyStatus.OK:
+            self.cache[address] = (status, text)
 
 
 # -- the fake resolver ------------------------------------------------------------------

@@ -1015,8 +1015,12 @@ for _subject in ("client", "reverse_client_hostname", "helo", "sender", "recipie
 
 _INTERFACES = "smtpgate does not know this host's interface addresses"
 known_later(_INTERFACES, "none", "permit_mx_backup", "permit_inet_interfaces")
-known_later("smtpgate has no address verification", "none", "reject_unverified_sender")
-known_later("smtpgate has no address verification", "none", "reject_unverified_recipient")
+known_later(
+    "smtpgate verifies recipients only (reject_unverified_recipient): verifying a sender "
+    "would probe the sender's own MX on the internet",
+    "none",
+    "reject_unverified_sender",
+)
 _SASL = "smtpgate has no SASL (SMTP AUTH)"
 known_later(
     _SASL,

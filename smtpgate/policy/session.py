@@ -29,7 +29,7 @@ from smtpgate.policy.model import (
     Status,
 )
 from smtpgate.policy.plan import Plan
-from smtpgate.policy.ports import Resolver
+from smtpgate.policy.ports import Resolver, VerifyResult
 from smtpgate.reply import Reply
 
 _WHERE = {stage: stage.value for stage in Stage}  # without a descriptor call per command
@@ -198,11 +198,18 @@ class PolicySession:
         self.state.instance = new_instance()
         return Decision(Stage.MAIL, None, c.steps, c.logs)
 
-    async def rcpt(self, recipient: str) -> Decision:
+    async def rcpt(self, recipient: str, *, relay_verifies: bool = False) -> Decision:
+        """The RCPT checks.  ``relay_verifies``: the caller relays this RCPT to the
+        backend in lock-step if it passes, with nothing between (no milter), so the
+        backend's reply may be reject_unverified_recipient's probe; when it is to be,
+        :attr:`verify_pending` names the recipient and the caller must hand the reply to
+        :meth:`verified` (policy/verification.py)."""
         denied = self._denied(Stage.RCPT)
         if denied:
             return denied
         st = self.state
+        st.verify_pending = None
+        st.verify_by_relay = relay_verifies
         if st.sender is None:
             return Decision(Stage.RCPT, Reply(503, "5.5.1", "Error: need MAIL command"))
         c = self._checker(Stage.RCPT)
@@ -218,9 +225,59 @@ class PolicySession:
             status = await self._rcpt_checks(c, recipient)
         finally:
             st.recipient = None
+            st.verify_by_relay = False
         if status is REJECT:
+            st.verify_pending = None
             return self._decision(c, Stage.RCPT, status)
         return self._accept_rcpt(c, recipient)
+
+    @property
+    def verify_pending(self) -> str | None:
+        """The recipient the last RCPT left for the backend's reply to verify, or None."""
+        return self.state.verify_pending
+
+    async def verified(self, recipient: str, reply: Reply | None, peer: str = "") -> Decision:
+        """reject_unverified_recipient, finished with the backend's ``reply`` to the
+        relayed RCPT (from ``peer``, ``host[addr]:port``), or with a probe of its own when
+        the RCPT was not relayed after all (``reply`` None).
+
+        The decision's reply is the client's when it is not None: the verification's
+        deferral or rejection, with its log line.  None: give the backend's reply (it
+        accepted, or its refusal says nothing about the recipient and stays its own).
+        """
+        from smtpgate.policy.verification import apply_result, backend_status
+
+        st = self.state
+        st.verify_pending = None
+        c = self._checker(Stage.RCPT)
+        verifier = self.plan.verifier
+        result: VerifyResult | None = None
+        if reply is None:
+            result = VerifyResult(None) if verifier is None else await verifier.query(recipient)
+        else:
+            found = backend_status(reply, peer)
+            if found is not None:
+                if verifier is not None:
+                    await verifier.record(recipient, *found)
+                result = VerifyResult(found[0], found[1], probed=True)
+            c.note("verify", recipient, f"relayed RCPT: {reply}")
+        if result is None:
+            return Decision(Stage.RCPT, None, c.steps, c.logs)
+        st.recipient = recipient
+        st.recursion = st.warn_if_reject = 0
+        st.defer_if_permit.active = False
+        try:
+            status = decided = apply_result(c, result, recipient, RECIPIENT)
+            if status is not REJECT and st.defer_if_permit.active:
+                saved = st.defer_if_permit
+                status = c.reject(saved.error_class, saved.code, saved.dsn, saved.text)
+        finally:
+            st.recipient = None
+        # As run_list counts: the restriction's own refusal, not a deferral given at the end.
+        if decided is REJECT and self.hits is not None and st.error is not None:
+            outcome = "defer" if st.error.code < 500 else "reject"
+            self.hits(Stage.RCPT.value, "reject_unverified_recipient", outcome)
+        return self._decision(c, Stage.RCPT, status)
 
     async def vrfy(self, address: str) -> Decision:
         """smtpd_check_rcpt() for VRFY: the RCPT checks, inside a MAIL transaction or not

@@ -4,7 +4,8 @@ The dialogue is what a client would send: HELO (or EHLO), MAIL FROM, one RCPT TO
 recipient, optionally DATA -- or a script of raw writes (a write may hold a pipelined
 group).  Each write goes into an :class:`~smtpgate.smtp.machine.SmtpMachine` built as
 ``serve`` builds one, with :class:`~smtpgate.smtp.ports.AcceptingBackend` in place of
-the relay (explain asks what *smtpgate* decides; the backend is taken to accept) and the
+the relay (explain asks what *smtpgate* decides; the backend is taken to accept, and to
+verify every recipient of reject_unverified_recipient) and the
 server's counters of one process.  So the replies and the log lines are serve's by
 construction; what explain adds is the trail of every restriction step.
 :func:`render_text` and :func:`render_json` print it.
@@ -20,7 +21,7 @@ from typing import Any
 
 from smtpgate.policy.model import ClientInfo, Decision, Step
 from smtpgate.policy.plan import Plan
-from smtpgate.policy.ports import Resolver
+from smtpgate.policy.ports import FakeVerifier, Resolver
 from smtpgate.reply import Reply
 from smtpgate.smtp.machine import SmtpMachine
 from smtpgate.smtp.ports import AcceptingBackend, LocalCounters, Milters
@@ -160,6 +161,9 @@ async def run_dialogue(
         )
     recorder = _Recorder()
     counter = itertools.count(1)
+    if plan.verifies_recipients and plan.verifier is None:
+        # The backend is taken to accept, its verification answers included.
+        plan = plan.with_verifier(FakeVerifier())
     machine = SmtpMachine(
         plan=plan,
         config=config,

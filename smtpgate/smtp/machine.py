@@ -132,6 +132,7 @@ class Transaction:
     chunk_problem: Reply | None = None  # a BDAT chunk failed: every later one gets this
     milters_open: bool = True  # the milters have this transaction (an abort is owed)
     envelope_changed: bool = False  # a milter changed the sender
+    unannounced_id: str | None = None  # the backend's queue id while verification refuses
 
 
 class SmtpMachine:
@@ -1076,7 +1077,7 @@ class SmtpMachine:
             self._reply(s.TOO_MANY_RECIPIENTS)
             txn.overshoot += 1
             return bool(txn.overshoot <= self.config.recipient_overshoot)
-        decision = await self.policy.rcpt(address)
+        decision = await self.policy.rcpt(address, relay_verifies=self._relay_verifies())
         self._note(decision)
         if decision.reply is not None:
             await self._milter_rejected_rcpt(address, params, decision.reply)
@@ -1091,7 +1092,7 @@ class SmtpMachine:
                 self._milter_rcpt = None
             if reply is not None:  # that recipient's reply, as in Postfix
                 return self._fail(reply)
-        reply = await self._relay_rcpt(txn, address, params)
+        reply = await self._relay_and_verify(txn, address, params)
         ok = reply.code // 100 == 2
         self._last_rcpt = address
         if ok:
@@ -1163,7 +1164,48 @@ class SmtpMachine:
         assert self.policy is not None
         return lockstep(self.policy.state.queue_actions, self.backend.holds_elsewhere())
 
-    async def _relay_rcpt(self, txn: Transaction, address: str, params: list[str]) -> Reply:
+    def _relay_verifies(self) -> bool:
+        """Whether an RCPT that passes the restrictions goes to the backend in lock-step
+        with nothing between, so that its reply may verify the recipient."""
+        assert self.policy is not None
+        return not self.policy.state.discard and self._lockstep() and not self._milters_listen()
+
+    async def _relay_and_verify(self, txn: Transaction, address: str, params: list[str]) -> Reply:
+        """Relay an RCPT that passed the restrictions: the client's reply.  When its
+        reply is to be reject_unverified_recipient's probe, finish the verification with
+        it (or with a probe of its own when the RCPT was not relayed after all; see
+        policy/verification.py)."""
+        assert self.policy is not None
+        if self.policy.verify_pending != address:
+            return await self._relay_rcpt(txn, address, params)
+        st = self.policy.state
+        fresh_id = None
+        if st.queue_id is None:
+            # Postfix opens the queue file (logs "client=") once a recipient is
+            # accepted; until the verification says so, the id is the backend's only.
+            fresh_id = txn.unannounced_id = txn.unannounced_id or self.new_queue_id()
+            st.queue_id = fresh_id
+        reply = await self._relay_rcpt(txn, address, params, quiet=True)
+        relayed = not st.discard and self._lockstep()
+        peer = txn.relay.backend_peer if txn.relay is not None else ""
+        if fresh_id is not None:
+            st.queue_id = None  # a refusal is logged as NOQUEUE, as Postfix's
+        decision = await self.policy.verified(address, reply if relayed else None, peer)
+        self._note(decision)
+        if decision.reply is not None:
+            return decision.reply
+        if fresh_id is not None:
+            st.queue_id = fresh_id
+            self.log.info(f"{fresh_id}: client={self.namaddr}")
+            self.metrics.queued()
+        if reply.code // 100 != 2:
+            self._log_proxy("proxy-reject", "RCPT", reply, [address])
+        return reply
+
+    async def _relay_rcpt(
+        self, txn: Transaction, address: str, params: list[str], quiet: bool = False
+    ) -> Reply:
+        """The backend's reply to the RCPT (its refusal logged unless ``quiet``)."""
         assert self.policy is not None
         self._queue_id()
         if self.policy.state.discard or not self._lockstep():
@@ -1176,7 +1218,8 @@ class SmtpMachine:
             txn.route = Route((), route.filter, route.hold)
         reply = await txn.relay.rcpt(address, params)
         if reply.code // 100 != 2:
-            self._log_proxy("proxy-reject", "RCPT", reply, [address])
+            if not quiet:
+                self._log_proxy("proxy-reject", "RCPT", reply, [address])
         elif txn.route is not None:
             txn.route = Route((*txn.route.recipients, address), txn.route.filter, txn.route.hold)
         return reply

@@ -288,7 +288,8 @@ def test_bad_reply_code_is_an_error_diagnostic() -> None:
         "milter_header_checks = pcre:/etc/postfix/milter_header_checks",
         "smtpd_sasl_auth_enable = yes",
         "smtpd_proxy_filter = 127.0.0.1:10025",
-        "address_verify_map = lmdb:/var/lib/postfix/verify",
+        "address_verify_relayhost = [127.0.0.1]:10026",
+        "unverified_sender_reject_code = 550",
         "postscreen_command_filter = pcre:/etc/postfix/command_filter",
         "header_checks = regexp:/etc/postfix/header_checks",
         "virtual_alias_maps = hash:/etc/postfix/virtual",
@@ -310,7 +311,7 @@ def test_parameters_that_change_what_is_accepted_are_errors(line: str) -> None:
         "smtpd_sasl_auth_enable = No\n",
         "postscreen_greet_banner = $smtpd_banner\n",
         "postscreen_greet_wait = ${stress?{2}:{6}}s\n",
-        "address_verify_map = btree:/var/lib/postfix/verify_cache\n",
+        "address_verify_relayhost = $relayhost\n",
         "mine = ignore\npostscreen_dnsbl_action = $mine\n",
     ],
 )
