@@ -38,6 +38,12 @@ datagram).  Requests (worker to service)::
     F nbytes            release bytes    (no reply)
     P id address        postscreen pass  ->  id record, or id - (none)
     Q ttl address record  remember a postscreen pass (no reply)
+    G id key            a remembered value  ->  id value, or id - (none)
+    S ttl key value     remember a value (no reply); key and value in base64url
+
+The values (``G``/``S``) are the recipient verification cache of ``verify.py`` when there
+is no ``smtpgate_shared_state``: one cache for every worker
+(:class:`~smtpgate.shared_state.AnvilStore`).
 
 Round trips: one per connection (none for an excepted client, whose comings and goings
 are sent netted, with the next request or within ``TALLY_DELAY``), one per MAIL or RCPT
@@ -53,6 +59,7 @@ answers again.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import functools
 import logging
@@ -308,8 +315,11 @@ MAX_MESSAGE = 8192
 """Longest datagram either side accepts (several requests or answers, one a line)."""
 TALLY_DELAY = 0.05
 """Seconds an excepted client's connect or disconnect may wait to be sent (netted)."""
-MAX_LINE = 320
-"""Longest request (most are under 40 bytes)."""
+MAX_LINE = 2048
+"""Longest request (most are under 40 bytes; an S line with its value the longest)."""
+MAX_KEY = 512  # base64url characters of a G/S key
+MAX_VALUE = 1400  # ... and of an S value (a verification record with its reply text)
+_B64 = re.compile(rb"[A-Za-z0-9_=-]+")
 MAX_ADDRESS = 255
 MAX_UNIT = 10**7  # seconds: anvil_rate_time_unit beyond this is nonsense
 MAX_BYTES = 2**62
@@ -399,6 +409,7 @@ class AnvilService:
         self.anvil = Anvil(clock)
         self.budget = DataBudget()
         self.passes = Passes()
+        self.values = Passes()  # G/S: keys and values as sent (base64url)
         self.workers: dict[socket.socket, _Worker] = {}
 
     def attach(self) -> socket.socket:
@@ -533,6 +544,15 @@ class AnvilService:
             raise ProtocolError(f"bad postscreen record {args[2][:40]!r}")
         self.passes.set(address, args[2].decode(), ttl)
 
+    def _value_get(self, worker: _Worker, args: list[bytes]) -> bytes:
+        ident, key = _int(args[0], MAX_BYTES), _b64(args[1], MAX_KEY)
+        value = self.values.get(key)
+        return b"%d %s" % (ident, value.encode() if value else b"-")
+
+    def _value_set(self, worker: _Worker, args: list[bytes]) -> None:
+        ttl, key = _int(args[0], MAX_TTL), _b64(args[1], MAX_KEY)
+        self.values.set(key, _b64(args[2], MAX_VALUE), ttl)
+
     def _release(self, worker: _Worker, args: list[bytes]) -> None:
         nbytes = min(_int(args[0], MAX_BYTES), worker.held)
         worker.held -= nbytes
@@ -607,7 +627,15 @@ _REQUESTS: dict[bytes, tuple[_Handler, int]] = {
     b"F": (AnvilService._release, 1),
     b"P": (AnvilService._pass_get, 2),
     b"Q": (AnvilService._pass_set, 3),
+    b"G": (AnvilService._value_get, 2),
+    b"S": (AnvilService._value_set, 3),
 }
+
+
+def _b64(word: bytes, limit: int) -> str:
+    if len(word) > limit or not _B64.fullmatch(word):
+        raise ProtocolError(f"bad key or value {word[:40]!r}")
+    return word.decode("ascii")
 
 
 # --------------------------------------------------------------------------- the worker's end
@@ -732,6 +760,36 @@ class RemoteAnvil:
         if _sendable(address) and _RECORD.fullmatch(record.encode("ascii", "replace")):
             ttl_word = b"%d" % min(max(int(ttl), 0), MAX_TTL)
             self._post(b"Q " + ttl_word + b" " + address.encode() + b" " + record.encode())
+
+    async def value_get(self, key: bytes) -> tuple[bool, bytes | None]:
+        """(whether the service answered, the value remembered under ``key`` by any
+        worker or None)."""
+        word = base64.urlsafe_b64encode(key)
+        if len(word) > MAX_KEY:
+            return True, None  # never sent, so never remembered
+        answer = await self._ask(b"G", word)
+        if answer is None or len(answer) != 1:
+            return False, None
+        if answer[0] == b"-":
+            return True, None
+        try:
+            return True, base64.urlsafe_b64decode(answer[0])
+        except ValueError:
+            return True, None
+
+    @property
+    def silent(self) -> bool:
+        """The service did not answer in time lately (no request waits for it now)."""
+        return self._silent
+
+    def value_set(self, key: bytes, value: bytes, ttl: float) -> bool:
+        """Remember ``value`` under ``key`` for ``ttl`` seconds, for every worker; False
+        when it is too long to send or the service is gone."""
+        word, data = base64.urlsafe_b64encode(key), base64.urlsafe_b64encode(value)
+        if len(word) > MAX_KEY or len(data) > MAX_VALUE or self.gone:
+            return False
+        self._post(b"S %d %s %s" % (min(max(int(ttl), 0), MAX_TTL), word, data))
+        return True
 
     def release(self, nbytes: int) -> None:
         nbytes = min(max(nbytes, 0), self.budget.in_flight)

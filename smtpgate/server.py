@@ -33,7 +33,7 @@ from smtpgate.errors import ConfigError
 from smtpgate.generation import Generation
 from smtpgate.logs import MailLog, route_python_logging
 from smtpgate.metrics import HealthEndpoint, ServerMetrics
-from smtpgate.shared_state import SharedAnvil, StorePassCache, shared_anvil
+from smtpgate.shared_state import AnvilStore, SharedAnvil, StorePassCache, shared_anvil
 from smtpgate.smtpd import GateProtocol, Shared
 from smtpgate.watch import WatchChannel, WatchEndpoint
 from smtpgate.workdirs import worker_directory
@@ -297,6 +297,9 @@ class Server:
             self.shared_anvil = shared_anvil(config.shared_state, local, config.shared_state_lease)
             if generation.verifier is not None:  # the verification cache goes there too
                 generation.verifier.store = self.shared_anvil.store
+        elif isinstance(local, RemoteAnvil) and generation.verifier is not None:
+            # several workers: one verification cache for them all, in the supervisor
+            generation.verifier.store = AnvilStore(local)
         self.shared = Shared(
             generation=generation,
             maillog=maillog,

@@ -62,7 +62,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from smtpgate.anvil import AnvilClient, Counts, Reserved
+from smtpgate.anvil import AnvilClient, Counts, RemoteAnvil, Reserved
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -612,3 +612,33 @@ class StorePassCache:
         await self.local.set(address, record, ttl)
         with contextlib.suppress(StoreUnavailable):
             await self.store.set(self.NAMESPACE + address, record, ttl)
+
+
+class AnvilStore:
+    """The part of :class:`SharedStore` that ``verify.py`` uses, kept by the supervisor's
+    anvil service (its G and S requests): one cache for all the workers of one serve,
+    none across instances or restarts (that is what ``smtpgate_shared_state`` is for).
+    While the service does not answer, :attr:`available` says so and the worker's own
+    memory stands in."""
+
+    def __init__(self, anvil: RemoteAnvil) -> None:
+        self.anvil = anvil
+
+    @property
+    def name(self) -> str:
+        return "the serve process"
+
+    @property
+    def available(self) -> bool:
+        return not self.anvil.gone and not self.anvil.silent
+
+    async def get(self, key: str) -> bytes | None:
+        answered, value = await self.anvil.value_get(key.encode("utf-8", "surrogateescape"))
+        if not answered:
+            raise StoreUnavailable("the anvil service did not answer")
+        return value
+
+    async def set(self, key: str, value: bytes | str, ttl: float) -> None:
+        data = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
+        if not self.anvil.value_set(key.encode("utf-8", "surrogateescape"), data, ttl):
+            raise StoreUnavailable("the value does not fit, or the anvil service is gone")

@@ -30,11 +30,12 @@ Theory of operation (Postfix 3.7 ``src/verify/verify.c``):
    verification problem".  Postfix would remember a deferral with the connection error
    for 3 hours and show it to the client; smtpgate shows no internal detail to strangers
    and tries again at the next RCPT.
-6. Where: by default in this worker's memory (at most :data:`LOCAL_ENTRIES` addresses,
-   the oldest dropped first), so each worker probes an address once; with
+6. Where: with several workers, in the supervisor (the anvil service's G and S
+   requests), shared by every worker of the serve; with one, in its memory; with
    ``smtpgate_shared_state`` in the shared store (``smtpgate:verify:<address>``, the
    Postfix record as the value, expiring with the entry), shared by every worker and
-   instance.  While the store does not answer, the worker's memory stands in.
+   instance.  While the store does not answer, the worker's memory stands in (at most
+   :data:`LOCAL_ENTRIES` addresses, the oldest dropped first).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from smtpgate.config.policyconf import VerifyConfig
 from smtpgate.policy.address import quote_822_local
@@ -56,9 +57,22 @@ from smtpgate.relay.wire import arg
 
 if TYPE_CHECKING:
     from smtpgate.relay import Relay
-    from smtpgate.shared_state import SharedStore
 
 log = logging.getLogger("smtpgate.verify")
+
+
+class ValueStore(Protocol):
+    """Where entries are shared: a ``shared_state.SharedStore`` (Redis, every instance)
+    or ``shared_state.AnvilStore`` (the supervisor, every worker of one serve).  Both raise
+    ``shared_state.StoreUnavailable`` when they do not answer."""
+
+    @property
+    def available(self) -> bool: ...
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def set(self, key: str, value: bytes | str, ttl: float) -> None: ...
+
 
 PROBE_TTL = 1000.0
 """Seconds during which a sent refresh probe is not sent again (Postfix's PROBE_TTL)."""
@@ -125,7 +139,7 @@ class RelayVerifier:
         relay: Relay,
         config: VerifyConfig,
         *,
-        store: SharedStore | None = None,
+        store: ValueStore | None = None,
         clock: Callable[[], float] = time.time,
         local_entries: int = LOCAL_ENTRIES,
     ) -> None:

@@ -104,6 +104,24 @@ async def test_excepted_clients_that_come_and_go_cost_no_datagram(service: Servi
     assert sent == [b"E"]  # the net change, sent once
 
 
+async def test_values_are_shared_by_workers(service: Service) -> None:
+    # the recipient verification cache without smtpgate_shared_state (AnvilStore)
+    one, two = service.remote(), service.remote()
+    assert await two.value_get(b"smtpgate:verify:a b@x") == (True, None)
+    assert one.value_set(b"smtpgate:verify:a b@x", b"2:0:1700000000:550 5.1.1 no", 60)
+    one._flush_batch()
+    service.step()
+    assert await two.value_get(b"smtpgate:verify:a b@x") == (
+        True,
+        b"2:0:1700000000:550 5.1.1 no",
+    )
+    assert one.value_set(b"k", b"gone", 0)  # a TTL of 0 forgets
+    one._flush_batch()
+    service.step()
+    assert await two.value_get(b"k") == (True, None)
+    assert not one.value_set(b"k", b"x" * 2000, 60)  # too long to send: not remembered
+
+
 async def test_budget_is_shared_and_exact(service: Service) -> None:
     one, two = service.remote(), service.remote()
     assert await one.reserve(600, 1000) == Reserved(True, 600)
@@ -192,6 +210,9 @@ GARBAGE = [
     b"C 1 60 192.0.2.1\nbogus",  # one good line, one bad
     b"C 1 60 192.0.2.1\n",  # an empty line
     b"F 1\n" * 2000,  # a long datagram of short lines, one of them empty
+    b"S 60 a2V5 not+base64",
+    b"S 60 a2V5 " + b"A" * 1401,  # a value longer than MAX_VALUE
+    b"G 1 " + b"A" * 513,  # a key longer than MAX_KEY
 ]
 
 

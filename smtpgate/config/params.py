@@ -117,8 +117,9 @@ _DIFFERENCES = {
     ),
     "address_verify_map": (
         "Postfix's verify(8) keeps its cache in this table; smtpgate accepts the value (it must "
-        "be type:name or empty) but keeps the cache in each worker's memory, or in Redis "
-        "when smtpgate_shared_state is set (then every worker and instance shares it)."
+        "be type:name or empty) but keeps the cache in the serve process (every worker "
+        "shares it), or in Redis when smtpgate_shared_state is set (then every instance "
+        "shares it too)."
     ),
     "address_verify_sender": (
         "smtpgate sends the probe itself, to relayhost: MAIL FROM this address, RCPT TO the "
@@ -481,7 +482,8 @@ _SPECS = [
         "btree:$data_directory/verify_cache",
         "str",
         "Accepted for compatibility (type:name or empty); smtpgate keeps the verification "
-        "cache in each worker's memory, or in smtpgate_shared_state when that is set.",
+        "cache in the serve process (shared by its workers), or in smtpgate_shared_state "
+        "when that is set.",
     ),
     ParamSpec(
         "dns_servers",
