@@ -485,15 +485,30 @@ def test_postscreen_matches_postfix(
     scenario: Scenario, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     _RUNS.start_all(tmp_path_factory)
-    postfix = _RUNS.get("postfix", scenario.config, tmp_path_factory).result(RESULT_TIMEOUT)
     gate = _RUNS.get("smtpgate", scenario.config, tmp_path_factory).result(RESULT_TIMEOUT)
-    expected, got = observed(postfix[scenario.name]), observed(gate[scenario.name])
+    got = observed(gate[scenario.name])
+    postfix = _RUNS.get("postfix", scenario.config, tmp_path_factory).result(RESULT_TIMEOUT)
+    want, reason = _wanted(scenario, observed(postfix[scenario.name]), got)
+    if got != want:
+        # Under load, Postfix's postscreen has been seen to greet a listed client at once
+        # with PASS NEW, and nothing in its log said why (about 1 run in 40): a second,
+        # fresh run of Postfix alone decides.  smtpgate's run is not repeated, so a
+        # difference of smtpgate's still fails.
+        again = _run_postfix(scenario.config, _BY_CONFIG[scenario.config.name])
+        want, reason = _wanted(scenario, observed(again[scenario.name]), got)
+    assert got == want, reason
+
+
+def _wanted(
+    scenario: Scenario, expected: dict[str, Any], got: dict[str, Any]
+) -> tuple[dict[str, Any], str]:
+    """What smtpgate must show, from Postfix's observation; the reason for differences."""
     want, reason = expectation(scenario.name, expected)
-    if scenario.config.name.startswith("deep-") and scenario.name not in KNOWN_DIFFERENCES:
-        reason = _deep_in_smtpd(scenario.name, want, got) or reason
     if scenario.name in KNOWN_DIFFERENCES:
         assert expected != want, f"stale KNOWN_DIFFERENCES entry ({reason}): Postfix agrees now"
-    assert got == want, reason
+    elif scenario.config.name.startswith("deep-"):
+        reason = _deep_in_smtpd(scenario.name, want, got) or reason
+    return want, reason
 
 
 def test_machine_resolv_conf_untouched(tmp_path_factory: pytest.TempPathFactory) -> None:
