@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.dns.dnsserver import FakeDns
 from tests.serve.client import LineClient
 from tests.serve.conftest import Gate, backend  # noqa: F401  (the fixture, for these tests)
-from tests.shared_state.redis_server import RedisServer
+from tests.shared_state.redis_server import redis_server  # noqa: F401 (the fixture)
 
 
 @pytest.fixture
@@ -20,16 +19,6 @@ def dns() -> Iterator[FakeDns]:
     server = FakeDns().start()
     yield server
     server.stop()
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def dns_overrides(dns: FakeDns) -> tuple[str, ...]:

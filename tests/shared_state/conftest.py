@@ -3,23 +3,12 @@ serve tests' recording backend (tests/serve/conftest.py)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 
 from tests.serve.backend import RecordingBackend
-from tests.shared_state.redis_server import RedisServer
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+from tests.shared_state.redis_server import redis_server  # noqa: F401 (the fixture)
 
 
 @pytest.fixture

@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 
 from tests.serve.backend import RecordingBackend
-from tests.shared_state.redis_server import RedisServer
+from tests.shared_state.redis_server import redis_server  # noqa: F401 (the fixture)
 
 USER_UNKNOWN = "550 5.1.1 <{}>: Recipient address rejected: User unknown in virtual mailbox table"
 UNKNOWN = ("nobody@bar.org", "ghost@bar.org")
@@ -24,16 +23,6 @@ def rcpts(backend: RecordingBackend, address: str | None = None) -> list[str]:
         if command.upper().startswith("RCPT ")
         and (address is None or f"<{address}>" in command.lower())
     ]
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
