@@ -43,7 +43,7 @@ def need(program: str) -> str:
     path = shutil.which(program) or next(
         (p for d in ("/usr/sbin", "/usr/bin") if os.access(p := f"{d}/{program}", os.X_OK)), None
     )
-    assert path, f"{program} is not installed (.ci/run installs it: apt-get install ...)"
+    assert path, f"{program} is not installed (tests/system-deps.sh installs it)"
     return path
 
 

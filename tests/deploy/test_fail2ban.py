@@ -32,7 +32,7 @@ pytestmark = [
     pytest.mark.deploy,
     pytest.mark.skipif(
         shutil.which("fail2ban-regex") is None or not STOCK_POSTFIX.exists(),
-        reason="Debian's fail2ban is not installed (.ci/run installs it)",
+        reason="Debian's fail2ban is not installed (tests/system-deps.sh installs it)",
     ),
 ]
 
@@ -269,3 +269,25 @@ def test_filter_on_a_live_serve_log(live_gate: LiveGate, tmp_path: Path) -> None
     assert hosts == Counter({"127.0.0.2": 1, "127.0.0.3": 1, "127.0.0.4": 1, "127.0.0.5": 1})
     stock = matched_hosts(live_gate.maillog, STOCK_POSTFIX)
     assert stock == Counter({"127.0.0.3": 1, "127.0.0.5": 1})
+
+
+def test_postscreen_rejects_are_banned(tmp_path: Path) -> None:
+    """postscreen's lines as smtpgate logs them: both filters ban the client postscreen
+    enforced (its NOQUEUE reject at RCPT), and nothing of a passing client."""
+    path = tmp_path / "maillog"
+    maillog = MailLog("mx.example.org", "postfix", path=str(path))
+    postscreen = maillog.program("postscreen")
+    postscreen.info("CONNECT from [192.0.2.60]:40001 to [192.0.2.25]:25")
+    postscreen.info("DNSBL rank 3 for [192.0.2.60]:40001")
+    postscreen.info(
+        "NOQUEUE: reject: RCPT from [192.0.2.60]:40001: 550 5.7.1 Service unavailable; "
+        "client [192.0.2.60] blocked using zen.test; from=<a@example.net>, "
+        "to=<b@example.org>, proto=ESMTP, helo=<bot.example>"
+    )
+    postscreen.info("DISCONNECT [192.0.2.60]:40001")
+    postscreen.info("CONNECT from [192.0.2.61]:40002 to [192.0.2.25]:25")
+    postscreen.info("PASS NEW [192.0.2.61]:40002")
+    maillog.close()
+    assert " mx postfix/postscreen[" in path.read_text()
+    assert matched_hosts(path, filter_copy(tmp_path)) == Counter({"192.0.2.60": 1})
+    assert matched_hosts(path, STOCK_POSTFIX) == Counter({"192.0.2.60": 1})

@@ -37,7 +37,9 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        assert os.path.exists(REDIS_SERVER), "redis-server is missing: .ci/run installs it"
+        assert os.path.exists(REDIS_SERVER), (
+            "redis-server is missing: tests/system-deps.sh installs it"
+        )
         log = (self.folder / "redis.log").open("ab")
         self.proc = subprocess.Popen(
             [
